@@ -1,0 +1,10 @@
+"""`ttt-pipe report`."""
+
+from __future__ import annotations
+
+from jobs.console import fail
+
+
+def command() -> None:
+    """Not yet available."""
+    raise fail("'ttt-pipe report' is not yet available in this version")
