@@ -1,0 +1,224 @@
+"""The joint checkpoint: a directory with `weights.pt` (the engine's state_dict) and `manifest.json`.
+
+The manifest says how to rebuild the engine (model name and kwargs, method name and config,
+dataset and normalisation), how it was trained (epochs, batch size, lr, seed, limit, per-epoch
+metrics, seconds) and the sha256 of `weights.pt`, so a checkpoint is checked before it is
+unpickled and loaded with `torch.load(weights_only=True)` (tensors only, never arbitrary pickle).
+
+Writes are atomic. Local paths: both files go into a hidden temporary sibling directory that is
+renamed into place, so the directory either exists complete or not at all. Object stores
+(`s3://...`) have no directory rename: `weights.pt` is written first and `manifest.json` last,
+and the manifest (with the weights' sha256) is what marks a checkpoint complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pyarrow import fs as pafs
+
+from pipeline import storage
+from pipeline.errors import TTTPipeError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "build_engine_from_checkpoint",
+]
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "weights.pt"
+MANIFEST_NAME = "manifest.json"
+_REQUIRED = ("format_version", "model", "method", "dataset", "weights_sha256")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: its manifest and the engine's state_dict (tensors on map_location)."""
+
+    uri: str
+    manifest: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]["name"]
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]["name"]
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _state_dict_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    # Contiguous CPU copies: the bytes (and their sha) do not depend on the training device.
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    buf = io.BytesIO()
+    torch.save(cpu, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(uri: str, engine_state_dict: dict[str, torch.Tensor],
+                    manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write a checkpoint directory at `uri` atomically; return the manifest as written.
+
+    `manifest` holds `model`, `method`, `dataset` and `training` (docs/contracts.md); this adds
+    `format_version`, `weights_sha256` and `created`. An existing checkpoint at `uri` is
+    replaced; an existing directory that is not a checkpoint is refused.
+    """
+    for key in ("model", "method", "dataset"):
+        if key not in manifest:
+            raise TTTPipeError(f"checkpoint manifest lacks {key!r}; pass model, method, dataset and training")
+    weights = _state_dict_bytes(engine_state_dict)
+    full = {
+        "format_version": FORMAT_VERSION,
+        **{k: v for k, v in manifest.items() if k not in ("format_version", "weights_sha256", "created")},
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "created": _utc_now(),
+    }
+    manifest_bytes = (json.dumps(full, indent=2) + "\n").encode()
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        _save_local(Path(path), weights, manifest_bytes)
+    else:
+        storage.atomic_write_bytes(weights, storage.join(uri, WEIGHTS_NAME))
+        storage.atomic_write_bytes(manifest_bytes, storage.join(uri, MANIFEST_NAME))  # last: marks done
+    return full
+
+
+def _save_local(target: Path, weights: bytes, manifest_bytes: bytes) -> None:
+    if target.exists() and not target.is_dir():
+        raise TTTPipeError(f"checkpoint path {target} is a file; choose a directory path for --out")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_NAME).exists():
+        raise TTTPipeError(
+            f"refusing to overwrite {target}: it is a non-empty directory but not a checkpoint; "
+            "choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    try:
+        tmp.mkdir()
+        for name, data in ((WEIGHTS_NAME, weights), (MANIFEST_NAME, manifest_bytes)):
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if target.exists():
+            os.replace(target, old)  # a directory cannot be renamed onto a non-empty one
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read(uri: str, what: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except TTTPipeError:
+        raise
+    except (FileNotFoundError, OSError) as exc:
+        raise TTTPipeError(f"cannot read {what} {uri}: {exc}".splitlines()[0]) from None
+
+
+def load_checkpoint(uri: str, expect_method: str | None = None, map_location: str | torch.device = "cpu",
+                    expect_dataset: str | None = None) -> Checkpoint:
+    """Read and verify the checkpoint at `uri`.
+
+    Raises a one-line `TTTPipeError` when it is missing, truncated or tampered with (sha256 of
+    `weights.pt` differs from the manifest), of an unknown format version, or trained for
+    another method (`expect_method`) or dataset (`expect_dataset`) than asked.
+    """
+    manifest_uri = storage.join(uri, MANIFEST_NAME)
+    weights_uri = storage.join(uri, WEIGHTS_NAME)
+    hint = "train one with `ttt-pipe train --out ...`"
+    if not storage.exists(manifest_uri):
+        if storage.exists(weights_uri):
+            raise TTTPipeError(f"checkpoint {uri} has no {MANIFEST_NAME} (incomplete write?); retrain it")
+        raise TTTPipeError(f"no checkpoint at {uri} ({MANIFEST_NAME} not found); {hint}")
+    try:
+        manifest = json.loads(_read(manifest_uri, "checkpoint manifest"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TTTPipeError(f"checkpoint manifest {manifest_uri} is not valid JSON (truncated?); retrain it") from None
+    if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED):
+        raise TTTPipeError(f"checkpoint manifest {manifest_uri} lacks one of {', '.join(_REQUIRED)}; retrain it")
+    version = manifest["format_version"]
+    if version != FORMAT_VERSION:
+        raise TTTPipeError(
+            f"checkpoint {uri} has format_version {version!r}; this ttt-pipe reads {FORMAT_VERSION}: "
+            "retrain it or use a matching ttt-pipe")
+    method = manifest["method"].get("name")
+    if expect_method is not None and method != expect_method:
+        raise TTTPipeError(
+            f"checkpoint {uri} was trained for method {method!r}, not {expect_method!r}; "
+            f"pass --method {method} or train with --method {expect_method}")
+    dataset = manifest["dataset"].get("name")
+    if expect_dataset is not None and dataset != expect_dataset:
+        raise TTTPipeError(
+            f"checkpoint {uri} was trained on {dataset!r}, not {expect_dataset!r}; "
+            "use shards and checkpoint of the same dataset")
+    if not storage.exists(weights_uri):
+        raise TTTPipeError(f"checkpoint {uri} has no {WEIGHTS_NAME}; retrain it")
+    weights = _read(weights_uri, "checkpoint weights")
+    if hashlib.sha256(weights).hexdigest() != manifest["weights_sha256"]:
+        raise TTTPipeError(
+            f"checkpoint weights {weights_uri} do not match the manifest's sha256 "
+            "(truncated or modified); retrain it")
+    try:
+        state_dict = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling errors have many types; the sha already matched
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TTTPipeError(f"cannot load checkpoint weights {weights_uri}: {first}") from None
+    if not isinstance(state_dict, dict):
+        raise TTTPipeError(f"checkpoint weights {weights_uri} are not a state_dict; retrain it")
+    return Checkpoint(uri=uri, manifest=manifest, state_dict=state_dict)
+
+
+def build_engine_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
+    """Rebuild the zoo model and the method's engine from `ckpt.manifest`, load the weights.
+
+    Returns the engine (an `nn.Module`) on `device`, in the mode it was built in.
+    """
+    import engines  # pipeline may import engines; engines never import pipeline
+    from pipeline.models import build_model
+
+    m = ckpt.manifest
+    model = build_model(m["model"]["name"], **m["model"].get("kwargs", {}))
+    try:
+        engine_cls = engines.get_engine(m["method"]["name"])
+        config = engines.config_from_dict(m["method"]["name"], m["method"].get("config", {}))
+    except (KeyError, ValueError) as exc:
+        msg = exc.args[0] if exc.args else exc
+        raise TTTPipeError(f"checkpoint {ckpt.uri}: {msg}") from None
+    shape = tuple(m["dataset"].get("image_shape", (1, 28, 28)))
+    example = torch.zeros(1, *shape)
+    engine = engine_cls(model, example, config)
+    try:
+        engine.load_state_dict(ckpt.state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise TTTPipeError(
+            f"checkpoint {ckpt.uri} does not fit model {m['model']['name']!r} with method "
+            f"{m['method']['name']!r}: {first}; retrain it") from None
+    return engine.to(device)
