@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import TTTPipeError
 
 __all__ = [
@@ -80,7 +79,7 @@ def shard_name(uri: str) -> str:
 
 def predictions_uri(results_uri: str, shard: str) -> str:
     """Where the predictions of one shard (a name or a shard URI) live in a results folder."""
-    return _join(str(results_uri), PREDICTIONS_DIR, f"{shard_name(shard)}.parquet")
+    return storage.join(str(results_uri), PREDICTIONS_DIR, f"{shard_name(shard)}.parquet")
 
 
 def accuracy_table(pred: pa.Table) -> pa.Table:
@@ -140,88 +139,55 @@ class Results:
 
 def read_results(uri: str) -> Results:
     """Read a results folder (complete or partial). One-line TTTPipeError if it is not one."""
-    fs, root = _resolve(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    uri = str(uri)
+    if not storage.is_dir(uri):
         raise TTTPipeError(
             f"results folder {uri} not found; pass the --out folder of 'ttt-pipe adapt' or 'ttt-pipe run'")
-    files = _list_parquet(fs, _join(root, PREDICTIONS_DIR))
+    files = storage.list_files(storage.join(uri, PREDICTIONS_DIR), suffix=".parquet")
     if not files:
         raise TTTPipeError(
             f"no predictions in {uri} (no {PREDICTIONS_DIR}/*.parquet); "
             "wait until the run finishes a shard, or check the folder")
-    tables = [_read_predictions(fs, f, uri) for f in files]
-    predictions = pa.concat_tables(tables)
-    run = _read_run(fs, _join(root, RUN_FILE), uri)
+    predictions = pa.concat_tables([_read_predictions(f, uri) for f in files])
+    run = _read_run(storage.join(uri, RUN_FILE), uri)
     done = [shard_name(f) for f in files]
     done_set = set(done)
     asked = [shard_name(s) for s in run.get("shards", [])]
     missing = sorted(dict.fromkeys(s for s in asked if s not in done_set))
     if missing:
         log.info("%s: %d of %d shards missing", uri, len(missing), len(asked))
-    return Results(path=str(uri).rstrip("/") or str(uri), predictions=predictions,
+    return Results(path=uri.rstrip("/") or uri, predictions=predictions,
                    accuracy=accuracy_table(predictions), run=run,
                    done_shards=done, missing_shards=missing)
 
 
-# --- storage (local paths and URIs through pyarrow.fs) -----------------------------------
-
-def _resolve(uri: str):
-    try:
-        from pipeline import storage  # the shared helper, when present
-    except ImportError:
-        storage = None
-    if storage is not None and hasattr(storage, "resolve"):
-        return storage.resolve(str(uri))
-    text = str(uri)
-    if "://" in text:
-        try:
-            return pafs.FileSystem.from_uri(text)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise TTTPipeError(f"cannot open {uri}: {exc}; check the URI and credentials") from None
-    return pafs.LocalFileSystem(), os.path.abspath(text)
-
-
-def _join(root: str, *parts: str) -> str:
-    return posixpath.join(root.rstrip("/") or "/", *parts)
-
-
-def _list_parquet(fs, directory: str) -> list[str]:
-    if fs.get_file_info(directory).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=False))
-    names = [i.path for i in infos if i.type == pafs.FileType.File
-             and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
-    return sorted(names)
-
-
-def _read_predictions(fs, path: str, uri: str) -> pa.Table:
+def _read_predictions(uri: str, results_uri: str) -> pa.Table:
+    fs, path = storage.resolve(uri)
     try:
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TTTPipeError(
-            f"cannot read predictions {path} in {uri} ({exc}); delete that file and rerun the "
-            "adaptation to redo its shard") from None
+            f"cannot read predictions {uri} ({' '.join(str(exc).split())}); delete that file and "
+            "rerun the adaptation to redo its shard") from None
     missing = [f.name for f in PREDICTION_SCHEMA if f.name not in table.column_names]
     if missing:
         raise TTTPipeError(
-            f"predictions {path} lack column(s) {', '.join(missing)}; it was not written by "
+            f"predictions {uri} lack column(s) {', '.join(missing)}; it was not written by "
             "ttt-pipe adapt (delete it and rerun)")
     try:
         return table.select(PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise TTTPipeError(f"predictions {path} have wrong column types ({exc}); delete it and rerun") from None
+        raise TTTPipeError(f"predictions {uri} have wrong column types ({exc}); delete it and rerun") from None
 
 
-def _read_run(fs, path: str, uri: str) -> dict:
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        log.warning("%s has no %s: cannot tell which shards are missing", uri, RUN_FILE)
+def _read_run(uri: str, results_uri: str) -> dict:
+    if not storage.exists(uri):
+        log.warning("%s has no %s: cannot tell which shards are missing", results_uri, RUN_FILE)
         return {}
-    with fs.open_input_stream(path) as f:
-        raw = f.read()
     try:
-        run = json.loads(raw.decode("utf-8"))
+        run = json.loads(storage.read_bytes(uri).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TTTPipeError(f"{RUN_FILE} in {uri} is not valid JSON ({exc}); fix or delete it") from None
+        raise TTTPipeError(f"{RUN_FILE} in {results_uri} is not valid JSON ({exc}); fix or delete it") from None
     if not isinstance(run, dict):
-        raise TTTPipeError(f"{RUN_FILE} in {uri} is not a JSON object; fix or delete it")
+        raise TTTPipeError(f"{RUN_FILE} in {results_uri} is not a JSON object; fix or delete it")
     return run

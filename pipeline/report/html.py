@@ -1,0 +1,84 @@
+"""index.html: the table and every plot in one self-contained page (base64 images, inline CSS)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from datetime import datetime, timezone
+
+from pipeline.results import Results
+
+__all__ = ["render_html"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;
+color:#222;padding:0 1em}
+h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+tr.mean td{font-weight:bold;border-top:2px solid #888}
+td.up{color:#137333}td.down{color:#b3261e}
+.warn{background:#fff4e5;border-left:4px solid #f0a030;padding:.6em 1em;margin:1em 0}
+.note{color:#555;font-size:.9em}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.9em}
+code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _runs(results: list[Results]) -> str:
+    rows = []
+    for r in results:
+        run = r.run
+        ck = run.get("checkpoint")
+        ck = ck.get("path", ck.get("uri", "")) if isinstance(ck, dict) else (ck or "")
+        asked = len(r.shard_uris) or "?"
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            r.path, ", ".join(r.methods), run.get("steps", ""), ck,
+            f"{len(r.done_shards)} / {asked}", r.predictions.num_rows)) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("results folder", "method", "steps", "checkpoint",
+                                               "shards done", "prediction rows"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _missing(results: list[Results]) -> str:
+    parts = []
+    for r in results:
+        if r.missing_shards:
+            names = ", ".join(f"<code>{html.escape(s)}</code>" for s in r.missing_shards)
+            parts.append(f"<div class='warn'><b>Partial results:</b> {html.escape(r.path)} is missing "
+                         f"{len(r.missing_shards)} of {len(r.shard_uris)} shards (run still going or "
+                         f"interrupted; rerun it to resume): {names}</div>")
+        elif not r.run:
+            parts.append(f"<div class='warn'>{html.escape(r.path)} has no run.json: cannot tell "
+                         "whether shards are missing.</div>")
+    return "\n".join(parts)
+
+
+def render_html(table_html: str, figures: list[tuple[str, str, bytes]], results: list[Results],
+                notes: list[str]) -> str:
+    """`figures`: (title, caption, png bytes). Everything is embedded; no external resources."""
+    figs = []
+    for title, caption, png in figures:
+        data = base64.b64encode(png).decode("ascii")
+        figs.append(f"<h2>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' "
+                    f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}"
+                    "</figcaption></figure>")
+    note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ttt-pipe report</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>ttt-pipe report</h1>
+<p class="note">Generated {stamp}. Accuracy in %, gain in percentage points (last step minus step 0).</p>
+{_missing(results)}
+<h2>Runs</h2>
+{_runs(results)}
+<h2>Accuracy</h2>
+{table_html}
+{('<ul class="note">' + note_html + '</ul>') if notes else ''}
+{''.join(figs)}
+</body></html>
+"""

@@ -1,0 +1,124 @@
+"""Sample images, clean vs corrupted, read from the shards a run was asked to process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import TTTPipeError
+from pipeline.report.plots import plt, to_png
+from pipeline.report.table import CLEAN
+from pipeline import storage
+from pipeline.results import shard_name
+
+__all__ = ["SampleGrid", "sample_grid"]
+
+log = logging.getLogger(__name__)
+
+_PEEK_ROWS = 256  # rows read from the start of a shard; enough to find the chosen samples
+
+
+@dataclass(frozen=True)
+class SampleGrid:
+    png: bytes | None  # None when no shard could be read
+    notes: list[str]  # what the figure leaves out, and why (unreachable shards, no clean row)
+
+
+def _parse(name: str) -> tuple[str, int, int] | None:
+    """`gaussian_noise-s5-00000` -> ('gaussian_noise', 5, 0); None if it is not a shard name."""
+    head, _, index = name.rpartition("-")
+    corruption, _, sev = head.rpartition("-s")
+    if not corruption or not sev.isdigit() or not index.isdigit():
+        return None
+    return corruption, int(sev), int(index)
+
+
+def _peek(uri: str, rows: int = _PEEK_ROWS) -> dict[str, np.ndarray]:
+    """The first `rows` rows of a shard: sample_id, label, image (n, 28, 28)."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        batch = next(pf.iter_batches(batch_size=rows, columns=["sample_id", "label", "image"]))
+        meta = pf.schema_arrow.metadata or {}
+    shape = (28, 28)
+    raw = meta.get(b"ttt_pipe.image_shape")
+    if raw:
+        import json
+
+        shape = tuple(json.loads(raw))[-2:]
+    image = batch.column("image")
+    flat = image.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return {"sample_id": batch.column("sample_id").to_numpy(zero_copy_only=False),
+            "label": batch.column("label").to_numpy(zero_copy_only=False),
+            "image": flat.reshape(len(batch), *shape)}
+
+
+def _pick_shards(uris: list[str]) -> tuple[str | None, list[tuple[str, int, str]]]:
+    """The first clean shard, and per corruption the first shard of its highest severity."""
+    best: dict[str, tuple[int, int, str]] = {}
+    clean = None
+    for uri in uris:
+        parsed = _parse(shard_name(uri))
+        if parsed is None:
+            continue
+        corruption, sev, index = parsed
+        if corruption == CLEAN:
+            if clean is None or index < _parse(shard_name(clean))[2]:
+                clean = uri
+            continue
+        cur = best.get(corruption)
+        if cur is None or (sev, -index) > (cur[0], -cur[1]):
+            best[corruption] = (sev, index, uri)
+    return clean, [(c, best[c][0], best[c][2]) for c in sorted(best)]
+
+
+def sample_grid(shard_uris: list[str], per_row: int = 8) -> SampleGrid:
+    """Rows: clean (when the identity shard is there), then each corruption at its highest
+    severity; columns: the same test samples where the shards share them."""
+    if not shard_uris:
+        return SampleGrid(None, ["no sample images: run.json lists no shards"])
+    clean_uri, picks = _pick_shards(shard_uris)
+    notes: list[str] = []
+    rows: list[tuple[str, dict[str, np.ndarray]]] = []
+    for label, uri in ([("clean", clean_uri)] if clean_uri else []) + [
+            (f"{c}\nseverity {sev}", u) for c, sev, u in picks]:
+        try:
+            rows.append((label, _peek(uri)))
+        except (OSError, pa.ArrowInvalid, StopIteration, KeyError, TTTPipeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            notes.append(f"shard {uri} is not reachable ({first}); its row is left out")
+            log.warning("sample grid: cannot read %s: %s", uri, first)
+    if clean_uri is None or not rows or rows[0][0] != "clean":
+        notes.insert(0, "no clean (identity) shard in this run: sample images show corrupted inputs only")
+    if not rows:
+        return SampleGrid(None, notes + ["no sample images: none of the run's shards could be read"])
+    wanted = rows[0][1]["sample_id"][:per_row]
+    ncols = min(per_row, max(len(r["sample_id"]) for _, r in rows))
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols + 1.4, 1.35 * len(rows) + 0.5),
+                             squeeze=False)
+    for i, (label, data) in enumerate(rows):
+        where = {int(sid): j for j, sid in enumerate(data["sample_id"])}
+        idx = [where[int(s)] for s in wanted if int(s) in where]
+        if len(idx) < ncols:  # shards that do not share samples: show their first ones
+            idx = list(range(min(ncols, len(data["sample_id"]))))
+        for j in range(ncols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(idx):
+                k = idx[j]
+                ax.imshow(np.clip(data["image"][k], 0, 1), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(f"#{int(data['sample_id'][k])} label {int(data['label'][k])}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("Sample test images: clean vs corrupted" if clean_uri and rows[0][0] == "clean"
+                 else "Sample test images (corrupted only: no clean shard)", fontsize=12,
+                 fontweight="bold")
+    fig.tight_layout()
+    return SampleGrid(to_png(fig), notes)

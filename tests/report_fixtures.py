@@ -1,0 +1,117 @@
+"""Synthetic results folders and shards for the report tests (plain pyarrow, known numbers)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.results import PREDICTION_SCHEMA, accuracy_table
+
+SHARD_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()), ("label", pa.int16()), ("image", pa.list_(pa.float32(), 784)),
+    ("corruption", pa.string()), ("severity", pa.int8()), ("shard", pa.string())])
+
+# (corruption, severity) of every shard in the synthetic run; identity first
+SHARDS = [("identity", 0), ("gaussian_noise", 1), ("gaussian_noise", 5), ("fog", 3)]
+N, BATCH, STEPS = 40, 8, 3
+
+
+def clean_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Digit-ish strokes: label k draws a bar at an angle set by k, in pixel units [0, 1]."""
+    labels = np.arange(n) % 10
+    yy, xx = np.mgrid[0:28, 0:28] - 13.5
+    images = np.zeros((n, 28, 28), np.float32)
+    for i, k in enumerate(labels):
+        angle = np.pi * k / 10
+        d = np.abs(xx * np.sin(angle) - yy * np.cos(angle))
+        ring = np.abs(np.hypot(xx, yy) - 9) < 1.5
+        images[i] = np.clip((d < 2.0) * (np.hypot(xx, yy) < 11) + 0.6 * ring * (k % 2), 0, 1)
+    return images, labels
+
+
+def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed + severity)
+    if corruption == "identity":
+        return images
+    if corruption == "gaussian_noise":
+        return images + rng.normal(0, 0.15 * severity, images.shape).astype(np.float32)
+    if corruption == "fog":
+        return 0.5 * images + 0.12 * severity
+    raise KeyError(corruption)
+
+
+def write_shards(shard_dir: Path, shards=SHARDS, n: int = N) -> list[str]:
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = clean_images(n)
+    uris = []
+    for corruption, severity in shards:
+        name = f"{corruption}-s{severity}-00000"
+        x = corrupt(images, corruption, severity).reshape(n, 784).astype(np.float32)
+        table = pa.table({
+            "sample_id": pa.array(np.arange(n), pa.int64()),
+            "label": pa.array(labels, pa.int16()),
+            "image": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), 784),
+            "corruption": [corruption] * n, "severity": pa.array([severity] * n, pa.int8()),
+            "shard": [name] * n}, schema=SHARD_SCHEMA)
+        meta = {"schema_version": 1, "image_shape": [1, 28, 28], "dataset": "synthetic",
+                "mean": 0.1307, "std": 0.3081, "seed": 0, "corruption": corruption,
+                "severity": severity}
+        table = table.replace_schema_metadata({f"ttt_pipe.{k}": json.dumps(v) for k, v in meta.items()})
+        pq.write_table(table, shard_dir / f"{name}.parquet")
+        uris.append(str(shard_dir / f"{name}.parquet"))
+    return uris
+
+
+def is_correct(i: int, step: int, corruption: str, severity: int, offset: int = 0) -> bool:
+    """Known pattern: a sample is right when its rank is below a threshold that rises with the
+    step (by 1 + severity % 4 per step) and falls with the severity (identity: 36/40 at every step)."""
+    if corruption == "identity":
+        return (i + offset) % N < 36
+    threshold = 30 - 3 * severity + (1 + severity % 4) * step + offset
+    return (i * 7) % N < threshold
+
+
+def predictions(shard: str, corruption: str, severity: int, method: str, steps: int = STEPS,
+                n: int = N, offset: int = 0) -> pa.Table:
+    rows = defaultdict(list)
+    for i in range(n):
+        for step in range(steps + 1):
+            ok = is_correct(i, step, corruption, severity, offset)
+            for key, value in (("sample_id", i), ("shard", shard), ("corruption", corruption),
+                               ("severity", severity), ("method", method), ("step", step),
+                               ("label", i % 10), ("pred", i % 10 if ok else (i + 3) % 10),
+                               ("correct", ok), ("confidence", 0.9 if ok else 0.4),
+                               ("batch", i // BATCH),
+                               ("loss", float("nan") if step == steps else 1.0 / (step + 1))):
+                rows[key].append(value)
+    return pa.table(rows, schema=PREDICTION_SCHEMA)
+
+
+def write_results(root: Path, shard_uris: list[str], method: str = "ttt", done=None,
+                  offset: int = 0, steps: int = STEPS) -> Path:
+    """A results folder; `done` (shard names) limits which shards have predictions (partial)."""
+    (root / "predictions").mkdir(parents=True, exist_ok=True)
+    tables = []
+    for uri in shard_uris:
+        name = Path(uri).stem
+        corruption, sev = name.rsplit("-", 1)[0].rsplit("-s", 1)
+        if done is not None and name not in done:
+            continue
+        t = predictions(name, corruption, int(sev), method, steps=steps, offset=offset)
+        pq.write_table(t, root / "predictions" / f"{name}.parquet")
+        tables.append(t)
+    if done is None:
+        pq.write_table(accuracy_table(pa.concat_tables(tables)), root / "accuracy.parquet")
+    run = {"method": method, "steps": steps, "checkpoint": "/ckpt/demo", "shards": list(shard_uris),
+           "batch_size": BATCH, "seed": 0}
+    (root / "run.json").write_text(json.dumps(run))
+    return root
+
+
+def expected_accuracy(corruption: str, severity: int, step: int, offset: int = 0, n: int = N) -> float:
+    return sum(is_correct(i, step, corruption, severity, offset) for i in range(n)) / n
