@@ -59,8 +59,8 @@ def build_report(results_uris: list[str] | str, out: str | None = None,
     out_dir = str(out) if out else storage.join(uris[0].rstrip("/"), "report")
     table = comparison_table(results)
     series = table.series
-    notes = [f"{r.path}: {len(r.missing_shards)} of {len(r.shard_uris)} shards missing: "
-             + ", ".join(r.missing_shards) for r in results if r.missing_shards]
+    notes = [f"{r.path} has no run.json: cannot tell whether shards are missing"
+             for r in results if not r.run]
 
     figures: list[tuple[str, str, str, bytes]] = [
         ("accuracy_vs_steps.png", "Accuracy vs adaptation steps",

@@ -50,9 +50,6 @@ def _missing(results: list[Results]) -> str:
             parts.append(f"<div class='warn'><b>Partial results:</b> {html.escape(r.path)} is missing "
                          f"{len(r.missing_shards)} of {len(r.shard_uris)} shards (run still going or "
                          f"interrupted; rerun it to resume): {names}</div>")
-        elif not r.run:
-            parts.append(f"<div class='warn'>{html.escape(r.path)} has no run.json: cannot tell "
-                         "whether shards are missing.</div>")
     return "\n".join(parts)
 
 

@@ -57,43 +57,42 @@ def _peek(uri: str, rows: int = _PEEK_ROWS) -> dict[str, np.ndarray]:
             "image": flat.reshape(len(batch), *shape)}
 
 
-def _pick_shards(uris: list[str]) -> tuple[str | None, list[tuple[str, int, str]]]:
-    """The first clean shard, and per corruption the first shard of its highest severity."""
-    best: dict[str, tuple[int, int, str]] = {}
-    clean = None
+def _candidates(uris: list[str]) -> list[tuple[str, list[tuple[int, str]]]]:
+    """Rows of the grid, each with its shards in order of preference: clean first (lowest
+    index), then each corruption (highest severity, lowest index first)."""
+    by_corruption: dict[str, list[tuple[int, int, str]]] = {}
     for uri in uris:
         parsed = _parse(shard_name(uri))
-        if parsed is None:
-            continue
-        corruption, sev, index = parsed
-        if corruption == CLEAN:
-            if clean is None or index < _parse(shard_name(clean))[2]:
-                clean = uri
-            continue
-        cur = best.get(corruption)
-        if cur is None or (sev, -index) > (cur[0], -cur[1]):
-            best[corruption] = (sev, index, uri)
-    return clean, [(c, best[c][0], best[c][2]) for c in sorted(best)]
+        if parsed is not None:
+            corruption, sev, index = parsed
+            by_corruption.setdefault(corruption, []).append((-sev, index, uri))
+    order = sorted(by_corruption, key=lambda c: (c != CLEAN, c))
+    return [(c, [(-neg, u) for neg, _, u in sorted(by_corruption[c])]) for c in order]
 
 
 def sample_grid(shard_uris: list[str], per_row: int = 8) -> SampleGrid:
-    """Rows: clean (when the identity shard is there), then each corruption at its highest
-    severity; columns: the same test samples where the shards share them."""
+    """Rows: clean (when an identity shard is readable), then each corruption at its highest
+    readable severity; columns: the same test samples where the shards share them."""
     if not shard_uris:
         return SampleGrid(None, ["no sample images: run.json lists no shards"])
-    clean_uri, picks = _pick_shards(shard_uris)
     notes: list[str] = []
     rows: list[tuple[str, dict[str, np.ndarray]]] = []
-    for label, uri in ([("clean", clean_uri)] if clean_uri else []) + [
-            (f"{c}\nseverity {sev}", u) for c, sev, u in picks]:
-        try:
-            rows.append((label, _peek(uri)))
-        except (OSError, pa.ArrowInvalid, StopIteration, KeyError, TTTPipeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            notes.append(f"shard {uri} is not reachable ({first}); its row is left out")
-            log.warning("sample grid: cannot read %s: %s", uri, first)
-    if clean_uri is None or not rows or rows[0][0] != "clean":
-        notes.insert(0, "no clean (identity) shard in this run: sample images show corrupted inputs only")
+    for corruption, candidates in _candidates(shard_uris):
+        for sev, uri in candidates:
+            try:
+                data = _peek(uri)
+            except (OSError, pa.ArrowInvalid, StopIteration, KeyError, TTTPipeError) as exc:
+                first = " ".join(str(exc).split()) or type(exc).__name__
+                notes.append(f"shard {uri} is not reachable for the sample images ({first})")
+                log.warning("sample grid: cannot read %s: %s", uri, first)
+                continue
+            rows.append(("clean" if corruption == CLEAN else f"{corruption}\nseverity {sev}", data))
+            break
+        else:
+            notes.append(f"no sample images of {corruption}: none of its shards could be read")
+    has_clean = bool(rows) and rows[0][0] == "clean"
+    if not has_clean:
+        notes.insert(0, "no readable clean (identity) shard in this run: sample images show corrupted inputs only")
     if not rows:
         return SampleGrid(None, notes + ["no sample images: none of the run's shards could be read"])
     wanted = rows[0][1]["sample_id"][:per_row]
@@ -117,7 +116,7 @@ def sample_grid(shard_uris: list[str], per_row: int = 8) -> SampleGrid:
                 ax.set_title(f"#{int(data['sample_id'][k])} label {int(data['label'][k])}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("Sample test images: clean vs corrupted" if clean_uri and rows[0][0] == "clean"
+    fig.suptitle("Sample test images: clean vs corrupted" if has_clean
                  else "Sample test images (corrupted only: no clean shard)", fontsize=12,
                  fontweight="bold")
     fig.tight_layout()
