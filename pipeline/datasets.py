@@ -223,12 +223,19 @@ def _download(spec: DatasetSpec, root: Path) -> str | None:
     import torchvision.datasets  # heavy: only when downloading
 
     log.info("downloading %s into %s", spec.name, root)
+    folders = [root, root / spec.torchvision_cls, root / spec.torchvision_cls / "raw"]
+    new_folders = [f for f in folders if not f.exists()]
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # urllib has no timeout of its own
     try:
         getattr(torchvision.datasets, spec.torchvision_cls)(str(root), train=False,
                                                             download=True)
     except Exception as exc:  # noqa: BLE001 -- any failure becomes one reported line
+        for folder in reversed(new_folders):  # leave no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         return (lines[-1] if lines else type(exc).__name__)[:200]
     finally:

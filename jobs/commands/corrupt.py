@@ -1,10 +1,82 @@
-"""`ttt-pipe corrupt`."""
+"""`ttt-pipe corrupt`: a dataset's test split -> corrupted Parquet shards."""
 
 from __future__ import annotations
 
-from jobs.console import fail
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.console import cli_errors, console, progress
+from pipeline.corruptions import list_corruptions
+from pipeline.datasets import CACHE_ROOT, list_datasets
+from pipeline.shard_maker import DEFAULT_SHARD_SIZE, make_shards
+
+__all__ = ["command", "DatasetName"]
+
+DatasetName = Enum("DatasetName", {name: name for name in list_datasets()}, type=str)
+DatasetName.__doc__ = "Datasets ttt-pipe can read (pipeline.datasets.DATASETS)."
 
 
-def command() -> None:
-    """Not yet available."""
-    raise fail("'ttt-pipe corrupt' is not yet available in this version")
+@cli_errors
+def command(
+    dataset: Annotated[DatasetName, typer.Option(
+        help="Dataset whose test split is corrupted.", case_sensitive=False,
+        show_default=False)],
+    out: Annotated[str, typer.Option(
+        help="Folder for the shards (local path or s3://, gs://, file:// URI); created if "
+             "needed. It may hold shards of an identical earlier run (overwritten), no others.",
+        show_default=False)],
+    corruptions: Annotated[str, typer.Option(
+        help="Comma-separated corruptions, or 'all'. Choose from: "
+             f"{', '.join(list_corruptions(include_identity=True))}.")] = "all",
+    severities: Annotated[str, typer.Option(
+        help="Comma-separated severities 1-5 (or 'all'); each corruption is written at each.",
+    )] = "1,2,3,4,5",
+    identity: Annotated[bool, typer.Option(
+        "--identity/--no-identity",
+        help="Also write the clean baseline (corruption 'identity', severity 0) once.")] = True,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Folder with the four IDX files (train/t10k-images-idx3-ubyte[.gz], "
+             "-labels-idx1-ubyte[.gz]), a <dataset>/ subfolder, or torchvision's "
+             "MNIST/raw layout. Default: $TTT_PIPE_DATA, then /usr/share/datasets/<dataset> "
+             f"(apt-get install dataset-fashion-mnist), then {CACHE_ROOT}.",
+        show_default=False)] = None,
+    download: Annotated[bool | None, typer.Option(
+        "--download/--no-download",
+        help="Download with torchvision into the cache when no files are found. "
+             "Default: yes, unless TTT_PIPE_OFFLINE or CI is set.", show_default=False)] = None,
+    shard_size: Annotated[int, typer.Option(
+        min=1, help="Samples per shard file (the last shard of a set may be smaller).",
+    )] = DEFAULT_SHARD_SIZE,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="Use only the first N test samples (default: all).",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option(
+        min=0, help="Seed of the random corruptions; same arguments, byte-identical shards.",
+    )] = 0,
+) -> None:
+    """Corrupt a dataset's test split at several severities and write Parquet shards, one
+    file per (corruption, severity, chunk): <corruption>-s<severity>-<index>.parquet.
+
+    Everything is checked before the first file is written; on failure, files already
+    written by this command are removed.
+    """
+    start = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("corrupt", total=None)
+
+        def advance(done: int, total: int, uri: str) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = make_shards(dataset.value, out, corruptions, severities,
+                              data_dir=data_dir, identity=identity, shard_size=shard_size,
+                              limit=limit, seed=seed, download=download, progress=advance)
+    seconds = time.perf_counter() - start
+    console.print(
+        f"wrote {len(summary.shards)} shards to {summary.out}: {summary.rows:,} rows = "
+        f"{summary.samples:,} {summary.dataset} test samples x {len(summary.pairs)} "
+        f"(corruption, severity), {summary.bytes / 1e6:,.1f} MB in {seconds:.1f} s",
+        highlight=False, soft_wrap=True)
