@@ -10,11 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.results import PREDICTION_SCHEMA, accuracy_table
-
-SHARD_SCHEMA = pa.schema([
-    ("sample_id", pa.int64()), ("label", pa.int16()), ("image", pa.list_(pa.float32(), 784)),
-    ("corruption", pa.string()), ("severity", pa.int8()), ("shard", pa.string())])
+from pipeline.shards import shard_name, write_shard
 
 # (corruption, severity) of every shard in the synthetic run; identity first
 SHARDS = [("identity", 0), ("gaussian_noise", 1), ("gaussian_noise", 5), ("fog", 3)]
@@ -46,24 +44,17 @@ def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -
 
 
 def write_shards(shard_dir: Path, shards=SHARDS, n: int = N) -> list[str]:
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    """Real shards through pipeline.shards.write_shard (validated, contract schema)."""
+    storage.makedirs(str(shard_dir))
     images, labels = clean_images(n)
     uris = []
     for corruption, severity in shards:
-        name = f"{corruption}-s{severity}-00000"
-        x = corrupt(images, corruption, severity).reshape(n, 784).astype(np.float32)
-        table = pa.table({
-            "sample_id": pa.array(np.arange(n), pa.int64()),
-            "label": pa.array(labels, pa.int16()),
-            "image": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), 784),
-            "corruption": [corruption] * n, "severity": pa.array([severity] * n, pa.int8()),
-            "shard": [name] * n}, schema=SHARD_SCHEMA)
-        meta = {"schema_version": 1, "image_shape": [1, 28, 28], "dataset": "synthetic",
-                "mean": 0.1307, "std": 0.3081, "seed": 0, "corruption": corruption,
-                "severity": severity}
-        table = table.replace_schema_metadata({f"ttt_pipe.{k}": json.dumps(v) for k, v in meta.items()})
-        pq.write_table(table, shard_dir / f"{name}.parquet")
-        uris.append(str(shard_dir / f"{name}.parquet"))
+        uri = str(shard_dir / f"{shard_name(corruption, severity, 0)}.parquet")
+        x = corrupt(images, corruption, severity)[:, None]  # (n, 1, 28, 28)
+        write_shard(uri, np.arange(n, dtype=np.int64), labels.astype(np.int64), x.astype(np.float32),
+                    corruption=corruption, severity=severity, dataset="synthetic",
+                    mean=0.1307, std=0.3081, seed=0)
+        uris.append(uri)
     return uris
 
 
