@@ -1,10 +1,102 @@
-"""`ttt-pipe train`."""
+"""`ttt-pipe train`: joint training of a zoo model and a method's auxiliary part on Ray."""
 
 from __future__ import annotations
 
-from jobs.console import fail
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from jobs.console import cli_errors, console, err_console, progress
+from pipeline.datasets import list_datasets
 
 
-def command() -> None:
-    """Not yet available."""
-    raise fail("'ttt-pipe train' is not yet available in this version")
+class Method(str, Enum):
+    ttt = "ttt"
+    it3 = "it3"
+
+
+Dataset = Enum("Dataset", {name: name for name in list_datasets()}, type=str)
+
+
+def _argv(**opts) -> list[str]:
+    """The same command line, for a job submitted to a cluster (None options are left out)."""
+    argv = ["train"]
+    for key, value in opts.items():
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(value, "value", value))]
+    return argv
+
+
+@cli_errors
+def command(
+    method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
+    dataset: Dataset = typer.Option(..., help="Dataset whose train split is used."),
+    out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
+                                      "on a cluster, storage every node can read)."),
+    data_dir: Path = typer.Option(None, help="Folder with the dataset's IDX files (default: search)."),
+    model: str = typer.Option(None, help="Zoo model (default: seed_cnn for ttt, seed_rescnn for it3)."),
+    layer: str = typer.Option(None, help="Layer the auxiliary part attaches to (default: the method's)."),
+    epochs: int = typer.Option(None, help="Training epochs (default: the method's: ttt 1, it3 2)."),
+    batch_size: int = typer.Option(None, help="Training batch size (default: ttt 64, it3 256)."),
+    lr: float = typer.Option(None, help="Adam learning rate (default: ttt 1e-2, it3 1e-3)."),
+    aux_weight: float = typer.Option(None, help="Joint loss = CE + aux_weight * aux loss "
+                                                "(default: ttt 0.35, it3 1.0)."),
+    limit: int = typer.Option(None, help="Train on the first N samples only."),
+    seed: int = typer.Option(0, help="Seed of the initial weights and the shuffling."),
+    gpus: float = typer.Option(None, help="GPUs for the trainer (default: 1 if the cluster has "
+                                          "any, else CPU; 0 forces the CPU)."),
+    address: str = typer.Option(None, envvar="RAY_ADDRESS",
+                                help="Ray cluster: auto, host:port, ray://host:10001, or "
+                                     "http://head:8265 to submit this command as a job "
+                                     "(default: a local Ray for this command)."),
+) -> None:
+    """Train a model jointly with the method's auxiliary task and write a checkpoint."""
+    from jobs.cluster import is_job_address, submit_job
+    from jobs.train import resolve_spec, train
+
+    spec = resolve_spec(method.value, dataset.value, out, model=model, epochs=epochs,
+                        batch_size=batch_size, lr=lr, aux_weight=aux_weight, layer=layer,
+                        limit=limit, seed=seed, data_dir=None if data_dir is None else str(data_dir),
+                        gpus=gpus)
+    if is_job_address(address):
+        argv = _argv(method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
+                     layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
+                     aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus)
+        raise typer.Exit(code=submit_job(address, argv))
+
+    bar = progress()
+    task = None
+
+    def on_event(kind: str, info: dict) -> None:
+        nonlocal task
+        if kind == "setup":
+            err_console.print(
+                f"training {spec.method} on {spec.dataset}: {info['samples']} samples, "
+                f"{spec.epochs} epoch(s) of {info['batches_per_epoch']} batches, "
+                f"device {info['device']}", highlight=False)
+            task = bar.add_task("train", total=spec.epochs * info["batches_per_epoch"])
+        elif kind == "progress":
+            done = (info["epoch"] - 1) * info["batches_per_epoch"] + info["batches_done"]
+            if info["epoch_metrics"]:
+                done = info["epoch"] * info["batches_per_epoch"]
+                m = info["epoch_metrics"]
+                bar.console.print(
+                    f"epoch {m['epoch']}/{spec.epochs}: loss {m['loss']:.4f}  "
+                    f"accuracy {m['accuracy']:.4f}  aux loss {m['aux_loss']:.4f}", highlight=False)
+            bar.update(task, completed=done)
+
+    with bar:
+        manifest = train(spec, address=address, on_event=on_event)
+    _summary(spec.out, manifest)
+
+
+def _summary(out: str, manifest: dict) -> None:
+    t = manifest["training"]
+    last = t["metrics"][-1] if t["metrics"] else {}
+    console.print(
+        f"checkpoint {out}: {manifest['method']['name']} + {manifest['model']['name']} on "
+        f"{manifest['dataset']['name']}, {t['samples']} samples x {t['epochs']} epoch(s) in "
+        f"{t['seconds']:.1f}s; final train loss {last.get('loss', float('nan')):.4f}, "
+        f"accuracy {last.get('accuracy', float('nan')):.4f}; sha256 {manifest['weights_sha256'][:12]}",
+        highlight=False, soft_wrap=True)
