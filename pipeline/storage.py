@@ -201,9 +201,14 @@ def atomic_write_table(table: pa.Table, uri: str, metadata: Mapping[str, str] | 
 def _atomic_write(uri: str, write) -> None:
     fs, path = resolve(uri)
     if not isinstance(fs, pafs.LocalFileSystem):
-        try:  # one PUT: an object store never shows a partial object
+        # Serialise in memory first, then one PUT: a failure while serialising never reaches
+        # the store (closing a stream there would publish the partial object).
+        buffer = pa.BufferOutputStream()
+        write(buffer)
+        data = buffer.getvalue()
+        try:
             with fs.open_output_stream(path) as sink:
-                write(sink)
+                sink.write(data)
         except OSError as exc:
             raise TTTPipeError(f"cannot write '{uri}': {_one_line(exc)}") from None
         return

@@ -74,3 +74,48 @@ def test_list_files_dir_glob_file_uri(tmp_path):
     assert storage.list_files(f"{d}/note.txt", ".parquet") == [f"{d}/note.txt"]
     assert storage.list_files(f"file://{d}/b-*") == [f"file://{d}/b-1.parquet"]
     assert storage.list_files(f"{d}/nothing*") == [] and storage.list_files(f"{d}/absent") == []
+
+
+@pytest.fixture
+def object_store(monkeypatch):
+    """``mock://bucket/...`` URIs on pyarrow's in-memory mock filesystem: the object-store
+    code path (single PUT, no rename) without a network."""
+    import pyarrow.fs as pafs
+
+    fs = pafs._MockFileSystem()
+    real = storage.resolve
+
+    def resolve(uri):
+        uri = str(uri)
+        return (fs, uri.removeprefix("mock://")) if uri.startswith("mock://") else real(uri)
+
+    monkeypatch.setattr(storage, "resolve", resolve)
+    return fs
+
+
+def test_object_store_code_path(object_store, idx_dir):
+    from pipeline.shard_maker import make_shards
+    from pipeline.shards import list_shards, read_shard
+
+    storage.makedirs("mock://bucket/x")
+    storage.atomic_write_bytes(b"abc", "mock://bucket/x/f.bin")
+    assert storage.read_bytes("mock://bucket/x/f.bin") == b"abc"
+    assert storage.list_files("mock://bucket/x") == ["mock://bucket/x/f.bin"]
+    summary = make_shards("mnist", "mock://bucket/shards", "fog", "2",
+                          data_dir=idx_dir / "mnist", shard_size=16)
+    assert list_shards("mock://bucket/shards/fog-*") == [
+        "mock://bucket/shards/fog-s2-00000.parquet", "mock://bucket/shards/fog-s2-00001.parquet"]
+    assert summary.shards[0] == "mock://bucket/shards/identity-s0-00000.parquet"
+    assert len(read_shard(summary.shards[-1])) == 16
+
+
+def test_object_store_failed_write_publishes_nothing(object_store):
+    storage.makedirs("mock://bucket")
+
+    def write(sink):
+        sink.write(b"partial")
+        raise RuntimeError("serialiser crashed")
+
+    with pytest.raises(RuntimeError):
+        storage._atomic_write("mock://bucket/y.bin", write)
+    assert not storage.exists("mock://bucket/y.bin")
