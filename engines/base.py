@@ -1,0 +1,286 @@
+"""The engine contract: registry, `AdaptResult`, and `Engine` — joint training, the anytime
+adaptation loop, episodic/online state, and the torch-ttt-style facade.
+
+A method subclasses `Engine` and supplies three things: `_build_aux` (its head/embedder, built
+eagerly from a dry forward), `training_loss`, and `_step_loss` (the self-supervised loss at the
+current weights together with the main prediction that the same forward gives for free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.config import EngineConfig
+from engines.hooks import DryRun, dry_run, find_module
+
+__all__ = ["AdaptResult", "Engine", "config_from_dict", "get_engine", "list_engines",
+           "register_engine"]
+
+_ENGINES: dict[str, type[Engine]] = {}
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def register_engine(name: str) -> Callable[[type[Engine]], type[Engine]]:
+    """Class decorator: `@register_engine("ttt")` makes `get_engine("ttt")` return the class."""
+    def deco(cls: type[Engine]) -> type[Engine]:
+        if name in _ENGINES and _ENGINES[name] is not cls:
+            raise ValueError(f"engine {name!r} is already registered; pick another name")
+        cls.name = name
+        _ENGINES[name] = cls
+        return cls
+    return deco
+
+
+def list_engines() -> list[str]:
+    return sorted(_ENGINES)
+
+
+def get_engine(name: str) -> type[Engine]:
+    try:
+        return _ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(list_engines())}") \
+            from None
+
+
+def config_from_dict(name: str, data: dict[str, Any]) -> EngineConfig:
+    """The config of engine `name` from its `to_dict()` form (e.g. a checkpoint manifest)."""
+    return get_engine(name).config_cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    """logits (K+1, B, C): the prediction after each step 0..K (0 = unadapted);
+    losses (K,): the self-supervised loss at steps 0..K-1 (the loss each step descended)."""
+
+    logits: torch.Tensor
+    losses: torch.Tensor
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):  # torch-ttt users write copy_model="False"
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
+class Engine(nn.Module):
+    """`Engine(model, example_input, config=None)`: the model plus its auxiliary part.
+
+    `adapt()` changes only `adapted_parameters()`; in episodic mode it restores them (and every
+    buffer) bit-identically from a per-batch snapshot and clears the optimizer state.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[EngineConfig]] = EngineConfig
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor,
+                 config: EngineConfig | dict[str, Any] | None = None):
+        super().__init__()
+        if config is None:
+            config = self.config_cls()
+        elif isinstance(config, dict):
+            config = self.config_cls.from_dict(config)
+        if not isinstance(config, self.config_cls):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_cls.__name__}, "
+                             f"got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self.layer_name = config.layer
+        find_module(model, config.layer)  # one-line ValueError naming the valid layers
+        probe = dry_run(model, example_input, config.layer)
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else example_input.device
+        dtype = first.dtype if first is not None else torch.float32
+        self._build_aux(probe, torch.Generator().manual_seed(config.seed), device, dtype)
+        self._adapted_names = self._select_adapted(config.adapt_params, probe)
+        self.optimization_parameters: dict[str, Any] = {
+            "num_steps": config.steps, "lr": config.lr, "optimizer_name": config.optimizer,
+            "copy_model": config.mode == "episodic"}
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._optimizer(config.optimizer)  # built once, eagerly; its state is reset per batch
+        self._batch_start: list[torch.Tensor] | None = None  # per-batch snapshot (reused)
+        self._origin: list[torch.Tensor] | None = None       # where reset() returns to
+
+    # -- what a method supplies -------------------------------------------------------------
+    def _build_aux(self, probe: DryRun, generator: torch.Generator,
+                   device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, C), aux_loss scalar) for joint training."""
+        raise NotImplementedError
+
+    def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(main logits at the current weights, self-supervised loss to descend)."""
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The main prediction at the current weights (no adaptation)."""
+        return self.model(x)
+
+    def _begin_batch(self, start: dict[str, torch.Tensor]) -> None:
+        """Called with the adapted tensors as they were at the start of the batch."""
+
+    # -- joint training ---------------------------------------------------------------------
+    def joint_loss(self, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CE(logits, y) + aux_weight * aux_loss, logits, aux_loss)."""
+        logits, aux_loss = self.training_loss(x, y)
+        return F.cross_entropy(logits, y) + self.config.aux_weight * aux_loss, logits, aux_loss
+
+    # -- adapted parameters and state -------------------------------------------------------
+    def _select_adapted(self, kind: str, probe: DryRun) -> list[str]:
+        if kind == "all":
+            names = [n for n, _ in self.named_parameters()]
+        elif kind == "model":
+            names = [f"model.{n}" for n, _ in self.model.named_parameters()]
+        elif kind == "encoder":
+            ran = probe.order[:probe.order.index(self.layer_name) + 1]
+            names = [f"model.{m}.{n}" for m in ran
+                     for n, _ in self.model.get_submodule(m).named_parameters(recurse=False)]
+        else:  # "norm"
+            names = [f"model.{m}.{n}" for m, mod in self.model.named_modules()
+                     if isinstance(mod, _NORM_TYPES)
+                     for n, _ in mod.named_parameters(recurse=False)]
+        params = dict(self.named_parameters())
+        names = [n for n in names if params[n].requires_grad]
+        if not names:
+            raise ValueError(f"adapt_params={kind!r} selects no trainable parameter in "
+                             f"{type(self.model).__name__}; choose another adapt_params")
+        return names
+
+    def adapted_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The (name, parameter) pairs adaptation may change, named as in `state_dict()`."""
+        params = dict(self.named_parameters())
+        return [(n, params[n]) for n in self._adapted_names]
+
+    def _state(self) -> list[torch.Tensor]:
+        """What a batch may change: the adapted parameters, then every buffer."""
+        return [p for _, p in self.adapted_parameters()] + [b for _, b in self.named_buffers()]
+
+    @staticmethod
+    def _save(into: list[torch.Tensor] | None, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy `state` into the reusable snapshot `into` (re-allocated if device/shape moved)."""
+        with torch.no_grad():
+            if into is None or len(into) != len(state) or any(
+                    a.device != b.device or a.shape != b.shape or a.dtype != b.dtype
+                    for a, b in zip(into, state)):
+                return [t.detach().clone() for t in state]
+            for dst, src in zip(into, state):
+                dst.copy_(src)
+            return into
+
+    @staticmethod
+    def _load(state: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for dst, src in zip(state, snapshot):
+                dst.copy_(src)
+
+    def snapshot(self) -> None:
+        """Mark the current weights as where `reset()` returns to."""
+        self._origin = self._save(self._origin, self._state())
+
+    def reset(self) -> None:
+        """Undo online adaptation: restore the weights at the start of the online run (the
+        first online `adapt()` after construction, `reset()` or `snapshot()`), clear the
+        optimizer state."""
+        if self._origin is not None:
+            self._load(self._state(), self._origin)
+            self._origin = None
+        for opt in self._optimizers.values():
+            opt.state.clear()
+
+    def _optimizer(self, name: str) -> torch.optim.Optimizer:
+        params = [p for _, p in self.adapted_parameters()]
+        opt = self._optimizers.get(name)
+        if opt is None or opt.param_groups[0]["params"][0] is not params[0]:
+            if name == "adam":
+                opt = torch.optim.Adam(params, lr=self.config.lr)
+            elif name == "sgd":
+                opt = torch.optim.SGD(params, lr=self.config.lr, momentum=0.9)
+            else:
+                raise ValueError(f"unknown optimizer {name!r}; choose from: adam, sgd")
+            self._optimizers[name] = opt
+        return opt
+
+    # -- test-time adaptation -------------------------------------------------------------
+    def adapt(self, x: torch.Tensor, steps: int | None = None, lr: float | None = None, *,
+              mode: str | None = None, optimizer: str | None = None) -> AdaptResult:
+        """Adapt on batch `x` for `steps` steps; return the prediction after every step.
+
+        Step k's logits come from the forward that computes step k+1's loss, so the whole
+        0..K sweep costs K forward/backward passes plus one final no-grad forward; they equal
+        a run with steps=k (same weights, same optimizer state). Works under an outer
+        `torch.no_grad()`/`inference_mode()`; runs in the module's current train/eval mode.
+        """
+        steps = self.config.steps if steps is None else int(steps)
+        lr = self.config.lr if lr is None else float(lr)
+        mode = self.config.mode if mode is None else mode
+        if steps < 0 or not lr > 0:
+            raise ValueError(f"adapt needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+        if mode not in ("episodic", "online"):
+            raise ValueError(f"unknown mode {mode!r}; choose from: episodic, online")
+        opt = self._optimizer(optimizer or self.config.optimizer)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        named = self.adapted_parameters()
+        params = [p for _, p in named]
+        episodic = mode == "episodic"
+        with torch.inference_mode(False), torch.enable_grad():
+            if x.is_inference():
+                x = x.clone()  # inference tensors cannot be saved for backward
+            state = self._state()
+            if episodic or self._wants_batch_start:
+                self._batch_start = self._save(self._batch_start, state)
+            if not episodic and self._origin is None:
+                self._origin = self._save(None, state)
+            if self._wants_batch_start:
+                self._begin_batch({n: t for (n, _), t in zip(named, self._batch_start)})
+            user_grads = [p.grad for p in params]
+            logits, losses = [], []
+            try:
+                for _ in range(steps):
+                    pred, loss = self._step_loss(x)
+                    if not loss.requires_grad:
+                        raise ValueError(f"the {self.name} loss does not depend on the adapted "
+                                         f"parameters; choose another adapt_params")
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    for p, g in zip(params, grads):
+                        p.grad = g
+                    opt.step()
+                    logits.append(pred.detach())
+                    losses.append(loss.detach())  # kept as tensors: no CPU-GPU sync per step
+                with torch.no_grad():
+                    logits.append(self.predict(x))
+            finally:
+                for p, g in zip(params, user_grads):
+                    p.grad = g
+                if episodic:
+                    self._load(state, self._batch_start)
+                    opt.state.clear()
+        losses_t = torch.stack(losses) if losses else logits[0].new_zeros(0)
+        return AdaptResult(logits=torch.stack(logits), losses=losses_t)
+
+    _wants_batch_start: ClassVar[bool] = False  # True if `_begin_batch` needs the snapshot
+
+    # -- torch-ttt facade -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch-ttt style: in train mode (logits, aux_loss); in eval mode adapt with
+        `optimization_parameters` and return (final logits, final loss)."""
+        if self.training:
+            return self.training_loss(x, target)
+        op = self.optimization_parameters
+        result = self.adapt(
+            x, steps=op.get("num_steps", self.config.steps), lr=op.get("lr", self.config.lr),
+            optimizer=op.get("optimizer_name", self.config.optimizer),
+            mode="episodic" if _truthy(op.get("copy_model", True)) else "online")
+        loss = result.losses[-1] if len(result.losses) else result.logits.new_zeros(())
+        return result.logits[-1], loss

@@ -1,0 +1,153 @@
+"""IT3 (Durasov et al. 2025): idempotent test-time training.
+
+The model gets a second input, a signal y over the classes: an embedder maps y to the named
+layer's feature shape and adds it there (a forward hook alive only inside the call).
+Training makes f(x, onehot(y)) return y and f(x, null) predict y. At test time, with
+y0 = f(x, null) and F the weights frozen at the batch's start (no copy of the module: the
+per-batch snapshot tensors through `torch.func.functional_call`), adaptation minimises
+dist(F(x, y0), y0) — the model is pushed towards idempotence on the test batch.
+`variant="torch_ttt"` is the torch-ttt tutorial instead: y0 = f(x) without injection,
+y1 = f(x, y0) with the live weights, both passes with gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from engines.base import Engine, register_engine
+from engines.config import IT3Config
+from engines.hooks import DryRun, add_to_output, build_seeded
+
+__all__ = ["DISTANCES", "IT3Engine", "label_embedder"]
+
+
+def _dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return -(p * q).sum(1).mean()  # the tutorial's distance
+
+
+def _cosine(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (1 - F.cosine_similarity(p, q, dim=1)).mean()
+
+
+def _js(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    # logs of clamped probabilities: finite gradients when a softmax underflows to 0
+    log_m = (0.5 * (p + q)).clamp_min(eps).log()
+    kl_pm = p * (p.clamp_min(eps).log() - log_m)
+    kl_qm = q * (q.clamp_min(eps).log() - log_m)
+    return 0.5 * (kl_pm + kl_qm).sum(1).mean()
+
+
+DISTANCES = {"cosine": _cosine, "dot": _dot, "js": _js, "mse": F.mse_loss}
+
+
+def label_embedder(num_classes: int, feature_shape: torch.Size, kind: str) -> nn.Module:
+    """torch-ttt's embedder Linear(C, c)-LeakyReLU-Linear(c, c)-LeakyReLU, c = feature channels
+    ("channel": added per channel, broadcast over space), or with a last layer the size of the
+    whole feature map ("full")."""
+    c = feature_shape[0]
+    if kind == "channel" or len(feature_shape) == 1:
+        return nn.Sequential(nn.Linear(num_classes, c), nn.LeakyReLU(),
+                             nn.Linear(c, c), nn.LeakyReLU())
+    return nn.Sequential(nn.Linear(num_classes, c), nn.LeakyReLU(),
+                         nn.Linear(c, math.prod(feature_shape)), nn.LeakyReLU(),
+                         nn.Unflatten(1, tuple(feature_shape)))
+
+
+@register_engine("it3")
+class IT3Engine(Engine):
+    """IT3. `embedder` maps a class signal (B, C) into `config.layer`'s features;
+    `null_signal` exists only with null="learned".
+
+    Adapted parameters (`adapt_params`): "model" (default), "encoder" (up to the layer),
+    "all" (+ embedder and learned null), "norm". `training_loss(x, y)` needs y: int labels
+    (B,) or a float signal (B, C) such as one-hot targets (torch-ttt's `target=`).
+    """
+
+    config_cls = IT3Config
+    config: IT3Config
+
+    def _build_aux(self, probe: DryRun, generator: torch.Generator,
+                   device: torch.device, dtype: torch.dtype) -> None:
+        self.num_classes = probe.logits.shape[1]
+        shape = probe.features.shape[1:]
+        self.embedder = build_seeded(
+            lambda: label_embedder(self.num_classes, shape, self.config.embedder),
+            generator, device, dtype)
+        if self.config.null == "learned":
+            self.null_signal = nn.Parameter(torch.zeros(self.num_classes, device=device,
+                                                        dtype=dtype))
+        self._paper = self.config.variant == "paper"
+        self._wants_batch_start = self._paper  # the frozen anchor F
+        self._distance = DISTANCES[self.config.distance]
+        self._anchor_model: dict[str, torch.Tensor] = {}
+        self._anchor_embedder: dict[str, torch.Tensor] = {}
+
+    # -- the conditioned forward -----------------------------------------------------------
+    def _null_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
+        """embed(null) for each of the B rows, or None for "no injection"."""
+        null = self.config.null
+        if not self._paper or null == "none":
+            return None
+        if null == "learned":
+            signal = self.null_signal[None]
+        else:
+            value = 0.0 if null == "zeros" else 1.0 / self.num_classes
+            signal = x.new_full((1, self.num_classes), value)
+        emb = self.embedder(signal)                                    # (1, *emb_shape)
+        return emb.expand(x.shape[0], *emb.shape[1:])                  # (B, *emb_shape)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor | None,
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """model(x) with `emb` added to the layer's output; with `params`, the model's weights
+        are replaced by those tensors for this call only."""
+        if emb is None:
+            return self.model(x) if params is None else functional_call(self.model, params, (x,))
+        with add_to_output(self.model.get_submodule(self.layer_name), emb):
+            return self.model(x) if params is None else functional_call(self.model, params, (x,))
+
+    def _target(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if y is None:
+            raise ValueError("IT3 training needs labels: training_loss(x, y) or engine(x, target=y)")
+        if y.is_floating_point() and y.dim() == 2:
+            return y.to(x.dtype)                                       # a signal (B, C)
+        return F.one_hot(y.long(), self.num_classes).to(x.dtype)        # (B, C)
+
+    # -- training --------------------------------------------------------------------------
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x, null) logits, dist(softmax f(x, y), y)) from one forward over [x; x] (2B)."""
+        target = self._target(y, x)
+        emb_y = self.embedder(target)                                  # (B, *emb_shape)
+        emb_null = self._null_embedding(x)
+        if emb_null is None:
+            emb_null = torch.zeros_like(emb_y)                          # no injection
+        b = x.shape[0]
+        logits = self._forward(torch.cat([x, x]), torch.cat([emb_null, emb_y]))  # (2B, C)
+        aux_loss = self._distance(logits[b:].softmax(1), target)
+        return logits[:b], aux_loss
+
+    # -- test time -------------------------------------------------------------------------
+    def _begin_batch(self, start: dict[str, torch.Tensor]) -> None:
+        self._anchor_model = {n[len("model."):]: t for n, t in start.items()
+                              if n.startswith("model.")}
+        self._anchor_embedder = {n[len("embedder."):]: t for n, t in start.items()
+                                 if n.startswith("embedder.")}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self._null_embedding(x))
+
+    def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits0 = self.predict(x)                                      # f(x, null), (B, C)
+        p0 = logits0.softmax(1)
+        if self._paper:   # y1 = F(x, y0), F frozen at the batch's start
+            emb = functional_call(self.embedder, self._anchor_embedder, (p0,))
+            logits1 = self._forward(x, emb, params=self._anchor_model)
+        else:             # torch-ttt: y1 = f(x, y0), live weights
+            logits1 = self._forward(x, self.embedder(p0))
+        target = p0.detach() if self.config.detach_target else p0
+        return logits0, self._distance(logits1.softmax(1), target)

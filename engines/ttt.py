@@ -1,0 +1,83 @@
+"""TTT (Sun et al. 2020): predict the rotation (0/90/180/270 degrees) of each image from a named
+layer's features; at test time, descend that rotation loss before predicting.
+
+One forward over the 4B rotated batch gives both the rotation loss and, in its 0-degree quarter,
+the main prediction at the same weights — torch-ttt runs the plain batch separately (5B images
+per step); here a step costs 4B, and the anytime prediction of step k is that quarter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.base import Engine, register_engine
+from engines.config import TTTConfig
+from engines.hooks import DryRun, build_seeded, capture_output
+
+__all__ = ["TTTEngine", "rotate_batch", "rotation_head"]
+
+
+def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) -> images (4B, C, H, W) = [x, rot90, rot180, rot270] (counter-clockwise,
+    as torchvision's `rotate(x, 90)`), labels (4B,) = [0]*B + [1]*B + [2]*B + [3]*B."""
+    images = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])   # (4B, C, H, W)
+    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])    # (4B,)
+    return images, labels
+
+
+def rotation_head(feature_shape: torch.Size) -> nn.Module:
+    """torch-ttt's heads: MLP 16-8-4 on (B, C) features; two 3x3 convs + pooling on (B, C, H, W)."""
+    if len(feature_shape) == 2:
+        c = feature_shape[1]
+        return nn.Sequential(nn.Linear(c, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                             nn.Linear(8, 4))
+    if len(feature_shape) == 4:
+        c, h, w = feature_shape[1:]
+        if min(h, w) < 5:
+            raise ValueError(f"features {tuple(feature_shape)} are too small for the 3x3 conv "
+                             "head (need H, W >= 5); choose an earlier layer")
+        return nn.Sequential(nn.Conv2d(c, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3),
+                             nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+    raise ValueError(f"rotation head needs (B, C) or (B, C, H, W) features, got "
+                     f"{tuple(feature_shape)}; choose another layer")
+
+
+@register_engine("ttt")
+class TTTEngine(Engine):
+    """Rotation-prediction TTT. `head` is the rotation classifier on `config.layer`'s output.
+
+    Adapted parameters (`adapt_params`): "model" (default, as torch-ttt: every model parameter;
+    those after the layer get no gradient), "encoder" (up to the layer), "all" (+ head), "norm".
+    `training_loss(x, y=None)` ignores y: (logits of the 0-degree quarter, rotation CE).
+    """
+
+    config_cls = TTTConfig
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor,
+                 config: TTTConfig | dict | None = None):
+        if example_input.dim() != 4 or example_input.shape[-1] != example_input.shape[-2]:
+            raise ValueError(f"rotation TTT needs square images (B, C, H, H), got "
+                             f"{tuple(example_input.shape)}")
+        super().__init__(model, example_input, config)
+
+    def _build_aux(self, probe: DryRun, generator: torch.Generator,
+                   device: torch.device, dtype: torch.dtype) -> None:
+        shape = probe.features.shape
+        self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
+
+    def _rotation_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = rotate_batch(x)
+        layer = self.model.get_submodule(self.layer_name)
+        with capture_output(layer) as store:
+            logits = self.model(images)                                # (4B, num_classes)
+        rotation_loss = F.cross_entropy(self.head(store.output), labels)
+        return logits[: x.shape[0]], rotation_loss                     # 0-degree quarter
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotation_forward(x)
+
+    def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotation_forward(x)

@@ -1,0 +1,190 @@
+"""The engine contract, checked for every registered engine (a new engine is tested the moment
+it is registered)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engines
+from conftest import digits  # noqa: F401  (tests/engines/conftest.py helper)
+
+ENGINES = engines.list_engines()
+
+
+def test_registry_lists_both_methods():
+    assert ENGINES == sorted(ENGINES)
+    assert {"ttt", "it3"} <= set(ENGINES)
+
+
+def test_unknown_method_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown method 'tent'; choose from: it3, ttt"):
+        engines.get_engine("tent")
+
+
+@pytest.mark.parametrize("name", ENGINES)
+class TestContract:
+    def test_aux_part_is_built_eagerly_and_trained(self, name, make_engine, batch):
+        engine = make_engine(name)
+        aux = {n: p.detach().clone() for n, p in engine.named_parameters()
+               if not n.startswith("model.")}
+        assert aux, "the auxiliary head/embedder must be in parameters() before any forward"
+        opt = torch.optim.Adam(engine.parameters(), lr=1e-2)  # made before the first forward
+        engine.train()
+        loss, logits, aux_loss = engine.joint_loss(*batch)
+        loss.backward()
+        opt.step()
+        assert logits.shape == (12, 10) and aux_loss.dim() == 0
+        after = dict(engine.named_parameters())
+        assert all(not torch.equal(after[n], before) for n, before in aux.items())
+
+    def test_adapt_shapes_and_episodic_restore_is_bit_identical(self, name, make_engine,
+                                                                batch, state_of):
+        engine = make_engine(name)
+        before = state_of(engine)
+        result = engine.adapt(batch[0], steps=3, lr=1e-2)
+        assert result.logits.shape == (4, 12, 10) and result.losses.shape == (3,)
+        assert not torch.equal(result.logits[0], result.logits[3])  # adaptation did something
+        after = state_of(engine)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(not opt.state for opt in engine._optimizers.values())
+
+    def test_anytime_step_k_equals_a_run_with_k_steps(self, name, make_engine, batch):
+        engine = make_engine(name)
+        full = engine.adapt(batch[0], steps=3, lr=1e-2)
+        for k in range(4):
+            run = engine.adapt(batch[0], steps=k, lr=1e-2)
+            torch.testing.assert_close(run.logits[k], full.logits[k], atol=1e-6, rtol=0)
+            torch.testing.assert_close(run.losses, full.losses[:k], atol=1e-6, rtol=0)
+
+    def test_online_carries_state_and_reset_restores(self, name, make_engine, batch, state_of):
+        engine = make_engine(name, mode="online")
+        before = state_of(engine)
+        first = engine.adapt(batch[0], steps=2, lr=1e-2)
+        second = engine.adapt(batch[0], steps=2, lr=1e-2)
+        assert torch.equal(second.logits[0], first.logits[2])  # carried over
+        assert any(opt.state for opt in engine._optimizers.values())
+        engine.reset()
+        after = state_of(engine)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        again = engine.adapt(batch[0], steps=2, lr=1e-2)  # optimizer state was reset too
+        assert torch.equal(again.logits, first.logits) and torch.equal(again.losses, first.losses)
+
+    @pytest.mark.parametrize("adapt_params", ["model", "encoder", "all"])
+    def test_only_adapted_parameters_change(self, name, adapt_params, make_engine, batch,
+                                            state_of):
+        engine = make_engine(name, mode="online", adapt_params=adapt_params)
+        adapted = {n for n, _ in engine.adapted_parameters()}
+        before = state_of(engine)
+        engine.adapt(batch[0], steps=2, lr=1e-2)
+        after = state_of(engine)
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and changed <= adapted
+        if adapt_params == "encoder":
+            layer = engine.config.layer
+            assert any(n.startswith(f"model.{layer}.") for n in adapted)
+            assert all(n.startswith("model.") for n in adapted)
+        if adapt_params == "all":
+            assert adapted == {n for n, _ in engine.named_parameters()}
+
+    def test_norm_without_norm_layers_is_a_clear_error(self, name, make_engine):
+        with pytest.raises(ValueError, match="adapt_params='norm' selects no trainable"):
+            make_engine(name, adapt_params="norm")
+
+    def test_self_supervised_loss_falls_on_a_fixed_batch(self, name, make_engine):
+        engine = make_engine(name)
+        x, y = digits(64, seed=3)
+        opt = torch.optim.Adam(engine.parameters(), lr=3e-3)
+        engine.train()
+        for _ in range(15):  # a little joint training, so the auxiliary task means something
+            opt.zero_grad(set_to_none=True)
+            engine.joint_loss(x, y)[0].backward()
+            opt.step()
+        engine.eval()
+        noisy, _ = digits(32, seed=4, noise=0.5)
+        # a small step (a tenth of the default) must descend; big ones may overshoot
+        losses = engine.adapt(noisy, steps=8, lr=engine.config.lr / 10).losses
+        assert losses[-1] < losses[0]
+
+    def test_same_seed_same_predictions_and_global_rng_untouched(self, name, make_engine, batch):
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        a = make_engine(name, model_seed=5)  # make_engine seeds the model itself ...
+        torch.manual_seed(123)
+        b = make_engine(name, model_seed=5)
+        after_build = torch.rand(3)           # ... so only the engine could consume the RNG
+        torch.manual_seed(5)
+        from pipeline.models import build_model  # the same draws as make_engine's model
+        from conftest import MODEL_FOR
+        build_model(MODEL_FOR[name])
+        assert torch.equal(after_build, torch.rand(3))
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
+                                                     b.state_dict().values()))
+        ra, rb = a.adapt(batch[0], steps=2), b.adapt(batch[0], steps=2)
+        assert torch.equal(ra.logits, rb.logits) and torch.equal(ra.losses, rb.losses)
+        c = make_engine(name, model_seed=5, seed=1)  # the config seed drives the aux init
+        assert any(not torch.equal(p, q) for (n, p), (_, q) in
+                   zip(a.named_parameters(), c.named_parameters()) if not n.startswith("model."))
+        del expected
+
+    @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+    def test_adapt_under_an_outer_no_grad(self, name, context, make_engine, batch):
+        engine = make_engine(name)
+        reference = engine.adapt(batch[0], steps=2, lr=1e-2)
+        with context():
+            result = engine.adapt(batch[0], steps=2, lr=1e-2)
+            engine.eval()
+            out, loss = engine(batch[0])
+        assert torch.equal(result.logits, reference.logits)
+        assert out.shape == (12, 10) and loss.dim() == 0
+
+    def test_facade_like_torch_ttt(self, name, make_engine, batch):
+        engine = make_engine(name)
+        other = make_engine(name)
+        assert engine.optimization_parameters is not other.optimization_parameters
+        assert set(engine.optimization_parameters) >= {"num_steps", "lr", "optimizer_name"}
+        engine.train()
+        out, loss = engine(batch[0], target=batch[1])  # TTT ignores target; IT3 needs it
+        assert out.shape == (12, 10) and loss.requires_grad
+        engine.eval()
+        engine.optimization_parameters.update(num_steps=2, lr=1e-2)
+        out, loss = engine(batch[0])
+        result = engine.adapt(batch[0], steps=2, lr=1e-2)
+        assert torch.equal(out, result.logits[-1]) and torch.equal(loss, result.losses[-1])
+        engine.optimization_parameters["num_steps"] = 0
+        out0, _ = engine(batch[0])
+        assert torch.equal(out0, result.logits[0])
+        engine.optimization_parameters.update(num_steps=1, copy_model="False")  # -> online
+        engine(batch[0])
+        engine(batch[0])
+        assert not torch.equal(engine(batch[0])[0], result.logits[0])
+        engine.reset()
+        assert torch.equal(engine.predict(batch[0]), result.logits[0])
+
+    def test_config_round_trip_and_checkpoint(self, name, make_engine, batch):
+        engine = make_engine(name, steps=2)
+        data = engine.config.to_dict()
+        assert engines.config_from_dict(name, data) == engine.config
+        engine.train()
+        opt = torch.optim.Adam(engine.parameters(), lr=1e-2)
+        engine.joint_loss(*batch)[0].backward()
+        opt.step()
+        clone = make_engine(name, model_seed=9, **data)
+        assert any(not n.startswith("model.") for n in engine.state_dict())
+        clone.load_state_dict(engine.state_dict())
+        assert torch.equal(clone.adapt(batch[0]).logits, engine.adapt(batch[0]).logits)
+
+    def test_unknown_layer_is_one_line_naming_the_layers(self, name, make_engine):
+        with pytest.raises(ValueError, match=r"unknown layer 'fc9' .*choose from: .*conv1") as e:
+            make_engine(name, layer="fc9")
+        assert "\n" not in str(e.value)
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    def test_cuda_matches_cpu(self, name, make_engine, batch):
+        engine = make_engine(name)
+        cpu = engine.adapt(batch[0], steps=2, lr=1e-2)
+        engine.cuda()
+        gpu = engine.adapt(batch[0].cuda(), steps=2, lr=1e-2)
+        assert gpu.logits.is_cuda and gpu.losses.is_cuda
+        torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, atol=1e-4, rtol=1e-4)
