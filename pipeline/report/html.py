@@ -27,15 +27,25 @@ code{background:#f3f3f3;padding:0 .2em}
 """
 
 
+def _lookup(run: dict, key: str):
+    """`key` at the top of run.json, else inside its `settings` or `args` sections."""
+    for section in (run, run.get("settings"), run.get("args")):
+        if isinstance(section, dict) and section.get(key) is not None:
+            return section[key]
+    return ""
+
+
 def _runs(results: list[Results]) -> str:
     rows = []
     for r in results:
         run = r.run
         ck = run.get("checkpoint")
-        ck = ck.get("path", ck.get("uri", "")) if isinstance(ck, dict) else (ck or "")
+        if isinstance(ck, dict):  # a path, or the checkpoint manifest itself
+            model = ck.get("model")
+            ck = ck.get("path") or ck.get("uri") or (model.get("name", "") if isinstance(model, dict) else "")
         asked = len(r.shard_uris) or "?"
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            r.path, ", ".join(r.methods), run.get("steps", ""), ck,
+            r.path, ", ".join(r.methods), _lookup(run, "steps"), ck or "",
             f"{len(r.done_shards)} / {asked}", r.predictions.num_rows)) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("results folder", "method", "steps", "checkpoint",
                                                "shards done", "prediction rows"))

@@ -60,7 +60,7 @@ def accuracy_vs_steps(series: list[Series]) -> bytes:
     ncols = min(4, len(corruptions))
     nrows = math.ceil(len(corruptions) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.6),
-                             squeeze=False, sharex=True)
+                             squeeze=False, sharex=True, sharey=True)
     max_step = max((s.last_step for s in series), default=0)
     for ax, corruption in zip(axes.flat, corruptions):
         for j, s in enumerate(series):
@@ -100,8 +100,8 @@ def batch_boxplots(series: list[Series]) -> bytes:
     colors = series_colors(len(series))
     corruptions = _corruptions(series)
     groups = ["all corrupted"] + corruptions if any(c != CLEAN for c in corruptions) else corruptions
-    fig, axes = plt.subplots(len(series), 1, figsize=(max(8.0, 1.4 * len(groups) + 3.0),
-                                                       3.8 * len(series)), squeeze=False)
+    width = min(16.0, max(8.0, 0.8 * len(groups) + 3.0))
+    fig, axes = plt.subplots(len(series), 1, figsize=(width, 4.6 * len(series)), squeeze=False)
     for ax, s, color in zip(axes[:, 0], series, colors):
         per_batch = batch_accuracy(s.results.predictions, s.method)
         corr = np.asarray(per_batch.column("corruption").to_pylist(), dtype=object)
@@ -151,7 +151,8 @@ def gain_bars(series: list[Series]) -> bytes:
     corruptions = _corruptions(adapted)
     groups = corruptions + (["mean (corrupted)"] if any(c != CLEAN for c in corruptions) else [])
     colors = series_colors(len(series))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(groups) * max(1, len(adapted)) + 2), 4.4))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.6 * len(groups) * max(1, len(adapted)) + 2)),
+                                    4.6))
     width = 0.8 / max(1, len(adapted))
     for j, s in enumerate(adapted):
         first, last = s.steps[0], s.last_step

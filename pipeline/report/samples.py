@@ -97,27 +97,30 @@ def sample_grid(shard_uris: list[str], per_row: int = 8) -> SampleGrid:
         return SampleGrid(None, notes + ["no sample images: none of the run's shards could be read"])
     wanted = rows[0][1]["sample_id"][:per_row]
     ncols = min(per_row, max(len(r["sample_id"]) for _, r in rows))
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols + 1.4, 1.35 * len(rows) + 0.5),
-                             squeeze=False)
-    for i, (label, data) in enumerate(rows):
+    height, width = rows[0][1]["image"].shape[1:]
+    gap = 3  # white pixels between images
+    # one axes per row showing a strip of images: far faster than one axes per image
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * ncols + 1.6, 1.25 * len(rows) + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax, (label, data) in zip(axes[:, 0], rows):
         where = {int(sid): j for j, sid in enumerate(data["sample_id"])}
         idx = [where[int(s)] for s in wanted if int(s) in where]
         if len(idx) < ncols:  # shards that do not share samples: show their first ones
             idx = list(range(min(ncols, len(data["sample_id"]))))
-        for j in range(ncols):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if j < len(idx):
-                k = idx[j]
-                ax.imshow(np.clip(data["image"][k], 0, 1), cmap="gray", vmin=0, vmax=1)
-                ax.set_title(f"#{int(data['sample_id'][k])} label {int(data['label'][k])}", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("Sample test images: clean vs corrupted" if has_clean
-                 else "Sample test images (corrupted only: no clean shard)", fontsize=12,
+        strip = np.ones((height, ncols * (width + gap) - gap), np.float32)
+        for j, k in enumerate(idx):
+            strip[:, j * (width + gap): j * (width + gap) + width] = np.clip(data["image"][k], 0, 1)
+        ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([j * (width + gap) + width / 2 for j in range(len(idx))])
+        ax.set_xticklabels([f"#{int(data['sample_id'][k])}: {int(data['label'][k])}" for k in idx],
+                           fontsize=7)
+        ax.tick_params(length=0, pad=2)
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.suptitle("Sample test images (#sample id: label): clean vs corrupted" if has_clean
+                 else "Sample test images (#sample id: label), corrupted only: no clean shard",
+                 fontsize=12,
                  fontweight="bold")
-    fig.tight_layout()
     return SampleGrid(to_png(fig), notes)
