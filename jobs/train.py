@@ -87,8 +87,9 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                  aux_weight: float | None = None, layer: str | None = None, limit: int | None = None,
                  seed: int = 0, data_dir: str | None = None, gpus: float | None = None) -> TrainSpec:
     """Fill in the method's defaults (its config class, the seed tutorials) and check every value."""
+    import engines
     from pipeline.datasets import get_dataset
-    from pipeline.models import list_models
+    from pipeline.models import build_model, list_models
 
     get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
     model = model or DEFAULT_MODELS.get(method, "")
@@ -114,6 +115,7 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
             changes[key] = value
     try:
         config = config_cls(**changes)
+        engines.find_module(build_model(model), config.layer)  # a bad --layer fails before Ray
     except (TypeError, ValueError) as exc:
         raise TTTPipeError(str(exc).splitlines()[0]) from None
     return TrainSpec(method=method, dataset=dataset, out=_local_abspath(str(out)), model=model,
