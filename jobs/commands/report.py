@@ -23,7 +23,8 @@ def print_summary(summary, fmt: str = "table") -> None:
     """The table to stdout (pipeable for markdown/csv); missing shards, notes and where the
     report is to stderr. `ttt-pipe run` reuses this after its last stage."""
     if fmt == "table":
-        console.print(summary.table.to_rich(title="Accuracy (%) by adaptation step"))
+        console.print(summary.table.to_rich(title="Accuracy (%) by adaptation step",
+                                           max_width=console.width))
     else:
         sys.stdout.write(summary.table_text)
         sys.stdout.flush()

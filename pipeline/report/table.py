@@ -130,25 +130,44 @@ class ComparisonTable:
         parts += ["</tbody>", "</table>"]
         return "\n".join(parts)
 
-    def to_rich(self, title: str | None = None):
-        """A rich Table (a renderable; the caller prints it)."""
+    def to_rich(self, title: str | None = None, max_width: int | None = None):
+        """A rich Table (a renderable; the caller prints it). Narrow headers: one series ->
+        `step k`, with the method in the title; several -> `A step k`, with a legend below.
+        Wider than `max_width` -> only step 0, the last step and the gain of each series."""
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=title, show_lines=False, header_style="bold")
-        table.add_column("corruption")
-        table.add_column("sev", justify="right")
-        for s, k in self.columns:
-            table.add_column(f"{s.label}\nstep {k}" if k is not None else f"{s.label}\ngain",
-                             justify="right")
+        single = len(self.series) == 1
+        codes = {s.label: _code(i) for i, s in enumerate(self.series)}
+        keep = list(range(len(self.columns)))
+        notes = [] if single else ["  ".join(f"{codes[s.label]} = {s.label}" for s in self.series)]
+        name_width = max(len(r.corruption) for r in self.rows) + 3
+        if max_width and name_width + 6 + 9 * len(keep) > max_width:
+            keep = [i for i, (s, k) in enumerate(self.columns) if k in (None, s.steps[0], s.last_step)]
+            if len(keep) < len(self.columns):
+                notes.append("intermediate steps left out to fit the terminal "
+                             "(all steps: --format markdown/csv or index.html)")
+        if single:
+            title = f"{title or 'Accuracy (%)'}: {self.series[0].label}"
+        table = Table(title=title, caption="\n".join(notes) or None, header_style="bold",
+                      caption_justify="left", box=box.SIMPLE_HEAVY, show_edge=False)
+        table.add_column("corruption", no_wrap=True)
+        table.add_column("sev", justify="right", no_wrap=True)
+        for i in keep:
+            s, k = self.columns[i]
+            prefix = "" if single else f"{codes[s.label]}\n"
+            table.add_column(f"{prefix}step {k}" if k is not None else f"{prefix}gain",
+                             justify="right", min_width=5, overflow="fold")
         for row in self.rows:
             cells = self.cells(row)
-            styled = []
-            for i, c in enumerate(cells):
-                if i >= 2 and self.columns[i - 2][1] is None and c != "-":
+            styled = cells[:2]
+            for i in keep:
+                c = cells[i + 2]
+                if self.columns[i][1] is None and c != "-":
                     c = f"[green]{c}[/]" if float(c) > 0 else (f"[red]{c}[/]" if float(c) < 0 else c)
                 styled.append(c)
             table.add_row(*styled, style="bold" if row.is_mean else None,
-                          end_section=(row is self.rows[-2]) if len(self.rows) > 1 else False)
+                          end_section=len(self.rows) > 1 and row is self.rows[-2])
         return table
 
     def to_text(self, width: int = 160) -> str:
@@ -156,8 +175,13 @@ class ComparisonTable:
         from rich.console import Console
 
         console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
-        console.print(self.to_rich())
+        console.print(self.to_rich(max_width=width))
         return console.export_text()
+
+
+def _code(i: int) -> str:
+    """A, B, ..., Z, AA, AB, ...: short names for series in narrow console headers."""
+    return (_code(i // 26 - 1) if i >= 26 else "") + chr(ord("A") + i % 26)
 
 
 def _mean(values: list[float]) -> float | None:

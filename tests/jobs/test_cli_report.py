@@ -86,3 +86,13 @@ def test_bad_format_is_rejected(folders):
     _, full, _ = folders
     result = runner.invoke(app, ["report", str(full), "--format", "xlsx"])
     assert result.exit_code == 2
+
+
+def test_console_table_never_truncates_numbers(folders):
+    root, full, partial = folders
+    result = runner.invoke(app, ["report", str(full), str(partial), "-o", str(root / "rep_two")])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout  # CliRunner's console is 80 columns wide
+    assert "A = ttt" in result.stdout and "B = it3" in result.stdout
+    assert "intermediate steps left out" in result.stdout
+    assert "+30.0" in result.stdout  # fog s3 gain of ttt: 33/40 - 21/40
