@@ -182,7 +182,7 @@ def _read_predictions(uri: str, results_uri: str) -> pa.Table:
 
 def _read_run(uri: str, results_uri: str) -> dict:
     if not storage.exists(uri):
-        log.warning("%s has no %s: cannot tell which shards are missing", results_uri, RUN_FILE)
+        log.info("%s has no %s: cannot tell which shards are missing", results_uri, RUN_FILE)
         return {}
     try:
         run = json.loads(storage.read_bytes(uri).decode("utf-8"))
