@@ -1,0 +1,323 @@
+"""`ttt-pipe adapt`: stream corrupted shards through test-time adaptation on a pool of Ray actors.
+
+Design
+------
+- The unit of work is a WHOLE SHARD (`jobs.shard_worker`): an actor reads it, adapts it batch
+  by batch in order and writes `RESULTS/predictions/<shard>.parquet` atomically (temp file +
+  rename). Batches never straddle shards (a shard holds one corruption and severity), batch
+  boundaries are fixed by `batch_size`, online mode resets at each shard start and torch is
+  seeded from (seed, shard), so a shard's predictions do not depend on the actor count, the
+  order, or retries: a retried call rewrites identical bytes.
+- A pool of N actors (`jobs.pool`), each loading the checkpoint once (from its path, which
+  every node must be able to read, like the shards and the results folder) onto its device; `max_restarts=-1, max_task_retries=-1` restart a dead actor
+  and retry its shard. The driver hands shards to idle actors as they free up.
+- Resume: shards whose predictions file exists are skipped, after checking that the file was
+  made with the same settings (checkpoint sha256, method, steps, lr, batch size, mode, seed:
+  stored in each file's metadata). Stale hidden temp files of killed writers are removed.
+- Only complete files ever appear: `run.json` is written (atomically) after validation and
+  before any Ray work, `accuracy.parquet` is deleted when shards are pending and rewritten at
+  the end from the prediction files, after checking exactly one row per (sample, step) in
+  every shard (a mismatch fails loudly and writes nothing).
+- Threads: each actor uses `floor(cpus_per_actor)` torch threads, independent of the actor
+  count. CPU reductions in torch's backward depend on the thread count, so predictions are
+  bit-identical across actor counts, restarts and reruns for a fixed `--cpus-per-actor`.
+  Actors ask Ray for `cpus_per_actor` CPUs, or a fraction so that the pool fits the cluster.
+  Actors read and write their own files: there are no extra Ray tasks to starve.
+- Everything is validated before Ray starts: the checkpoint (missing, truncated, tampered,
+  other method than `method`), every shard (schema, empty, NaN pixels, duplicate ids or
+  names, other dataset than the checkpoint's), the numbers and the results folder.
+- Test hook: `TTT_PIPE_TEST_KILL_ONCE=<marker path>` makes the first actor that creates the
+  marker `os._exit(1)` after its first batch (the pool must recover).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jobs.pool import PoolPlan, plan_pool, run_pool
+from jobs.shard_worker import MODES, SETTINGS_KEY, AdaptSettings
+from pipeline import storage
+from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.errors import TTTPipeError
+from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, accuracy_table,
+                              predictions_uri, shard_name)
+from pipeline.shards import list_shards, read_shard
+
+__all__ = ["AdaptRequest", "AdaptPlan", "ShardInfo", "AdaptOutcome", "KILL_ENV",
+           "prepare_adapt", "run_adapt", "finalize_results"]
+
+log = logging.getLogger(__name__)
+
+KILL_ENV = "TTT_PIPE_TEST_KILL_ONCE"
+
+
+@dataclass(frozen=True)
+class AdaptRequest:
+    """What the user asked for; `None` means "the checkpoint's default"."""
+
+    checkpoint: str
+    shards: str
+    out: str
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    mode: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    seed: int = 0
+    address: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    uri: str
+    name: str  # file stem: names RESULTS/predictions/<name>.parquet
+    corruption: str
+    severity: int
+    samples: int
+    done: bool
+
+
+@dataclass
+class AdaptPlan:
+    request: AdaptRequest
+    checkpoint: Checkpoint
+    settings: AdaptSettings
+    shards: list[ShardInfo]
+    validate_s: float = 0.0
+
+    @property
+    def pending(self) -> list[ShardInfo]:
+        return [s for s in self.shards if not s.done]
+
+
+@dataclass
+class AdaptOutcome:
+    plan: AdaptPlan
+    accuracy: pa.Table
+    timings: dict = field(default_factory=dict)
+    pool: PoolPlan | None = None
+    shard_summaries: list[dict] = field(default_factory=list)
+
+
+def _check_numbers(req: AdaptRequest) -> None:
+    for name, value, lo in (("steps", req.steps, 0), ("batch_size", req.batch_size, 1),
+                            ("actors", req.actors, 1), ("seed", req.seed, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
+            raise TTTPipeError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {value!r}")
+    if req.lr is not None and not (isinstance(req.lr, (int, float)) and req.lr > 0 and np.isfinite(req.lr)):
+        raise TTTPipeError(f"--lr must be a number > 0, got {req.lr!r}")
+    if not req.cpus_per_actor > 0:
+        raise TTTPipeError(f"--cpus-per-actor must be > 0, got {req.cpus_per_actor!r}")
+    if not req.gpus_per_actor >= 0:
+        raise TTTPipeError(f"--gpus-per-actor must be >= 0, got {req.gpus_per_actor!r}")
+    if req.mode is not None and req.mode not in MODES:
+        raise TTTPipeError(f"unknown mode {req.mode!r}; choose from: {', '.join(MODES)}")
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute: actors do not share the driver's working directory."""
+    return str(uri) if storage.is_uri(uri) else os.path.abspath(os.path.expanduser(str(uri)))
+
+
+def _settings(req: AdaptRequest, ckpt: Checkpoint) -> AdaptSettings:
+    config = ckpt.manifest["method"].get("config", {}) or {}
+
+    def pick(value, key):
+        if value is not None:
+            return value
+        if key not in config:
+            raise TTTPipeError(f"checkpoint {ckpt.uri} has no default {key!r} in its method config; "
+                               f"pass --{key.replace('_', '-')}")
+        return config[key]
+
+    return AdaptSettings(method=ckpt.method, weights_sha256=ckpt.manifest["weights_sha256"],
+                         steps=int(pick(req.steps, "steps")), lr=float(pick(req.lr, "lr")),
+                         batch_size=int(pick(req.batch_size, "batch_size")),
+                         mode=str(req.mode or config.get("mode", "episodic")), seed=int(req.seed))
+
+
+def _check_existing(uri: str, name: str, settings: AdaptSettings) -> None:
+    """A predictions file found on resume must come from the same settings."""
+    fs, path = storage.resolve(uri)
+    try:
+        meta = pq.read_schema(path, filesystem=fs).metadata or {}
+        theirs = json.loads(meta.get(SETTINGS_KEY.encode(), b"{}"))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise TTTPipeError(f"cannot read existing predictions {uri} ({exc}); delete it and rerun") from None
+    ours = dataclasses.asdict(settings)
+    diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    if diff:
+        raise TTTPipeError(
+            f"predictions for shard {name} in the results folder were made with other settings "
+            f"({'; '.join(diff)}); use a new --out or delete that folder")
+
+
+def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
+    """Validate everything (no Ray): numbers, checkpoint, shards, the results folder."""
+    started = time.perf_counter()
+    _check_numbers(req)
+    req = dataclasses.replace(req, **{k: _absolute(getattr(req, k)) for k in ("checkpoint", "shards", "out")})
+    ckpt = load_checkpoint(req.checkpoint, expect_method=req.method)
+    try:
+        settings = _settings(req, ckpt)
+    except (TypeError, ValueError) as exc:
+        raise TTTPipeError(f"checkpoint {req.checkpoint} has an invalid method config ({exc}); retrain it") from None
+    if settings.steps < 0 or settings.batch_size < 1 or not settings.lr > 0 or settings.mode not in MODES:
+        raise TTTPipeError(f"invalid adaptation settings {settings}; pass --steps, --lr, --batch-size, --mode")
+    if storage.exists(req.out) and not storage.is_dir(req.out):
+        raise TTTPipeError(f"--out {req.out} is a file; pass a folder for the results")
+    dataset = ckpt.dataset
+    infos: list[ShardInfo] = []
+    seen: dict[str, str] = {}
+    for uri in list_shards(req.shards):
+        name = shard_name(uri)
+        if name in seen:
+            raise TTTPipeError(f"two shards named {name} ({seen[name]} and {uri}); "
+                               "their predictions would collide; pass one of them")
+        seen[name] = uri
+        shard = read_shard(uri)  # validates schema, emptiness, NaN pixels
+        if np.unique(shard.sample_ids).size != len(shard.sample_ids):
+            raise TTTPipeError(f"shard '{uri}' repeats sample ids; regenerate it with ttt-pipe corrupt")
+        if shard.metadata.get("dataset") != dataset:
+            raise TTTPipeError(f"shard '{uri}' holds {shard.metadata.get('dataset')!r} images but the "
+                               f"checkpoint was trained on {dataset!r}; use shards of the same dataset")
+        pred = predictions_uri(req.out, uri)
+        done = storage.exists(pred)
+        if done:
+            _check_existing(pred, name, settings)
+        infos.append(ShardInfo(uri=uri, name=name, corruption=shard.corruption,
+                               severity=shard.severity, samples=len(shard), done=done))
+    return AdaptPlan(request=req, checkpoint=ckpt, settings=settings, shards=infos,
+                     validate_s=time.perf_counter() - started)
+
+
+def _run_config(plan: AdaptPlan) -> dict:
+    m = plan.checkpoint.manifest
+    training = dict(m.get("training", {}))
+    metrics = training.pop("metrics", None) or []
+    return {
+        "checkpoint": {"uri": plan.checkpoint.uri, "model": m.get("model"), "method": m.get("method"),
+                       "dataset": m.get("dataset"), "weights_sha256": m.get("weights_sha256"),
+                       "created": m.get("created"),
+                       "training": {**training, "final": metrics[-1] if metrics else None}},
+        "settings": dataclasses.asdict(plan.settings),
+        "args": dataclasses.asdict(plan.request),
+        "shards": [s.uri for s in plan.shards],
+        "samples": {s.name: s.samples for s in plan.shards},
+    }
+
+
+def _remove_stale_temps(out: str) -> None:
+    """Hidden temp files of writers that were killed (local folders only; object stores
+    write in one PUT). One run per results folder at a time."""
+    fs, root = storage.resolve(out)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    for folder in (root, os.path.join(root, PREDICTIONS_DIR)):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                log.info("removing stale temp file %s", os.path.join(folder, name))
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except FileNotFoundError:
+                    pass
+
+
+def _start_results(plan: AdaptPlan) -> None:
+    """The results folder, run.json (atomically); a stale accuracy.parquet goes until the end."""
+    out = plan.request.out
+    storage.makedirs(storage.join(out, PREDICTIONS_DIR))
+    _remove_stale_temps(out)
+    storage.atomic_write_bytes((json.dumps(_run_config(plan), indent=2) + "\n").encode(),
+                               storage.join(out, RUN_FILE))
+    if plan.pending:
+        storage.remove(storage.join(out, ACCURACY_FILE))
+
+
+def finalize_results(plan: AdaptPlan) -> pa.Table:
+    """Check exactly one prediction per (sample, step) in every shard; write accuracy.parquet."""
+    steps = plan.settings.steps + 1
+    tables = []
+    for s in plan.shards:
+        uri = predictions_uri(plan.request.out, s.uri)
+        if not storage.exists(uri):
+            raise TTTPipeError(f"predictions for shard {s.name} are missing ({uri}); rerun to resume")
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs)
+        ids = table.column("sample_id").to_numpy()
+        step = table.column("step").to_numpy().astype(np.int64)
+        pairs = np.unique(ids * steps + step).size
+        if table.num_rows != s.samples * steps or pairs != table.num_rows \
+                or np.unique(ids).size != s.samples:
+            raise TTTPipeError(
+                f"predictions for shard {s.name} have {table.num_rows} rows ({pairs} distinct "
+                f"sample-step pairs), expected {s.samples} samples x {steps} steps; "
+                f"delete {uri} and rerun")
+        tables.append(table.replace_schema_metadata(None))
+    accuracy = accuracy_table(pa.concat_tables(tables))
+    storage.atomic_write_table(accuracy, storage.join(plan.request.out, ACCURACY_FILE),
+                               metadata={SETTINGS_KEY: plan.settings.to_json()})
+    return accuracy
+
+
+def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
+              on_plan: Callable[[AdaptPlan], None] | None = None,
+              on_shard_done: Callable[[dict], None] | None = None) -> AdaptOutcome:
+    """Validate, adapt every pending shard on a Ray actor pool, write accuracy.parquet.
+
+    `on_plan(plan)` is called once validation passed, `on_shard_done(summary)` after each
+    shard's predictions are written (the CLI drives its progress bars with them).
+    """
+    from jobs.cluster import connect  # imports ray
+
+    timings: dict = {}
+    plan = plan or prepare_adapt(req)
+    req = plan.request  # paths made absolute
+    timings["validate_s"] = plan.validate_s
+    if on_plan is not None:
+        on_plan(plan)
+    pending = plan.pending
+    pool_plan, summaries = None, []
+    if not pending:
+        log.info("all %d shard(s) already have predictions in %s", len(plan.shards), req.out)
+        _start_results(plan)
+    else:
+        tasks = [(s.uri, predictions_uri(req.out, s.uri)) for s in pending]
+        started = time.perf_counter()
+        with connect(req.address) as resources:  # an unreachable address fails here, before any write
+            timings["connect_s"] = time.perf_counter() - started
+            pool_plan = plan_pool(resources, len(tasks), req.actors, req.cpus_per_actor,
+                                  req.gpus_per_actor)
+            log.info("adapting %d shard(s) on %s", len(tasks), pool_plan)
+            _start_results(plan)
+            try:
+                pool = run_pool(plan.checkpoint, plan.settings, pool_plan, tasks,
+                                on_done=on_shard_done, kill_marker=os.environ.get(KILL_ENV))
+            finally:
+                _remove_stale_temps(req.out)
+            summaries = pool["shards"]
+            timings.update(pool_start_s=pool["start_s"], actor_init_s=pool["init_s"])
+        timings["pool_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    accuracy = finalize_results(plan)
+    timings["finalize_s"] = time.perf_counter() - started
+    for key in ("read_s", "adapt_s", "write_s"):
+        timings[key] = sum(s[key] for s in summaries)
+    return AdaptOutcome(plan=plan, accuracy=accuracy, timings=timings, pool=pool_plan,
+                        shard_summaries=summaries)

@@ -1,0 +1,176 @@
+"""Adapt one whole shard: read it, adapt batch by batch, write its predictions atomically.
+
+This is the unit of work of `ttt-pipe adapt`. `ShardWorker` is a plain class (no Ray in it):
+the pool in `jobs.pool` wraps it in `ray.remote`, and the benchmark runs it in-process.
+
+Determinism: the predictions of a shard depend only on the checkpoint, the `AdaptSettings`
+and the shard itself (plus torch's thread count on CPU, see `jobs.adapt`), never on which
+worker ran it or what it ran before: batch boundaries are fixed by `batch_size` and never
+straddle shards, the engine is `reset()` at every shard start (online mode starts fresh per
+shard) and torch's RNG is seeded from (seed, shard name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import storage
+from pipeline.checkpoint import Checkpoint, build_engine_from_checkpoint, load_checkpoint
+from pipeline.errors import TTTPipeError
+from pipeline.results import PREDICTION_SCHEMA
+from pipeline.shards import Shard, read_shard
+
+__all__ = ["AdaptSettings", "ShardWorker", "predict_shard", "SETTINGS_KEY", "shard_seed"]
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = "ttt_pipe.adapt"  # Parquet key-value metadata of every predictions file
+MODES = ("episodic", "online")
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """Everything that decides a shard's predictions (besides the shard itself)."""
+
+    method: str
+    weights_sha256: str
+    steps: int
+    lr: float
+    batch_size: int
+    mode: str = "episodic"
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def shard_seed(seed: int, shard: str) -> int:
+    """A torch seed per (run seed, shard name): independent of worker and order."""
+    digest = hashlib.sha256(f"{seed}:{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _adapt_batch(engine, x: torch.Tensor, settings: AdaptSettings):
+    """One engine call; online mode carries the adapted weights to the next batch."""
+    return engine.adapt(x, steps=settings.steps, lr=settings.lr, mode=settings.mode)
+
+
+def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.device | str = "cpu",
+                  after_batch: Callable[[int], None] | None = None) -> pa.Table:
+    """Adapt `shard` batch by batch in order; one PREDICTION_SCHEMA row per (sample, step).
+
+    Rows are ordered by batch, then step, then position in the shard.
+    """
+    if hasattr(engine, "reset"):
+        engine.reset()  # a fresh start per shard: results do not depend on the previous shard
+    torch.manual_seed(shard_seed(settings.seed, shard.name))
+    n, k = len(shard.sample_ids), settings.steps
+    columns: dict[str, list[np.ndarray]] = {c: [] for c in
+                                            ("sample_id", "step", "label", "pred", "conf", "batch", "loss")}
+    for b, start in enumerate(range(0, n, settings.batch_size)):
+        stop = min(start + settings.batch_size, n)
+        x = torch.from_numpy(np.array(shard.images[start:stop])).to(device)  # a writable copy
+        result = _adapt_batch(engine, x, settings)
+        with torch.no_grad():
+            probs = torch.softmax(result.logits.detach().float(), dim=-1)   # (K+1, B, C)
+            conf, pred = probs.max(dim=-1)                                   # (K+1, B) each
+        conf, pred = conf.cpu().numpy(), pred.cpu().numpy()                  # CPU-GPU sync
+        losses = np.full(k + 1, np.nan, dtype=np.float32)
+        losses[:k] = result.losses.detach().float().cpu().numpy()[:k]
+        steps = k + 1
+        bsz = stop - start
+        columns["sample_id"].append(np.tile(shard.sample_ids[start:stop], steps))
+        columns["label"].append(np.tile(shard.labels[start:stop], steps))
+        columns["step"].append(np.repeat(np.arange(steps), bsz))
+        columns["pred"].append(pred.reshape(-1))
+        columns["conf"].append(conf.reshape(-1))
+        columns["batch"].append(np.full(steps * bsz, b))
+        columns["loss"].append(np.repeat(losses, bsz))
+        if after_batch is not None:
+            after_batch(b)
+    cat = {c: np.concatenate(v) if v else np.empty(0) for c, v in columns.items()}
+    rows = len(cat["sample_id"])
+    label = cat["label"].astype(np.int16)
+    pred = cat["pred"].astype(np.int16)
+    arrays = {
+        "sample_id": pa.array(cat["sample_id"].astype(np.int64)),
+        "shard": pa.array([shard.name] * rows, pa.string()),
+        "corruption": pa.array([shard.corruption] * rows, pa.string()),
+        "severity": pa.array(np.full(rows, shard.severity, dtype=np.int8)),
+        "method": pa.array([settings.method] * rows, pa.string()),
+        "step": pa.array(cat["step"].astype(np.int16)),
+        "label": pa.array(label),
+        "pred": pa.array(pred),
+        "correct": pa.array(label == pred),
+        "confidence": pa.array(cat["conf"].astype(np.float32)),
+        "batch": pa.array(cat["batch"].astype(np.int32)),
+        "loss": pa.array(cat["loss"].astype(np.float32)),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
+
+
+class ShardWorker:
+    """Holds one engine (checkpoint loaded once); `process(shard_uri, out_uri)` does a shard.
+
+    `device="auto"` asks Ray for this actor's GPU (`jobs.cluster.actor_device()`).
+    `kill_marker` is a test hook: the first worker that creates that file dies mid-shard.
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str, settings: AdaptSettings, device: str = "cpu",
+                 threads: int | None = None, kill_marker: str | None = None):
+        started = time.perf_counter()
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device == "auto":
+            from jobs.cluster import actor_device
+            device = actor_device()
+        self.device = torch.device(device)
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = load_checkpoint(checkpoint, expect_method=settings.method)
+        if checkpoint.manifest["weights_sha256"] != settings.weights_sha256:
+            raise TTTPipeError(f"checkpoint {checkpoint.uri} changed since the run started "
+                               "(other weights sha256); rerun the command")
+        self.engine = build_engine_from_checkpoint(checkpoint, self.device)
+        self.settings = settings
+        self.kill_marker = kill_marker
+        self.init_seconds = time.perf_counter() - started
+        self.pid = os.getpid()
+
+    def info(self) -> dict:
+        return {"pid": self.pid, "device": str(self.device), "threads": torch.get_num_threads(),
+                "init_seconds": self.init_seconds}
+
+    def process(self, shard_uri: str, out_uri: str) -> dict:
+        """Adapt one shard and write `out_uri` atomically; return counts and timings."""
+        t0 = time.perf_counter()
+        shard = read_shard(shard_uri)
+        t1 = time.perf_counter()
+        table = predict_shard(self.engine, shard, self.settings, self.device,
+                              after_batch=self._maybe_die if self.kill_marker else None)
+        t2 = time.perf_counter()
+        storage.atomic_write_table(table, out_uri, metadata={SETTINGS_KEY: self.settings.to_json()})
+        t3 = time.perf_counter()
+        return {"shard": shard.name, "uri": shard_uri, "samples": len(shard.sample_ids),
+                "rows": table.num_rows, "pid": self.pid,
+                "read_s": t1 - t0, "adapt_s": t2 - t1, "write_s": t3 - t2}
+
+    def _maybe_die(self, batch: int) -> None:
+        try:  # O_EXCL: of all workers, exactly one creates the marker and dies
+            fd = os.open(self.kill_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, f"{self.pid} died after batch {batch}\n".encode())
+        os.close(fd)
+        log.warning("test hook: worker %d exits mid-shard", self.pid)
+        os._exit(1)

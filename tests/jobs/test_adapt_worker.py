@@ -1,0 +1,216 @@
+"""`ttt-pipe adapt` without Ray: one shard through the worker, validation, the final count check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from adapt_fixtures import BATCH, copy_shards, listing, ttt_checkpoint  # noqa: F401 (fixture)
+
+from jobs.adapt import AdaptRequest, finalize_results, prepare_adapt
+from jobs.shard_worker import SETTINGS_KEY, AdaptSettings, ShardWorker, predict_shard
+from pipeline import storage
+from pipeline.checkpoint import build_engine_from_checkpoint, load_checkpoint
+from pipeline.errors import TTTPipeError
+from pipeline.results import PREDICTION_SCHEMA
+from pipeline.shards import read_shard, shard_metadata, shard_table
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # ShardWorker(threads=...) sets them process-wide
+    yield
+    torch.set_num_threads(threads)
+
+
+def _settings(ckpt_uri: str, **changes) -> AdaptSettings:
+    ckpt = load_checkpoint(ckpt_uri)
+    base = AdaptSettings(method="ttt", weights_sha256=ckpt.manifest["weights_sha256"], steps=2,
+                         lr=1e-2, batch_size=BATCH)
+    return dataclasses.replace(base, **changes)
+
+
+def _shard_uris(shard_dir: Path) -> list[str]:
+    return [str(p) for p in sorted(Path(shard_dir).glob("*.parquet"))]
+
+
+def test_predict_shard_rows_batches_and_baseline(ttt_checkpoint, shard_dir):
+    ckpt = load_checkpoint(ttt_checkpoint)
+    engine = build_engine_from_checkpoint(ckpt)
+    shard = read_shard(_shard_uris(shard_dir)[-1])  # gaussian_noise
+    settings = _settings(ttt_checkpoint)
+    table = predict_shard(engine, shard, settings)
+    assert table.schema.equals(PREDICTION_SCHEMA)
+    n, steps = len(shard), settings.steps + 1
+    assert table.num_rows == n * steps
+    rows = table.to_pydict()
+    position = {sid: i for i, sid in enumerate(shard.sample_ids.tolist())}
+    for sid, batch in zip(rows["sample_id"], rows["batch"]):
+        assert batch == position[sid] // BATCH  # fixed batch boundaries, in shard order
+    assert max(rows["batch"]) == (n - 1) // BATCH
+    # step 0 is the unadapted model
+    with torch.no_grad():
+        base = engine.predict(torch.tensor(shard.images)).argmax(1).numpy()
+    step0 = {sid: p for sid, p, s in zip(rows["sample_id"], rows["pred"], rows["step"]) if s == 0}
+    assert [step0[sid] for sid in shard.sample_ids.tolist()] == base.tolist()
+    losses = np.array(rows["loss"])
+    last = np.array(rows["step"]) == settings.steps
+    assert np.isnan(losses[last]).all() and np.isfinite(losses[~last]).all()
+    assert all(c == (lab == p) for c, lab, p in zip(rows["correct"], rows["label"], rows["pred"]))
+    conf = np.array(rows["confidence"])
+    assert ((conf >= 0.1 - 1e-6) & (conf <= 1.0)).all()
+
+
+@pytest.mark.parametrize("mode", ["episodic", "online"])
+def test_shard_results_do_not_depend_on_what_the_worker_did_before(ttt_checkpoint, shard_dir, mode,
+                                                                   tmp_path):
+    uris = _shard_uris(shard_dir)
+    settings = _settings(ttt_checkpoint, mode=mode)
+    busy = ShardWorker(ttt_checkpoint, settings, threads=1)
+    (tmp_path / "busy").mkdir()
+    for i, uri in enumerate(uris):  # one worker, every shard in turn
+        busy.process(uri, str(tmp_path / "busy" / f"{i}.parquet"))
+    (tmp_path / "fresh").mkdir()
+    fresh = ShardWorker(ttt_checkpoint, settings, threads=1)
+    fresh.process(uris[-1], str(tmp_path / "fresh" / "last.parquet"))
+    a = (tmp_path / "busy" / f"{len(uris) - 1}.parquet").read_bytes()
+    assert a == (tmp_path / "fresh" / "last.parquet").read_bytes()
+
+
+def test_online_differs_from_episodic(ttt_checkpoint, shard_dir):
+    """Sanity: the mode reaches the engine (online carries weights across batches)."""
+    engine = build_engine_from_checkpoint(load_checkpoint(ttt_checkpoint))
+    shard = read_shard(_shard_uris(shard_dir)[-1])
+    ep = predict_shard(engine, shard, _settings(ttt_checkpoint, mode="episodic"))
+    on = predict_shard(engine, shard, _settings(ttt_checkpoint, mode="online"))
+    first = np.array(ep.column("batch")) == 0
+    conf_ep, conf_on = np.array(ep.column("confidence")), np.array(on.column("confidence"))
+    np.testing.assert_array_equal(conf_ep[first], conf_on[first])  # same start
+    assert not np.array_equal(conf_ep[~first], conf_on[~first])
+
+
+def test_process_writes_settings_metadata_and_nothing_else(ttt_checkpoint, shard_dir, tmp_path):
+    settings = _settings(ttt_checkpoint)
+    worker = ShardWorker(ttt_checkpoint, settings)
+    summary = worker.process(_shard_uris(shard_dir)[0], str(tmp_path / "p.parquet"))
+    assert summary["rows"] == summary["samples"] * 3
+    meta = pq.read_schema(tmp_path / "p.parquet").metadata
+    assert json.loads(meta[SETTINGS_KEY.encode()]) == dataclasses.asdict(settings)
+    assert listing(tmp_path) == ["p.parquet"]
+
+
+# --- validation before any Ray work -----------------------------------------------------
+
+def _write_raw(path: Path, table) -> None:
+    storage.atomic_write_table(table, str(path))
+
+
+def _bad_shard(kind: str, path: Path) -> None:
+    n = 4
+    images = np.zeros((n, 1, 28, 28), np.float32)
+    meta = shard_metadata(dataset="mnist", mean=0.1307, std=0.3081, seed=0,
+                          corruption="gaussian_noise", severity=5)
+    if kind == "nan":
+        images[1, 0, 3, 3] = np.nan
+    if kind == "empty":
+        n, images = 0, images[:0]
+    if kind == "other_dataset":
+        meta = shard_metadata(dataset="fashion-mnist", mean=0.286, std=0.353, seed=0,
+                              corruption="gaussian_noise", severity=5)
+    table = shard_table(np.arange(n), np.zeros(n, np.int64), images, name=path.stem,
+                        corruption="gaussian_noise", severity=5, metadata=meta)
+    if kind == "schema":
+        table = table.drop_columns(["label"])
+    if kind == "dup_ids":
+        table = shard_table(np.zeros(n, np.int64), np.zeros(n, np.int64), images, name=path.stem,
+                            corruption="gaussian_noise", severity=5, metadata=meta)
+    _write_raw(path, table)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("nan", "NaN"), ("empty", "empty"), ("schema", "not a ttt-pipe shard"),
+    ("other_dataset", "fashion-mnist"), ("dup_ids", "repeats sample ids"),
+])
+def test_bad_shard_is_one_line_error_naming_it(ttt_checkpoint, shard_dir, tmp_path, kind, message):
+    shards = copy_shards(shard_dir, tmp_path / "shards")
+    bad = shards / "zzz_bad-s5-00000.parquet"
+    _bad_shard(kind, bad)
+    with pytest.raises(TTTPipeError) as err:
+        prepare_adapt(AdaptRequest(ttt_checkpoint, str(shards), str(tmp_path / "out")))
+    text = str(err.value)
+    assert message in text and "zzz_bad" in text and "\n" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_checkpoint_and_inputs(ttt_checkpoint, shard_dir, tmp_path):
+    out = str(tmp_path / "out")
+    cases = {
+        "no checkpoint": AdaptRequest(str(tmp_path / "nope"), str(shard_dir), out),
+        "other method": AdaptRequest(ttt_checkpoint, str(shard_dir), out, method="it3"),
+        "no shards": AdaptRequest(ttt_checkpoint, str(tmp_path / "none*.parquet"), out),
+        "steps": AdaptRequest(ttt_checkpoint, str(shard_dir), out, steps=-1),
+        "lr": AdaptRequest(ttt_checkpoint, str(shard_dir), out, lr=0.0),
+        "batch": AdaptRequest(ttt_checkpoint, str(shard_dir), out, batch_size=2.5),
+        "mode": AdaptRequest(ttt_checkpoint, str(shard_dir), out, mode="sometimes"),
+    }
+    for what, req in cases.items():
+        with pytest.raises(TTTPipeError) as err:
+            prepare_adapt(req)
+        assert "\n" not in str(err.value), what
+    tampered = copy_shards(Path(ttt_checkpoint), tmp_path / "tampered", "*")
+    weights = tampered / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(TTTPipeError, match="sha256"):
+        prepare_adapt(AdaptRequest(str(tampered), str(shard_dir), out))
+    assert not Path(out).exists()
+
+
+def test_defaults_come_from_the_checkpoint(ttt_checkpoint, shard_dir, tmp_path):
+    plan = prepare_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(tmp_path / "o")))
+    assert (plan.settings.steps, plan.settings.lr, plan.settings.batch_size) == (2, 1e-2, BATCH)
+    assert plan.settings.mode == "episodic"
+    plan = prepare_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(tmp_path / "o"),
+                                      steps=1, lr=0.5, batch_size=4, mode="online"))
+    assert (plan.settings.steps, plan.settings.lr, plan.settings.batch_size,
+            plan.settings.mode) == (1, 0.5, 4, "online")
+    assert len(plan.shards) == 4 and not plan.pending[0].done
+
+
+def test_resume_refuses_predictions_of_other_settings(ttt_checkpoint, shard_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "predictions").mkdir(parents=True)
+    uri = _shard_uris(shard_dir)[0]
+    ShardWorker(ttt_checkpoint, _settings(ttt_checkpoint, steps=1)).process(
+        uri, str(out / "predictions" / f"{Path(uri).stem}.parquet"))
+    with pytest.raises(TTTPipeError, match="other settings .*steps 1 vs 2"):
+        prepare_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(out)))
+    plan = prepare_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(out), steps=1))
+    assert [s.done for s in plan.shards] == [True, False, False, False]
+
+
+def test_finalize_fails_loudly_on_missing_or_duplicated_rows(ttt_checkpoint, shard_dir, tmp_path):
+    out = tmp_path / "out"
+    plan = prepare_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(out)))
+    (out / "predictions").mkdir(parents=True)
+    worker = ShardWorker(ttt_checkpoint, plan.settings)
+    for s in plan.shards:
+        worker.process(s.uri, str(out / "predictions" / f"{s.name}.parquet"))
+    accuracy = finalize_results(plan)
+    assert sorted(set(accuracy.column("step").to_pylist())) == [0, 1, 2]
+    assert accuracy.column("n").to_pylist() == [32] * len(accuracy)  # 2 shards of 16 per kind
+    (out / "accuracy.parquet").unlink()
+    victim = out / "predictions" / f"{plan.shards[1].name}.parquet"
+    table = pq.read_table(victim)
+    missing = table.slice(1)
+    duplicated = pa.concat_tables([table.slice(1), table.slice(1, 1)])  # same count, one twice
+    for broken in (missing, duplicated):
+        pq.write_table(broken, victim)
+        with pytest.raises(TTTPipeError, match=plan.shards[1].name):
+            finalize_results(plan)
+        assert not (out / "accuracy.parquet").exists()
