@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import synthetic_digits
+from engine_helpers import MODEL_FOR, digits
 
 import engines
 from pipeline.models import build_model
-
-MODEL_FOR = {"ttt": "seed_cnn", "it3": "seed_rescnn"}  # each method's seed network
-
-
-def digits(n: int, seed: int = 0, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 1, 28, 28) float pixel-unit images (+ Gaussian noise) and int64 labels."""
-    images, labels = synthetic_digits(n, seed)
-    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
-    g = torch.Generator().manual_seed(seed)
-    return x + noise * torch.randn(x.shape, generator=g), torch.from_numpy(labels)
 
 
 @pytest.fixture
@@ -44,3 +34,13 @@ def state_of():
         out.update({f"buffer:{n}": t.detach().clone() for n, t in module.named_buffers()})
         return out
     return snap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits
+    (15x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,16 @@
+"""Helpers for the engine tests (a uniquely named module: `conftest` is ambiguous to import)."""
+
+from __future__ import annotations
+
+import torch
+from helpers import synthetic_digits
+
+MODEL_FOR = {"ttt": "seed_cnn", "it3": "seed_rescnn"}  # each method's seed network
+
+
+def digits(n: int, seed: int = 0, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 1, 28, 28) float pixel-unit images (+ Gaussian noise) and int64 labels."""
+    images, labels = synthetic_digits(n, seed)
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    g = torch.Generator().manual_seed(seed)
+    return x + noise * torch.randn(x.shape, generator=g), torch.from_numpy(labels)

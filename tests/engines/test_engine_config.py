@@ -1,0 +1,55 @@
+"""Configs round-trip and refuse bad values with one-line messages; layers are found by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import engines
+from engines import IT3Config, TTTConfig, find_module
+from pipeline.models import build_model
+
+
+@pytest.mark.parametrize("cls", [TTTConfig, IT3Config])
+def test_round_trip_through_json(cls):
+    config = cls(steps=5, lr=3e-4, mode="online")
+    assert cls.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 1
+    assert config.replace(steps=2).steps == 2
+
+
+def test_unknown_keys_and_values_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown TTTConfig key.*stepz; choose from: .*steps"):
+        TTTConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="unknown distance 'l1'; choose from: cosine, dot, js, mse"):
+        IT3Config(distance="l1")
+    with pytest.raises(ValueError, match="unknown adapt_params 'head'"):
+        TTTConfig(adapt_params="head")
+    with pytest.raises(ValueError, match="TTTConfig.steps must be a int"):
+        TTTConfig(steps="3")
+    with pytest.raises(ValueError, match="steps and train_epochs must be >= 0"):
+        TTTConfig(steps=-1)
+    assert TTTConfig(lr=1).lr == 1.0 and isinstance(TTTConfig(lr=1).lr, float)
+
+
+def test_engine_takes_a_dict_config_and_refuses_the_wrong_class():
+    model = build_model("seed_cnn")
+    engine = engines.get_engine("ttt")(model, torch.zeros(1, 1, 28, 28), {"steps": 2})
+    assert engine.config == TTTConfig(steps=2)
+    with pytest.raises(ValueError, match="TTTEngine needs a TTTConfig, got IT3Config"):
+        engines.TTTEngine(model, torch.zeros(1, 1, 28, 28), IT3Config())
+
+
+def test_find_module_names_the_choices():
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(1, 2, 3))
+    model.add_module("head", nn.Sequential(nn.Linear(2, 2)))
+    assert find_module(model, "head.0") is model.head[0]
+    with pytest.raises(ValueError, match=r"^unknown layer 'conv9' in Sequential; "
+                                         r"choose from: conv1, head, head.0$"):
+        find_module(model, "conv9")

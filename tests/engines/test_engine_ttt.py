@@ -1,0 +1,71 @@
+"""Rotation TTT: the rotations, the head, and one 4B forward per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import functional as TF
+
+from engines import TTTConfig, TTTEngine, rotate_batch
+from pipeline.models import build_model
+
+
+def test_rotations_and_label_order_on_an_asymmetric_image():
+    x = torch.arange(9.0).view(1, 1, 3, 3)      # [[0,1,2],[3,4,5],[6,7,8]]
+    x = torch.cat([x, x + 100])                  # B = 2
+    images, labels = rotate_batch(x)
+    assert images.shape == (8, 1, 3, 3)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(images[:2], x)
+    ccw90 = torch.tensor([[2.0, 5, 8], [1, 4, 7], [0, 3, 6]])
+    assert torch.equal(images[2, 0], ccw90) and torch.equal(images[3, 0], ccw90 + 100)
+    assert torch.equal(images[4, 0], torch.tensor([[8.0, 7, 6], [5, 4, 3], [2, 1, 0]]))
+    assert torch.equal(images[6, 0], torch.tensor([[6.0, 3, 0], [7, 4, 1], [8, 5, 2]]))
+    for k, angle in enumerate((0, 90, 180, 270)):  # torch-ttt's convention (torchvision)
+        assert torch.equal(images[2 * k:2 * k + 2], TF.rotate(x, angle))
+
+
+@pytest.mark.parametrize("layer, first", [("fc2", torch.nn.Linear), ("conv2", torch.nn.Conv2d)])
+def test_head_follows_the_feature_shape(layer, first):
+    engine = TTTEngine(build_model("seed_cnn"), torch.zeros(1, 1, 28, 28), TTTConfig(layer=layer))
+    assert isinstance(engine.head[0], first)
+    x = torch.rand(3, 1, 28, 28)
+    logits, loss = engine.training_loss(x)
+    assert logits.shape == (3, 10) and loss.dim() == 0
+
+
+def test_non_square_images_are_refused():
+    with pytest.raises(ValueError, match="square images"):
+        TTTEngine(build_model("seed_cnn"), torch.zeros(1, 1, 28, 27))
+
+
+def test_one_forward_of_4b_images_per_step(batch):
+    engine = TTTEngine(build_model("seed_cnn"), batch[0][:1])
+    sizes: list[int] = []
+    handle = engine.model.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    try:
+        engine.adapt(batch[0], steps=3)
+        assert sizes == [48, 48, 48, 12]  # 3 steps of 4B, one final plain forward (torch-ttt: 5B/step)
+        sizes.clear()
+        engine.training_loss(batch[0])
+        assert sizes == [48]
+    finally:
+        handle.remove()
+
+
+def test_main_logits_are_the_zero_degree_quarter(batch):
+    engine = TTTEngine(build_model("seed_cnn"), batch[0][:1])
+    logits, rotation_loss = engine.training_loss(batch[0])
+    torch.testing.assert_close(logits, engine.model(batch[0]), atol=1e-6, rtol=0)
+    images, labels = rotate_batch(batch[0])
+    feats = engine.model.fc2(engine.model.activation(engine.model.fc1(
+        engine.model.activation(F.max_pool2d(engine.model.conv2(engine.model.activation(
+            F.max_pool2d(engine.model.conv1(engine.model.normalize(images)), 2))), 2)).flatten(1))))
+    expected = F.cross_entropy(engine.head(feats), labels)  # the head sees fc2's raw output
+    torch.testing.assert_close(rotation_loss, expected, atol=1e-6, rtol=0)
+
+
+def test_seed_defaults_follow_the_tutorial():
+    c = TTTConfig()
+    assert (c.layer, c.aux_weight, c.lr, c.optimizer, c.steps) == ("fc2", 0.35, 1e-2, "adam", 3)
