@@ -253,6 +253,12 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
         alive = [n for n in ray.nodes() if n.get("Alive")]
         max_node_cpus = max((n["Resources"].get("CPU", 0.0) for n in alive), default=1.0)
         plan = plan_trainer(spec.gpus, resources["gpus"], max_node_cpus, local=address is None)
+        if address is not None and not storage.is_uri(spec.out) and resources["nodes"] > 1:
+            log.warning("--out %s is a local path: it is written on the trainer's node; use "
+                        "storage every node can read (s3://...)", spec.out)
+        if plan.num_gpus > resources["gpus"]:
+            log.warning("waiting for a node with %g GPU(s); the autoscaler may need minutes "
+                        "(Ctrl-C stops)", plan.num_gpus)
         actor = ray.remote(Trainer).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
                                             max_restarts=0).remote(spec, plan.threads)
         try:
@@ -271,6 +277,10 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
             manifest = ray.get(actor.save.remote())
         except ray.exceptions.RayTaskError as exc:
             raise _unwrap(exc) from None
+        except ray.exceptions.RayActorError as exc:  # killed: out of memory, node lost, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TTTPipeError(f"the trainer actor died ({first}); check memory and `ray status`, "
+                               "then rerun") from None
         finally:
             ray.kill(actor)
     emit("saved", manifest)
