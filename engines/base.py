@@ -24,6 +24,7 @@ __all__ = ["AdaptResult", "Engine", "config_from_dict", "get_engine", "list_engi
 
 _ENGINES: dict[str, type[Engine]] = {}
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_OPTIMIZERS = {"adam": (torch.optim.Adam, {}), "sgd": (torch.optim.SGD, {"momentum": 0.9})}
 
 
 def register_engine(name: str) -> Callable[[type[Engine]], type[Engine]]:
@@ -201,12 +202,13 @@ class Engine(nn.Module):
         params = [p for _, p in self.adapted_parameters()]
         opt = self._optimizers.get(name)
         if opt is None or opt.param_groups[0]["params"][0] is not params[0]:
-            if name == "adam":
-                opt = torch.optim.Adam(params, lr=self.config.lr)
-            elif name == "sgd":
-                opt = torch.optim.SGD(params, lr=self.config.lr, momentum=0.9)
-            else:
+            if name not in _OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {name!r}; choose from: adam, sgd")
+            cls, kwargs = _OPTIMIZERS[name]
+            try:  # the fused kernel: one call per step instead of a Python loop per tensor
+                opt = cls(params, lr=self.config.lr, fused=True, **kwargs)
+            except (RuntimeError, ValueError):
+                opt = cls(params, lr=self.config.lr, **kwargs)
             self._optimizers[name] = opt
         return opt
 
