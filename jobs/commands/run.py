@@ -1,10 +1,135 @@
-"""`ttt-pipe run`."""
+"""`ttt-pipe run`: train -> corrupt -> adapt -> report in one command (the quick start).
+
+Layout under `--out`:  checkpoints/<method>/  shards/  results/<method>/  report/
+Rerunning the same command resumes: a checkpoint trained with the same settings is reused,
+the shards are rewritten byte-identically, and adaptation skips finished shards.
+"""
 
 from __future__ import annotations
 
-from jobs.console import fail
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.console import cli_errors, err_console
+from pipeline.datasets import list_datasets
+from pipeline.errors import TTTPipeError
+
+__all__ = ["command", "DEMO_CORRUPTIONS", "reusable_checkpoint"]
+
+DatasetName = Enum("DatasetName", {name: name for name in list_datasets()}, type=str)
+
+# A spread of the suite (noise, blur, weather, digital) that adapts in a few minutes on 2 cores.
+DEMO_CORRUPTIONS = "gaussian_noise,shot_noise,impulse_noise,glass_blur,motion_blur,fog,zigzag"
 
 
-def command() -> None:
-    """Not yet available."""
-    raise fail("'ttt-pipe run' is not yet available in this version")
+class RunMethod(str, Enum):
+    ttt = "ttt"
+    it3 = "it3"
+    both = "both"
+
+
+# Training settings that must match for a checkpoint under --out to be reused.
+_TRAINING_KEYS = ("epochs", "batch_size", "lr", "seed", "limit")
+
+
+def reusable_checkpoint(uri: str, spec) -> bool:
+    """True if `uri` holds a valid checkpoint trained exactly as `spec` says; False if there is
+    none; TTTPipeError if there is a different one (we never overwrite a user's checkpoint)."""
+    from pipeline import storage
+    from pipeline.checkpoint import load_checkpoint
+
+    if not storage.exists(storage.join(uri, "manifest.json")):
+        return False
+    manifest = load_checkpoint(uri, expect_method=spec.method).manifest  # sha-verified
+    training = manifest["training"]
+    wanted = {"method": spec.method, "dataset": spec.dataset, "model": spec.model,
+              **{k: getattr(spec, k) for k in _TRAINING_KEYS}}
+    found = {"method": manifest["method"]["name"], "dataset": manifest["dataset"]["name"],
+             "model": manifest["model"]["name"], **{k: training.get(k) for k in _TRAINING_KEYS}}
+    if found != wanted or manifest["method"]["config"] != spec.config:
+        diff = ", ".join(f"{k}: {found[k]!r} != {wanted[k]!r}" for k in wanted if found[k] != wanted[k])
+        raise TTTPipeError(f"{uri} holds a checkpoint trained differently ({diff or 'method config'});"
+                           " pass another --out or delete it")
+    return True
+
+
+@cli_errors
+def command(
+    dataset: Annotated[DatasetName, typer.Option(
+        help="Dataset: train split for training, test split for the shards.")] = "fashion-mnist",
+    method: Annotated[RunMethod, typer.Option(
+        help="Method to train and adapt with; 'both' runs TTT and IT3 and compares them.")] = "ttt",
+    out: Annotated[str, typer.Option(
+        help="Folder for everything: checkpoints/, shards/, results/, report/.")] = "runs/demo",
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Folder with the dataset's IDX files (default: search; see 'ttt-pipe corrupt --help').",
+        show_default=False)] = None,
+    corruptions: Annotated[str, typer.Option(
+        help="Comma-separated corruptions, or 'all'.")] = DEMO_CORRUPTIONS,
+    severities: Annotated[str, typer.Option(help="Comma-separated severities 1-5.")] = "5",
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="Test samples per corruption (10000 = the whole test split).")] = 2000,
+    train_limit: Annotated[int | None, typer.Option(
+        min=1, help="Train on the first N samples only (default: the whole train split).",
+        show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="Training epochs (default: the method's).", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(
+        min=0, help="Adaptation steps (default: the method's).", show_default=False)] = None,
+    actors: Annotated[int | None, typer.Option(
+        min=1, help="Adaptation actors (default: as many as fit).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for training and corruptions.")] = 0,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to attach to (auto, ray://host:10001); default: a local Ray. Paths "
+        "must then be on storage every node can read.", show_default=False)] = None,
+) -> None:
+    """Train, corrupt, adapt and report in one go: the quick start on a laptop or a cluster."""
+    from jobs.adapt import AdaptRequest
+    from jobs.cluster import connect, is_job_address
+    from jobs.commands.adapt import adapt_with_progress
+    from jobs.commands.report import print_summary
+    from jobs.commands.train import summary as train_summary
+    from jobs.commands.train import train_with_progress
+    from jobs.train import resolve_spec
+    from pipeline import storage
+    from pipeline.corruptions import parse_corruptions, parse_severities
+    from pipeline.report import build_report
+    from pipeline.shard_maker import make_shards
+
+    if is_job_address(address):
+        raise TTTPipeError("'ttt-pipe run' attaches to a cluster (auto, ray://...); to submit to "
+                           f"{address}, use: ray job submit --address {address} -- ttt-pipe run ...")
+    methods = ["ttt", "it3"] if method == RunMethod.both else [method.value]
+    data = None if data_dir is None else str(data_dir)
+    # Check every argument before the first (slow) stage starts.
+    parse_corruptions(corruptions)
+    parse_severities(severities)
+    specs = {m: resolve_spec(m, dataset.value, storage.join(out, "checkpoints", m), epochs=epochs,
+                             limit=train_limit, seed=seed, data_dir=data) for m in methods}
+    shards = storage.join(out, "shards")
+    with connect(address):  # one Ray for every stage
+        for m, spec in specs.items():
+            if reusable_checkpoint(spec.out, spec):
+                err_console.print(f"[1/4] train {m}: reusing {spec.out}", highlight=False)
+            else:
+                err_console.print(f"[1/4] train {m}", highlight=False)
+                train_summary(spec.out, train_with_progress(spec, address))
+        err_console.print(f"[2/4] corrupt: {corruptions} at severities {severities}",
+                          highlight=False, soft_wrap=True)
+        made = make_shards(dataset.value, shards, corruptions, severities, data_dir=data,
+                           limit=limit, seed=seed)
+        err_console.print(f"      {len(made.shards)} shards, {made.rows:,} rows in {shards}",
+                          highlight=False)
+        results = []
+        for m, spec in specs.items():
+            err_console.print(f"[3/4] adapt {m}", highlight=False)
+            result = storage.join(out, "results", m)
+            adapt_with_progress(AdaptRequest(checkpoint=spec.out, shards=shards, out=result,
+                                             steps=steps, actors=actors, seed=seed,
+                                             address=address, method=m))
+            results.append(result)
+    err_console.print("[4/4] report", highlight=False)
+    print_summary(build_report(results, out=storage.join(out, "report")))

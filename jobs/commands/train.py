@@ -53,7 +53,7 @@ def command(
 ) -> None:
     """Train a model jointly with the method's auxiliary task and write a checkpoint."""
     from jobs.cluster import is_job_address, submit_job
-    from jobs.train import resolve_spec, train
+    from jobs.train import resolve_spec
 
     spec = resolve_spec(method.value, dataset.value, out, model=model, epochs=epochs,
                         batch_size=batch_size, lr=lr, aux_weight=aux_weight, layer=layer,
@@ -65,6 +65,14 @@ def command(
                      aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus)
         raise typer.Exit(code=submit_job(address, argv))
 
+    manifest = train_with_progress(spec, address)
+    summary(spec.out, manifest)
+
+
+def train_with_progress(spec, address: str | None = None) -> dict:
+    """`jobs.train.train` with a progress bar and one line per epoch; returns the manifest."""
+    from jobs.train import train
+
     bar = progress()
     task = None
 
@@ -74,7 +82,7 @@ def command(
             err_console.print(
                 f"training {spec.method} on {spec.dataset}: {info['samples']} samples, "
                 f"{spec.epochs} epoch(s) of {info['batches_per_epoch']} batches, "
-                f"device {info['device']}", highlight=False)
+                f"device {info['device']}", highlight=False, soft_wrap=True)
             task = bar.add_task("train", total=spec.epochs * info["batches_per_epoch"])
         elif kind == "progress":
             done = (info["epoch"] - 1) * info["batches_per_epoch"] + info["batches_done"]
@@ -87,11 +95,10 @@ def command(
             bar.update(task, completed=done)
 
     with bar:
-        manifest = train(spec, address=address, on_event=on_event)
-    _summary(spec.out, manifest)
+        return train(spec, address=address, on_event=on_event)
 
 
-def _summary(out: str, manifest: dict) -> None:
+def summary(out: str, manifest: dict) -> None:
     t = manifest["training"]
     last = t["metrics"][-1] if t["metrics"] else {}
     console.print(
