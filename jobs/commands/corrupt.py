@@ -58,9 +58,9 @@ def command(
         min=0, help="Seed of the random corruptions; same arguments, byte-identical shards.",
     )] = 0,
 ) -> None:
-    """Corrupt a dataset's test split at several severities and write Parquet shards, one
-    file per (corruption, severity, chunk): <corruption>-s<severity>-<index>.parquet.
+    """Corrupt a dataset's test split and write Parquet shards.
 
+    One file per (corruption, severity, chunk): <corruption>-s<severity>-<index>.parquet.
     Everything is checked before the first file is written; on failure, files already
     written by this command are removed.
     """

@@ -51,8 +51,10 @@ def command(
         "--format", "-f", help="Table format on stdout: a console table, or markdown/csv to pipe.",
         case_sensitive=False)] = TableFormat.table,
 ) -> None:
-    """Accuracy per corruption x severity and step (and the gain of adapting) for one or more
-    results folders, with plots and a self-contained index.html. Works on partial runs."""
+    """Print accuracy tables and write plots and index.html for results folders.
+
+    Rows are corruption x severity, columns the accuracy at each step per method and the gain
+    of the last step over step 0. Works on partial runs and names the missing shards."""
     from pipeline.report import build_report  # matplotlib is imported only when needed
 
     summary = build_report(results, out=out, fmt=fmt.value)
