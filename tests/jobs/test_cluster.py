@@ -102,3 +102,65 @@ def test_cluster_yaml_validates_against_rays_schema():
                for node in workers.values())
     setup = " ".join(config["setup_commands"])
     assert "pip install" in setup and "fashion" in setup.lower()
+
+
+class _FakeJobClient:
+    """Stands in for JobSubmissionClient (a real one needs a dashboard: ray[default])."""
+
+    submitted: list[str] = []
+
+    def __init__(self, address):
+        self.address, self.polls = address, 0
+
+    def submit_job(self, entrypoint, runtime_env=None):
+        self.submitted.append(entrypoint)
+        return "job-1"
+
+    async def tail_job_logs(self, job_id):
+        for chunk in ("epoch 1/1: loss 0.5\n", "checkpoint s3://b/ck\n"):
+            yield chunk
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        self.polls += 1  # the stream may end before the status turns terminal
+        return JobStatus.RUNNING if self.polls == 1 else self.final
+
+    def get_job_info(self, job_id):
+        return type("Info", (), {"message": "Job failed: exit 1"})()
+
+
+@pytest.mark.parametrize("final, code", [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_submit_job_streams_logs_and_returns_the_jobs_status(monkeypatch, final, code):
+    import io
+
+    import ray.job_submission as js
+
+    _FakeJobClient.final = getattr(js.JobStatus, final)
+    _FakeJobClient.submitted = []
+    monkeypatch.setattr(js, "JobSubmissionClient", _FakeJobClient)
+    monkeypatch.setattr(cluster, "_probe", lambda address, timeout=0: None)
+    monkeypatch.setattr(cluster, "_JOB_POLL_S", 0.0)
+    out = io.StringIO()
+    argv = ["train", "--method", "ttt", "--out", "s3://b/my ck", "--address", "http://h:8265"]
+    assert cluster.submit_job("http://h:8265", argv, out=out) == code
+    assert _FakeJobClient.submitted == ["ttt-pipe train --method ttt --out 's3://b/my ck'"]
+    assert out.getvalue() == "epoch 1/1: loss 0.5\ncheckpoint s3://b/ck\n"
+
+
+def test_train_cli_submits_itself_to_a_dashboard_address(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_submit(address, argv, **kwargs):
+        calls.append((address, argv))
+        return 0
+
+    monkeypatch.setattr(cluster, "submit_job", fake_submit)
+    result = CliRunner().invoke(app, ["train", "--method", "it3", "--dataset", "fashion-mnist",
+                                      "--out", "s3://b/ck", "--epochs", "3", "--gpus", "1",
+                                      "--address", "http://head:8265"])
+    assert result.exit_code == 0, result.output
+    address, argv = calls[0]
+    assert address == "http://head:8265" and "--address" not in argv
+    assert argv == ["train", "--method", "it3", "--dataset", "fashion-mnist", "--out", "s3://b/ck",
+                    "--epochs", "3", "--seed", "0", "--gpus", "1.0"]
