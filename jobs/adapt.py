@@ -21,6 +21,8 @@ Design
 - Threads: each actor uses `floor(cpus_per_actor)` torch threads, independent of the actor
   count. CPU reductions in torch's backward depend on the thread count, so predictions are
   bit-identical across actor counts, restarts and reruns for a fixed `--cpus-per-actor`.
+  Actors also run with `MKL_CBWR=AUTO` (`jobs.pool.actor_env`): MKL's kernels are otherwise
+  not reproducible from one process to the next, and Adam amplifies the last bits.
   Actors ask Ray for `cpus_per_actor` CPUs, or a fraction so that the pool fits the cluster.
   Actors read and write their own files: there are no extra Ray tasks to starve.
 - Everything is validated before Ray starts: the checkpoint (missing, truncated, tampered,
@@ -281,11 +283,16 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
               on_shard_done: Callable[[dict], None] | None = None) -> AdaptOutcome:
     """Validate, adapt every pending shard on a Ray actor pool, write accuracy.parquet.
 
+    The outcome's `timings` (seconds): validate_s, connect_s (Ray start/attach), pool_start_s
+    (actors up, checkpoint loaded), dispatch_s (first shard sent to last one written),
+    shutdown_s, finalize_s, wall_s; read_s/adapt_s/write_s are summed over shards.
+
     `on_plan(plan)` is called once validation passed, `on_shard_done(summary)` after each
     shard's predictions are written (the CLI drives its progress bars with them).
     """
     from jobs.cluster import connect  # imports ray
 
+    wall = time.perf_counter()
     timings: dict = {}
     plan = plan or prepare_adapt(req)
     req = plan.request  # paths made absolute
@@ -312,12 +319,15 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
             finally:
                 _remove_stale_temps(req.out)
             summaries = pool["shards"]
-            timings.update(pool_start_s=pool["start_s"], actor_init_s=pool["init_s"])
-        timings["pool_s"] = time.perf_counter() - started
+            timings.update(pool_start_s=pool["start_s"], dispatch_s=pool["dispatch_s"],
+                           actor_init_s=pool["init_s"])
+            stopping = time.perf_counter()
+        timings["shutdown_s"] = time.perf_counter() - stopping
     started = time.perf_counter()
     accuracy = finalize_results(plan)
     timings["finalize_s"] = time.perf_counter() - started
-    for key in ("read_s", "adapt_s", "write_s"):
+    for key in ("read_s", "adapt_s", "write_s"):  # actor-seconds, summed over shards
         timings[key] = sum(s[key] for s in summaries)
+    timings["wall_s"] = time.perf_counter() - wall
     return AdaptOutcome(plan=plan, accuracy=accuracy, timings=timings, pool=pool_plan,
                         shard_summaries=summaries)

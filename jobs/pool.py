@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from jobs.shard_worker import AdaptSettings, ShardWorker
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import TTTPipeError
 
-__all__ = ["PoolPlan", "plan_pool", "run_pool"]
+__all__ = ["PoolPlan", "plan_pool", "run_pool", "actor_env"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,18 @@ def plan_pool(resources: dict, tasks: int, actors: int | None, cpus_per_actor: f
     return PoolPlan(actors=actors, num_cpus=num_cpus, num_gpus=gpus_per_actor, threads=threads)
 
 
+def actor_env() -> dict[str, str]:
+    """Environment of the adaptation actors.
+
+    `MKL_CBWR=AUTO` (MKL's conditional numerical reproducibility; a value the user set wins):
+    without it MKL's CPU kernels may pick code paths that differ from one process to the next
+    (measured on an AMD EPYC: two distinct results over reruns of one shard), and Adam's
+    sign-like first step turns last-bit differences into different predictions. It must be in
+    the environment before MKL starts, hence a runtime_env and not code in the actor.
+    """
+    return {"MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO")}
+
+
 def _error_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if cause is not None:
@@ -83,13 +96,15 @@ def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
     """Adapt every `(shard_uri, out_uri)` in `tasks` on a pool of actors (Ray must be up).
 
     Calls `on_done(summary)` in the driver as each shard finishes. Returns pool timings:
-    `start_s` (actors created and checkpoint loaded), `init_s` (per-actor `__init__` times) and
-    `shards` (the per-shard summaries). Actors are killed on the way out, also on errors and
+    `start_s` (actors created and checkpoint loaded), `dispatch_s` (from then until the last
+    shard is written), `init_s` (per-actor `__init__` times) and `shards` (the per-shard
+    summaries). Actors are killed on the way out, also on errors and
     Ctrl-C, after their in-flight calls have stopped.
     """
     started = time.perf_counter()
     remote_cls = ray.remote(ShardWorker).options(
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=-1)
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=-1,
+        runtime_env={"env_vars": actor_env()})
     device = "auto" if plan.num_gpus > 0 else "cpu"
     # Each actor loads (and sha-checks) the checkpoint itself, from storage every node reads:
     # a restarted actor needs nothing the driver still has to hold in the object store.
@@ -104,6 +119,7 @@ def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
             raise TTTPipeError(f"an adaptation actor failed to start: {_error_line(exc)}") from None
         start_s = time.perf_counter() - started
         log.info("%d actor(s) ready in %.1fs: %s", len(handles), start_s, infos)
+        dispatch_started = time.perf_counter()
         queue = deque(tasks)
         idle = list(reversed(handles))
         while queue or inflight:
@@ -130,4 +146,5 @@ def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
             ray.kill(h, no_restart=True)
         if inflight:  # let killed calls settle so no actor still writes when we return
             ray.wait(list(inflight), num_returns=len(inflight), timeout=30)
-    return {"start_s": start_s, "init_s": [i["init_seconds"] for i in infos], "shards": summaries}
+    return {"start_s": start_s, "dispatch_s": time.perf_counter() - dispatch_started,
+            "init_s": [i["init_seconds"] for i in infos], "shards": summaries}

@@ -1,10 +1,138 @@
-"""`ttt-pipe adapt`."""
+"""`ttt-pipe adapt`: adapt every shard on a pool of Ray actors, then print the accuracy table."""
 
 from __future__ import annotations
 
-from jobs.console import fail
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from jobs.console import cli_errors, console, err_console, progress
+
+__all__ = ["command", "Mode", "accuracy_rich_table", "adapt_with_progress"]
 
 
-def command() -> None:
-    """Not yet available."""
-    raise fail("'ttt-pipe adapt' is not yet available in this version")
+class Mode(str, Enum):
+    episodic = "episodic"
+    online = "online"
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+def accuracy_rich_table(accuracy, title: str = "Accuracy (%) before and after adaptation"):
+    """corruption, severity, acc@0, acc@K, gain (K = last step), one row per method and shard kind."""
+    from rich.table import Table
+
+    rows = accuracy.to_pylist()
+    last = max((r["step"] for r in rows), default=0)
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((r["method"], r["corruption"], r["severity"]), {})[r["step"]] = r
+    methods = sorted({k[0] for k in by_key})
+    table = Table(title=title, title_justify="left")
+    if len(methods) > 1:
+        table.add_column("method")
+    for name in ("corruption", "severity", "n", "acc@0", f"acc@{last}", "gain"):
+        table.add_column(name, justify="left" if name == "corruption" else "right")
+    for (method, corruption, severity), steps in sorted(by_key.items()):
+        a0, ak = steps[0]["accuracy"] * 100, steps[last]["accuracy"] * 100
+        gain = ak - a0
+        style = "green" if gain > 0 else ("red" if gain < 0 else "")
+        cells = [corruption, str(severity), str(steps[0]["n"]), f"{a0:.1f}", f"{ak:.1f}",
+                 f"[{style}]{gain:+.1f}[/]" if style else f"{gain:+.1f}"]
+        table.add_row(*([method] if len(methods) > 1 else []), *cells)
+    return table
+
+
+def adapt_with_progress(request):
+    """`jobs.adapt.run_adapt` with progress bars for shards and samples (on a terminal)."""
+    from jobs.adapt import run_adapt
+
+    with progress() as bar:
+        tasks: dict = {}
+
+        def on_plan(plan) -> None:
+            done = [s for s in plan.shards if s.done]
+            tasks["shards"] = bar.add_task("shards", total=len(plan.shards), completed=len(done))
+            tasks["samples"] = bar.add_task("samples", total=sum(s.samples for s in plan.shards),
+                                            completed=sum(s.samples for s in done))
+
+        def on_shard_done(summary: dict) -> None:
+            bar.advance(tasks["shards"])
+            bar.advance(tasks["samples"], summary["samples"])
+
+        return run_adapt(request, on_plan=on_plan, on_shard_done=on_shard_done)
+
+
+def _job_argv(**opts) -> list[str]:
+    argv = ["adapt"]
+    for key, value in opts.items():
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value.value if isinstance(value, Enum) else value)]
+    return argv
+
+
+@cli_errors
+def command(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint folder of 'ttt-pipe train' (path or URI).",
+                                            show_default=False)],
+    shards: Annotated[str, typer.Option(help="Shards: a folder, a glob or a file (path or URI).",
+                                        show_default=False)],
+    out: Annotated[str, typer.Option(help="Results folder (path or URI); rerun to resume.",
+                                     show_default=False)],
+    steps: Annotated[int | None, typer.Option(
+        min=0, help="Adaptation steps K per batch [default: the checkpoint's]", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        callback=_positive, help="Adaptation learning rate [default: the checkpoint's]",
+        show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Adaptation batch size [default: the checkpoint's]", show_default=False)] = None,
+    mode: Annotated[Mode | None, typer.Option(
+        case_sensitive=False, help="episodic: reset after every batch; online: carry over within "
+        "a shard [default: the checkpoint's]", show_default=False)] = None,
+    actors: Annotated[int | None, typer.Option(
+        min=1, help="Adaptation actors [default: as many as fit the cluster]", show_default=False)] = None,
+    gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (0: CPU).")] = 0.0,
+    cpus_per_actor: Annotated[float, typer.Option(
+        callback=_positive, help="CPUs per actor; also its torch threads (results are bit-identical "
+        "across actor counts for a fixed value).")] = 1.0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for any randomness in adaptation.")] = 0,
+    method: Annotated[str | None, typer.Option(
+        help="Expected method (ttt, it3): fail if the checkpoint was trained for another.",
+        show_default=False)] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster: auto, host:port, ray://host:10001, or http://head:8265 to submit a "
+        "job [default: a local Ray for this command]", show_default=False)] = None,
+) -> None:
+    """Adapt every shard with TTT/IT3 on a pool of Ray actors; write per-sample predictions
+    (every step 0..K; step 0 is the unadapted baseline) and accuracy.parquet to OUT."""
+    from jobs.adapt import AdaptRequest
+    from jobs.cluster import is_job_address, submit_job
+
+    if is_job_address(address):
+        argv = _job_argv(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
+                         batch_size=batch_size, mode=mode, actors=actors,
+                         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
+                         method=method)
+        raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
+    request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
+                           batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
+                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
+                           address=address, method=method)
+    outcome = adapt_with_progress(request)
+    plan = outcome.plan
+    skipped = len(plan.shards) - len(outcome.shard_summaries)
+    s = plan.settings
+    console.print(accuracy_rich_table(
+        outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
+        f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"))
+    pool = f", {outcome.pool.actors} actor(s)" if outcome.pool else ""
+    err_console.print(
+        f"{len(plan.shards)} shard(s), {sum(x.samples for x in plan.shards)} samples"
+        f"{f' ({skipped} already done)' if skipped else ''}{pool}; results in {out}",
+        highlight=False, soft_wrap=True)

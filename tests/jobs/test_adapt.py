@@ -3,7 +3,7 @@
 - predictions are identical with 1 or 2 actors and across reruns (byte-identical files);
 - an actor killed mid-shard: the run completes, one prediction per (sample, step), same result;
 - the driver interrupted after a shard and rerun: finished shards are skipped, same result;
-- online mode: 2 actors == one in-process worker doing every shard in turn;
+- online mode (reset at every shard start): same with 1 or 2 actors;
 - no hidden temp file or partial output is ever left in the results folder (stale temp
   files of killed writers are removed).
 """
@@ -15,17 +15,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from adapt_fixtures import assert_complete, listing, read_predictions, ttt_checkpoint  # noqa: F401
 
 from jobs.adapt import KILL_ENV, AdaptRequest, run_adapt
-from jobs.shard_worker import ShardWorker
 from pipeline.results import read_results
 
 pytestmark = pytest.mark.ray
 
 STEPS = 2
-THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +71,11 @@ def test_two_actors_give_identical_bytes(reference, ttt_checkpoint, shard_dir, s
 
 def test_online_mode_does_not_depend_on_the_actor_count(ray_local, ttt_checkpoint, shard_dir,
                                                         samples, tmp_path):
-    """2 actors on Ray == one worker in this process doing every shard in turn (1 thread each)."""
-    out = tmp_path / "ray"
-    outcome = run_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(out), actors=2,
-                                     mode="online"))
-    assert_complete(out, samples, STEPS)
-    worker = ShardWorker(ttt_checkpoint, outcome.plan.settings, threads=1)
-    (tmp_path / "alone" / "predictions").mkdir(parents=True)
-    try:
-        for s in outcome.plan.shards:
-            worker.process(s.uri, str(tmp_path / "alone" / "predictions" / f"{s.name}.parquet"))
-    finally:
-        torch.set_num_threads(THREADS)
-    for name in samples:
-        assert (out / "predictions" / f"{name}.parquet").read_bytes() == \
-            (tmp_path / "alone" / "predictions" / f"{name}.parquet").read_bytes(), name
+    for actors in (1, 2):
+        run_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(tmp_path / str(actors)),
+                               actors=actors, mode="online"))
+        assert_complete(tmp_path / str(actors), samples, STEPS)
+    _same_predictions(tmp_path / "1", tmp_path / "2")
 
 
 def test_actor_killed_mid_shard_is_restarted_and_nothing_is_lost(
