@@ -11,7 +11,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# MKL picks its CPU code path per process; on some CPUs that changes the last bits of a
+# backward pass and, through Adam's near-sign first step, predictions. Pin it before torch
+# loads MKL so in-process comparisons are reproducible (the adapt actors get it via Ray).
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import pytest  # noqa: E402
 from helpers import write_dataset
 
 
