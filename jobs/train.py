@@ -26,6 +26,7 @@ import ray
 import torch
 
 from jobs.cluster import actor_device, connect
+from jobs.pool import actor_env
 from pipeline import storage
 from pipeline.errors import TTTPipeError
 
@@ -259,8 +260,10 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
         if plan.num_gpus > resources["gpus"]:
             log.warning("waiting for a node with %g GPU(s); the autoscaler may need minutes "
                         "(Ctrl-C stops)", plan.num_gpus)
-        actor = ray.remote(Trainer).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-                                            max_restarts=0).remote(spec, plan.threads)
+        actor = ray.remote(Trainer).options(
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0,
+            runtime_env={"env_vars": actor_env()},  # MKL_CBWR: same kernels in every process
+        ).remote(spec, plan.threads)
         try:
             info = ray.get(actor.setup.remote())
             emit("setup", {**info, **dataclasses.asdict(plan)})
