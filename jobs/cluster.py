@@ -100,6 +100,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
         raise TTTPipeError(
             f"{address} is a dashboard (job submission) address; the CLI submits the command "
             "there as a job, library code cannot ray.init it")
+    if address not in (None, "local", "auto"):
+        _probe(address)  # an unreachable address fails fast, even when Ray is already up
     if ray.is_initialized():
         log.debug("reusing the Ray already initialised in this process")
         yield cluster_resources()
@@ -108,8 +110,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator
     if address is None or address == "local":
         kwargs = dict(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
-        if address != "auto":
-            _probe(address)
         kwargs = dict(address=address)
     started = time.perf_counter()
     try:

@@ -82,8 +82,6 @@ BAD = [
 def test_bad_input_is_one_line_error_and_writes_nothing(ray_local, ttt_checkpoint, shard_dir,
                                                         tmp_path, monkeypatch, what, change,
                                                         message):
-    if what == "unreachable cluster":  # connect() reuses the test cluster when Ray is up
-        monkeypatch.setattr("jobs.cluster.ray.is_initialized", lambda: False)
     options = {"--checkpoint": ttt_checkpoint, "--shards": str(shard_dir),
                "--out": str(tmp_path / "results"), **change}
     replace = {"MISSING": str(tmp_path / "missing"), "NOSHARDS/*.parquet": str(tmp_path / "x*.parquet"),
