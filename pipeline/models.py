@@ -59,51 +59,50 @@ class Normalize(nn.Module):
         return f"mean={self.mean.item():.4f}, std={self.std.item():.4f}"
 
 
-@register_model("seed_cnn")
-class SeedCNN(nn.Module):
-    """The TTT seed's CNN: two conv/max-pool blocks and three linear layers, LeakyReLU."""
+class _SeedConvs(nn.Module):
+    """What both seed networks share: normalisation, two conv/max-pool blocks, fc1 320→50."""
 
-    def __init__(self, mean: float = 0.1307, std: float = 0.3081, num_classes: int = 10):
+    def __init__(self, mean: float, std: float):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.fc1 = nn.Linear(320, 50)
-        self.fc2 = nn.Linear(50, 50)
-        self.fc3 = nn.Linear(50, num_classes)
         self.activation = nn.LeakyReLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)                                   # (N, 1, 28, 28)
         x = self.activation(F.max_pool2d(self.conv1(x), 2))     # (N, 10, 12, 12)
         x = self.activation(F.max_pool2d(self.conv2(x), 2))     # (N, 20, 4, 4)
-        x = x.flatten(1)                                        # (N, 320)
-        x = self.activation(self.fc1(x))
-        x = self.activation(self.fc2(x))
+        return self.activation(self.fc1(x.flatten(1)))          # (N, 50)
+
+
+@register_model("seed_cnn")
+class SeedCNN(_SeedConvs):
+    """The TTT seed's CNN: two conv/max-pool blocks and three linear layers, LeakyReLU."""
+
+    def __init__(self, mean: float = 0.1307, std: float = 0.3081, num_classes: int = 10):
+        super().__init__(mean, std)
+        self.fc2 = nn.Linear(50, 50)
+        self.fc3 = nn.Linear(50, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(self.fc2(self.features(x)))
         return self.fc3(x)                                      # logits (N, C)
 
 
 @register_model("seed_rescnn")
-class SeedResCNN(nn.Module):
+class SeedResCNN(_SeedConvs):
     """The IT3 seed's CNN: the same convs, then fc1 and two residual 50→50 layers, fc4."""
 
     def __init__(self, mean: float = 0.1307, std: float = 0.3081, num_classes: int = 10):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
-        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
-        self.fc1 = nn.Linear(320, 50)
+        super().__init__(mean, std)
         self.fc2 = nn.Linear(50, 50)
         self.fc3 = nn.Linear(50, 50)
         self.fc4 = nn.Linear(50, num_classes)
-        self.activation = nn.LeakyReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        x = self.activation(F.max_pool2d(self.conv1(x), 2))
-        x = self.activation(F.max_pool2d(self.conv2(x), 2))
-        x = x.flatten(1)
-        x = self.activation(self.fc1(x))
+        x = self.features(x)
         x = self.activation(self.fc2(x)) + x
         x = self.activation(self.fc3(x)) + x
         return self.fc4(x)
