@@ -8,7 +8,8 @@
   `connect()` reuses it and leaves it running.
 - `auto`, `host:port` (the GCS) or `ray://host:10001` (Ray Client): `connect()` attaches with
   `ray.init(address=...)`. Inside a submitted job Ray sets `RAY_ADDRESS` to the cluster's GCS,
-  so the job's own command attaches to the cluster it runs on.
+  so the job's own command attaches to the cluster it runs on -- even a command given no
+  address (`job_cluster_address()`): a job never starts a second, private Ray on the head.
 - `http(s)://head:8265` (the dashboard): not for `ray.init`. `submit_job()` sends the same
   command line (minus `--address`) as a Ray job, streams its logs, and returns its exit code.
 
@@ -38,7 +39,9 @@ __all__ = [
     "PROBE_TIMEOUT_S",
     "connect",
     "is_job_address",
+    "job_cluster_address",
     "submit_job",
+    "CLIENT_HINT",
     "strip_address",
     "actor_device",
     "cluster_resources",
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 _DEFAULT_PORTS = {"ray": 10001, "http": 8265, "https": 443, "": 6379}
 _JOB_POLL_S = 1.0
+_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a submitted job's entrypoint
 
 
 def is_job_address(address: str | None) -> bool:
@@ -88,18 +92,34 @@ def _quiet_ray_loggers() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def job_cluster_address() -> str | None:
+    """Inside a submitted Ray job's command: the address of the cluster it runs on, else None.
+
+    Ray's job supervisor gives the entrypoint `RAY_JOB_CONFIG_JSON_ENV_VAR` and `RAY_ADDRESS`
+    (the GCS). A command there that was given no address (e.g. `ray job submit -- ttt-pipe
+    adapt ...`) must attach to that cluster, not start a private local Ray on the head.
+    """
+    if _JOB_ENV_VAR not in os.environ:
+        return None
+    return os.environ.get("RAY_ADDRESS") or "auto"
+
+
 @contextlib.contextmanager
 def connect(address: str | None = None, num_cpus: int | None = None) -> Iterator[dict]:
     """Run the block connected to Ray; yield `cluster_resources()`.
 
     `address=None` starts (and afterwards stops) a local Ray with `num_cpus` CPUs (default:
-    all of the machine's). `auto`, `host:port` and `ray://...` attach to a running cluster.
+    all of the machine's) -- except inside a submitted job, where it attaches to the job's
+    cluster (`job_cluster_address()`). `auto`, `host:port` and `ray://...` attach to a
+    running cluster.
     A dashboard address (`http://...`) raises: use `submit_job()` for it.
     """
     if is_job_address(address):
         raise TTTPipeError(
             f"{address} is a dashboard (job submission) address; the CLI submits the command "
             "there as a job, library code cannot ray.init it")
+    if address is None:
+        address = job_cluster_address()  # inside a submitted job: its cluster, not a new Ray
     if address not in (None, "local", "auto"):
         _probe(address)  # an unreachable address fails fast, even when Ray is already up
     if ray.is_initialized():
@@ -168,24 +188,67 @@ def strip_address(argv: Sequence[str]) -> list[str]:
     return out
 
 
+CLIENT_HINT = "pip install 'ttt-pipe[cluster]'"
+
+
+def _job_client_class():
+    """Ray's `JobSubmissionClient`, or a one-line error naming the install that provides it.
+
+    The client's log stream needs aiohttp (part of `ray[default]`); without it Ray's SDK only
+    fails *after* the job was submitted, so check before submitting anything.
+    """
+    try:
+        import aiohttp  # noqa: F401
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or "ray[default]"
+        raise TTTPipeError(
+            f"submitting a job needs Ray's job-submission client ({missing} is not installed): "
+            f"{CLIENT_HINT}") from None
+    return JobSubmissionClient
+
+
+def _first_line(text: str | None) -> str:
+    line = ((text or "").strip().splitlines() or [""])[0]
+    return line.split(", last available logs")[0].rstrip(":. ")
+
+
+def _failure(job_id: str, status, info) -> tuple[str, int]:
+    """The one-line message and exit code for a job that ended without success."""
+    code = getattr(info, "driver_exit_code", None)
+    code = code if isinstance(code, int) and 0 < code < 256 else 1
+    message = f"job {job_id} {status.value.lower()}: {_first_line(info.message) or 'no message'}"
+    if code == 127:  # the shell found no `ttt-pipe`
+        message += ("; install ttt-pipe on every node and start Ray from that environment "
+                    "(the job's PATH is the one `ray start` ran with)")
+    return message, code
+
+
 def submit_job(address: str, argv: Sequence[str], *, program: str = "ttt-pipe",
                runtime_env: dict | None = None, out=None) -> int:
-    """Submit `program argv` (minus `--address`) to the cluster at `address`, stream its logs.
+    """Submit `program argv` as a Ray job to the dashboard at `address`, stream its logs.
 
-    Returns 0 when the job succeeded, 1 otherwise. Paths in `argv` are read on the cluster:
-    use storage every node can read (`s3://...`). Ctrl-C stops the job.
+    `--address` is left out: Ray sets `RAY_ADDRESS` for the job, so its command attaches to
+    the cluster it runs on. Returns 0 when the job succeeded, else the
+    job's exit code (1 if unknown); a failed job's reason is logged as one line. Paths in
+    `argv` are read on the cluster: use storage every node can read (`s3://...`). Ctrl-C
+    stops the job and re-raises. Needs `ray[default]` (`CLIENT_HINT`).
     """
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     _probe(address)
+    client_class = _job_client_class()
+    from ray.job_submission import JobStatus
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     out = out or sys.stdout
     entrypoint = shlex.join([program, *strip_address(argv)])
     try:
-        client = JobSubmissionClient(address)
+        client = client_class(address)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TTTPipeError(f"cannot submit the job to {address}: {first}") from None
+    except Exception as exc:  # noqa: BLE001 -- Ray raises bare Exception/RuntimeError/ConnectionError
+        if isinstance(exc, TTTPipeError):
+            raise
+        raise TTTPipeError(f"cannot submit the job to {address}: {_first_line(str(exc)) or type(exc).__name__}"
+                           ) from None
     log.info("submitted job %s to %s: %s", job_id, address, entrypoint)
 
     async def _tail() -> None:
@@ -194,16 +257,25 @@ def submit_job(address: str, argv: Sequence[str], *, program: str = "ttt-pipe",
             out.flush()
 
     try:
-        asyncio.run(_tail())
+        try:
+            asyncio.run(_tail())
+        except (ConnectionError, RuntimeError, OSError) as exc:  # e.g. the websocket dropped
+            log.warning("log stream of job %s ended early (%s); waiting for its status",
+                        job_id, _first_line(str(exc)) or type(exc).__name__)
         status = client.get_job_status(job_id)
         while not status.is_terminal():  # the log stream can end just before the status flips
             time.sleep(_JOB_POLL_S)
             status = client.get_job_status(job_id)
     except KeyboardInterrupt:
-        client.stop_job(job_id)
+        try:
+            client.stop_job(job_id)
+            log.warning("stopped job %s", job_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not stop job %s (%s): ray job stop --address %s %s",
+                        job_id, _first_line(str(exc)), address, job_id)
         raise
-    if status != JobStatus.SUCCEEDED:
-        info = client.get_job_info(job_id)
-        log.error("job %s %s: %s", job_id, status.value, (info.message or "").strip().splitlines()[:1])
-        return 1
-    return 0
+    if status == JobStatus.SUCCEEDED:
+        return 0
+    message, code = _failure(job_id, status, client.get_job_info(job_id))
+    log.error("%s", message)
+    return code
