@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import TTTPipeError
 
@@ -23,7 +24,7 @@ F = TypeVar("F", bound=Callable)
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print `error: message` on one line to stderr and return the Exit to raise."""
     line = " ".join(str(message).split())  # never more than one line
-    err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=code)
 
 
