@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from jobs.commands import command_argv
 from jobs.console import cli_errors, console, err_console, progress
 
 __all__ = ["command", "Mode", "accuracy_rich_table", "adapt_with_progress"]
@@ -69,14 +70,6 @@ def adapt_with_progress(request):
         return run_adapt(request, on_plan=on_plan, on_shard_done=on_shard_done)
 
 
-def _job_argv(**opts) -> list[str]:
-    argv = ["adapt"]
-    for key, value in opts.items():
-        if value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value.value if isinstance(value, Enum) else value)]
-    return argv
-
-
 @cli_errors
 def command(
     checkpoint: Annotated[str, typer.Option(help="Checkpoint folder of 'ttt-pipe train' (path or URI).",
@@ -115,7 +108,7 @@ def command(
     from jobs.cluster import is_job_address, submit_job
 
     if is_job_address(address):
-        argv = _job_argv(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
+        argv = command_argv("adapt", checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                          batch_size=batch_size, mode=mode, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
                          method=method)

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from jobs.commands import DatasetName
 from jobs.console import cli_errors, console, progress
 from pipeline.corruptions import list_corruptions
-from pipeline.datasets import CACHE_ROOT, list_datasets
+from pipeline.datasets import CACHE_ROOT
 from pipeline.shard_maker import DEFAULT_SHARD_SIZE, make_shards
 
 __all__ = ["command", "DatasetName"]
 
-DatasetName = Enum("DatasetName", {name: name for name in list_datasets()}, type=str)
-DatasetName.__doc__ = "Datasets ttt-pipe can read (pipeline.datasets.DATASETS)."
 
 
 @cli_errors

@@ -13,13 +13,12 @@ from typing import Annotated
 
 import typer
 
+from jobs.commands import DatasetName
 from jobs.console import cli_errors, err_console
-from pipeline.datasets import list_datasets
 from pipeline.errors import TTTPipeError
 
 __all__ = ["command", "DEMO_CORRUPTIONS", "reusable_checkpoint"]
 
-DatasetName = Enum("DatasetName", {name: name for name in list_datasets()}, type=str)
 
 # A spread of the suite (noise, blur, weather, digital) that adapts in a few minutes on 2 cores.
 DEMO_CORRUPTIONS = "gaussian_noise,shot_noise,impulse_noise,glass_blur,motion_blur,fog,zigzag"

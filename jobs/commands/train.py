@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
+from jobs.commands import DatasetName, command_argv
 from jobs.console import cli_errors, console, err_console, progress
-from pipeline.datasets import list_datasets
 
 
 class Method(str, Enum):
@@ -16,22 +16,12 @@ class Method(str, Enum):
     it3 = "it3"
 
 
-Dataset = Enum("Dataset", {name: name for name in list_datasets()}, type=str)
-
-
-def _argv(**opts) -> list[str]:
-    """The same command line, for a job submitted to a cluster (None options are left out)."""
-    argv = ["train"]
-    for key, value in opts.items():
-        if value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(getattr(value, "value", value))]
-    return argv
 
 
 @cli_errors
 def command(
     method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
-    dataset: Dataset = typer.Option(..., help="Dataset whose train split is used."),
+    dataset: DatasetName = typer.Option(..., help="Dataset whose train split is used."),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
                                       "on a cluster, storage every node can read)."),
     data_dir: Path = typer.Option(None, help="Folder with the dataset's IDX files (default: search)."),
@@ -60,7 +50,7 @@ def command(
                         limit=limit, seed=seed, data_dir=None if data_dir is None else str(data_dir),
                         gpus=gpus)
     if is_job_address(address):
-        argv = _argv(method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
+        argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
                      aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus)
         raise typer.Exit(code=submit_job(address, argv))
