@@ -87,17 +87,21 @@ def test_rand_rotations_are_seeded_b_per_step_and_descend_their_loss(batch):
     engine = TTTEngine(model, batch[0][:1], TTTConfig(rotations="rand", seed=3))
     seen: list[torch.Tensor] = []
     handle = engine.head.register_forward_hook(lambda _m, _a, out: seen.append(out))
-    sizes: list[int] = []
-    pre = engine.model.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    inputs: list[torch.Tensor] = []
+    pre = engine.model.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     try:
         first = engine.adapt(batch[0], steps=3, lr=1e-2)
     finally:
         handle.remove()
         pre.remove()
-    assert sizes == [12, 12] * 3 + [12]  # per step: plain no-grad B, rotated B; final B
+    assert [len(t) for t in inputs] == [12, 12] * 3 + [12]  # per step: plain B, rotated B
     gen = torch.Generator().manual_seed(3)
     labels = [torch.randint(4, (12,), generator=gen) for _ in range(3)]
     assert len({tuple(t.tolist()) for t in labels}) > 1  # a new draw every step
+    for step, lab in enumerate(labels):
+        assert torch.equal(inputs[2 * step], batch[0])
+        for i, k in enumerate(lab.tolist()):
+            assert torch.equal(inputs[2 * step + 1][i], TF.rotate(batch[0][i:i + 1], 90 * k)[0])
     assert [tuple(out.shape) for out in seen] == [(12, 4)] * 3
     losses = torch.stack([F.cross_entropy(o, lab) for o, lab in zip(seen, labels)])
     torch.testing.assert_close(first.losses, losses.detach(), atol=1e-6, rtol=0)
