@@ -8,7 +8,7 @@ For each method: a briefly trained seed network (our engine's joint training on 
 clean images; the weights only make the predictions meaningful) is deep-copied into torch-ttt's
 engine after one forward has built its lazy head/embedder, and the head/embedder weights are
 copied in too. Inputs: the first `--n` Fashion-MNIST test images + gaussian_noise severity 5.
-Timed (best of `--repeats`, each over all batches):
+Timed after one warm-up pass (best of `--repeats` interleaved rounds, each over all batches):
   sweep  - predictions after 0,1,2,3 steps: one anytime `adapt(x, 3)` for us, four runs
            (num_steps = 0, 1, 2, 3) for torch-ttt;
   3-step - the prediction after 3 steps only.
@@ -112,12 +112,15 @@ def run_ours(engine, batches, steps: int) -> list[torch.Tensor]:
     return [engine.adapt(x, steps=steps).logits for x in batches]
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
+def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best-of-`repeats` seconds and last output of each fn, the fns interleaved in every
+    round (a shared machine's slow spells then hit all of them alike)."""
+    best, out = {k: float("inf") for k in fns}, {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            out[key] = fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
     return best, out
 
 
@@ -150,14 +153,17 @@ def bench(method: str, args, data) -> None:
     x, y = data.x_test[:args.n], data.y_test[:args.n]
     batches = [x[i:i + bs] for i in range(0, len(x), bs)]
     ref = reference_engine(method, ours, batches[0], args.ref_channels_last)
-    run_ours(ours, batches[:1], 1), run_ref(ref, batches[:1], 1, lr)        # warm-up
+    run_ours(ours, batches, STEPS), run_ref(ref, batches, STEPS, lr)        # warm-up
     n = len(x)
 
-    t_ours_sweep, ours_out = best_time(lambda: run_ours(ours, batches, STEPS), args.repeats)
-    t_ref_sweep, ref_out = best_time(
-        lambda: [run_ref(ref, batches, k, lr) for k in range(STEPS + 1)], args.repeats)
-    t_ours_3, _ = best_time(lambda: run_ours(ours, batches, STEPS), args.repeats)
-    t_ref_3, _ = best_time(lambda: run_ref(ref, batches, STEPS, lr), args.repeats)
+    t, out = best_times({
+        "ours_sweep": lambda: run_ours(ours, batches, STEPS),
+        "ref_sweep": lambda: [run_ref(ref, batches, k, lr) for k in range(STEPS + 1)],
+        "ours_3": lambda: run_ours(ours, batches, STEPS),
+        "ref_3": lambda: run_ref(ref, batches, STEPS, lr)}, args.repeats)
+    t_ours_sweep, t_ref_sweep, t_ours_3, t_ref_3 = (
+        t["ours_sweep"], t["ref_sweep"], t["ours_3"], t["ref_3"])
+    ours_out, ref_out = out["ours_sweep"], out["ref_sweep"]
 
     ours_pred = torch.cat(ours_out, 1).argmax(-1)                        # (K+1, N)
     ref_pred = torch.stack([torch.cat(r).argmax(-1) for r in ref_out])  # (K+1, N)

@@ -99,8 +99,6 @@ class Engine(nn.Module):
         device = first.device if first is not None else example_input.device
         dtype = first.dtype if first is not None else torch.float32
         self._build_aux(probe, torch.Generator().manual_seed(config.seed), device, dtype)
-        if config.channels_last:  # in place: the parameters keep their identity
-            self.to(memory_format=torch.channels_last)
         self._adapted_names = self._select_adapted(config.adapt_params, probe)
         self.optimization_parameters: dict[str, Any] = {
             "num_steps": config.steps, "lr": config.lr, "optimizer_name": config.optimizer,
@@ -109,6 +107,7 @@ class Engine(nn.Module):
         self._optimizer(config.optimizer)  # built once, eagerly; its state is reset per batch
         self._batch_start: list[torch.Tensor] | None = None  # per-batch snapshot (reused)
         self._origin: list[torch.Tensor] | None = None       # where reset() returns to
+        self._layout_set = False                             # channels_last applied yet?
 
     # -- what a method supplies -------------------------------------------------------------
     def _build_aux(self, probe: DryRun, generator: torch.Generator,
@@ -237,6 +236,11 @@ class Engine(nn.Module):
         named = self.adapted_parameters()
         params = [p for _, p in named]
         episodic = mode == "episodic"
+        if self.config.channels_last and not self._layout_set:
+            # once, in place (parameters keep their identity; joint training, usually done
+            # before, is untouched): oneDNN convolutions and max-pooling run faster
+            self.to(memory_format=torch.channels_last)
+            self._layout_set = True
         with torch.inference_mode(False), torch.enable_grad():
             if x.is_inference():
                 x = x.clone()  # inference tensors cannot be saved for backward

@@ -28,9 +28,9 @@ class EngineConfig:
     ("episodic": weights and optimizer state restored after every batch; "online": carried
     over until `reset()`): test-time defaults.
     seed: seeds the auxiliary part's initial weights.
-    channels_last: store the 4-D (conv) weights of the model and the auxiliary part in
-        channels_last memory format (set at construction; values unchanged): oneDNN convolutions
-        and max-pooling then run ~1.3-1.6x faster on CPU. False leaves the layout alone.
+    channels_last: the first `adapt()` stores the 4-D (conv) weights of the model and the
+        auxiliary part in channels_last memory format (in place, values unchanged): oneDNN
+        convolutions and max-pooling then run ~1.3-1.6x faster on CPU. False: layout untouched.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 

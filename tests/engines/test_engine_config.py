@@ -60,9 +60,10 @@ def test_channels_last_changes_layout_not_results(name, make_engine, batch):
     fast, plain = make_engine(name), make_engine(name, channels_last=False)
     cl = torch.channels_last
     conv = fast.model.conv2.weight  # (20, 10, 5, 5): the layouts differ
+    assert conv.is_contiguous()     # joint training before the first adapt: untouched
+    a, b = fast.adapt(batch[0], steps=2, lr=1e-2), plain.adapt(batch[0], steps=2, lr=1e-2)
     assert conv.is_contiguous(memory_format=cl) and not conv.is_contiguous()
     assert plain.model.conv2.weight.is_contiguous()
     assert dict(fast.named_parameters())["model.conv2.weight"] is conv  # identity kept
-    a, b = fast.adapt(batch[0], steps=2, lr=1e-2), plain.adapt(batch[0], steps=2, lr=1e-2)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=1e-5)
