@@ -67,7 +67,7 @@ def cpu_peak(threads: int) -> tuple[float, str]:
 
 class _Softmax(nn.Module):
     """The model with a softmax output: torch-ttt's IT3 embeds and compares the model's outputs
-    as they are, and our variant="torch_ttt" reproduces its tutorial, whose model ends in softmax."""
+    as they are; our variant="torch_ttt" reproduces its tutorial, whose model ends in softmax."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
