@@ -170,7 +170,7 @@ def bench(method: str, args, data) -> None:
     print(f"\n## {method.upper()} — {n} noisy samples, batch {bs}, Adam lr {lr:g}, "
           f"{torch.get_num_threads()} thread(s); model trained {info['seconds']:.0f}s on "
           f"{len(data.x_train)} images; ours: channels_last={cfg.channels_last}"
-          f"{' ' + ' '.join(args.set) if args.set else ''}, torch-ttt: channels_last="
+          f"{' (--set ' + ' '.join(args.set) + ')' if args.set else ''}, torch-ttt: channels_last="
           f"{args.ref_channels_last}")
     print("| step | ours acc % | torch-ttt acc % | same prediction % |\n|---|---|---|---|")
     for k in range(STEPS + 1):
