@@ -240,8 +240,8 @@ class Engine(nn.Module):
             # once, in place (parameters keep their identity; joint training, usually done
             # before, is untouched): oneDNN convolutions and max-pooling run faster
             for t in [*self.parameters(), *self.buffers()]:
-                if t.dim() == 4:  # (5-D tensors would need channels_last_3d: left alone)
-                    t.data = t.data.contiguous(memory_format=torch.channels_last)
+                if t.dim() == 4:  # `to` also restrides C=1 weights (`contiguous` would not)
+                    t.data = t.data.to(memory_format=torch.channels_last)
             self._layout_set = True
         with torch.inference_mode(False), torch.enable_grad():
             if x.is_inference():

@@ -64,6 +64,9 @@ def test_channels_last_changes_layout_not_results(name, make_engine, batch):
     a, b = fast.adapt(batch[0], steps=2, lr=1e-2), plain.adapt(batch[0], steps=2, lr=1e-2)
     assert conv.is_contiguous(memory_format=cl) and not conv.is_contiguous()
     assert plain.model.conv2.weight.is_contiguous()
+    with torch.no_grad():  # the activations follow, also after the 1-channel conv1
+        out = fast.model.conv1(batch[0])
+    assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
     assert dict(fast.named_parameters())["model.conv2.weight"] is conv  # identity kept
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=1e-5)
