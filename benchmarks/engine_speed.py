@@ -8,12 +8,16 @@ For each method: a briefly trained seed network (our engine's joint training on 
 clean images; the weights only make the predictions meaningful) is deep-copied into torch-ttt's
 engine after one forward has built its lazy head/embedder, and the head/embedder weights are
 copied in too. Inputs: the first `--n` Fashion-MNIST test images + gaussian_noise severity 5.
-Timed (best of `--repeats`, each over all batches):
+Timed after one warm-up pass (best of `--repeats` interleaved rounds, each over all batches):
   sweep  - predictions after 0,1,2,3 steps: one anytime `adapt(x, 3)` for us, four runs
            (num_steps = 0, 1, 2, 3) for torch-ttt;
   3-step - the prediction after 3 steps only.
 IT3 runs our `variant="torch_ttt"` (the algorithm torch-ttt implements) with MSE between
-softmaxes on both sides; TTT adapts every model parameter with Adam on both sides.
+softmaxes on both sides; torch-ttt gets the model wrapped with a softmax output (as in its IT3
+tutorial and our parity test), since its engine embeds the raw model output y0 and compares
+raw outputs. TTT adapts every model parameter with Adam on both sides. torch-ttt gets the
+model in the default (contiguous) layout; ours converts its conv weights to channels_last
+(config `channels_last`, default True) — `--ref-channels-last` gives torch-ttt that too.
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one 3-step batch; the CPU peak is
 cores x clock x FP32 FLOP/cycle from lscpu (32 with AVX2+FMA: two 256-bit FMA pipes, 64 with
 AVX-512 FMA) — an upper bound that tiny convolutions never approach.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,9 +65,25 @@ def cpu_peak(threads: int) -> tuple[float, str]:
                   f"({'AVX-512' if per_cycle == 64 else 'AVX2+FMA' if per_cycle == 32 else 'SSE'})")
 
 
-def reference_engine(method: str, ours: engines.Engine, example: torch.Tensor):
-    """torch-ttt's engine on a deep copy of our model, its lazy part built then overwritten."""
-    model = copy.deepcopy(ours.model)
+class _Softmax(nn.Module):
+    """The model with a softmax output: torch-ttt's IT3 embeds and compares the model's outputs
+    as they are; our variant="torch_ttt" reproduces its tutorial, whose model ends in softmax."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.net = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(1)
+
+
+def reference_engine(method: str, ours: engines.Engine, example: torch.Tensor,
+                     channels_last: bool = False):
+    """torch-ttt's engine on a deep copy of our model, its lazy part built then overwritten.
+    The copy gets the default (contiguous) layout, as a user's model has, unless
+    `channels_last`."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = copy.deepcopy(ours.model).to(memory_format=fmt)
     if method == "ttt":
         from torch_ttt.engine.ttt_engine import TTTEngine
         ref = TTTEngine(model, ours.config.layer, optimization_parameters={})
@@ -70,11 +92,12 @@ def reference_engine(method: str, ours: engines.Engine, example: torch.Tensor):
         ref.angle_head.load_state_dict(ours.head.state_dict())
     else:
         from torch_ttt.engine.it3_engine import IT3Engine
-        ref = IT3Engine(model, ours.config.layer, optimization_parameters={},
-                        distance_fn=lambda y1, y0: F.mse_loss(y1.softmax(1), y0.softmax(1)))
+        ref = IT3Engine(_Softmax(model), f"net.{ours.config.layer}", optimization_parameters={},
+                        distance_fn=F.mse_loss)       # both sides: MSE between softmaxes
         ref.train()
         ref(example)                                  # builds embeder
         ref.embeder.load_state_dict(ours.embedder.state_dict())
+    ref.to(memory_format=fmt)
     ref.eval()
     return ref
 
@@ -89,12 +112,15 @@ def run_ours(engine, batches, steps: int) -> list[torch.Tensor]:
     return [engine.adapt(x, steps=steps).logits for x in batches]
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
+def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best-of-`repeats` seconds and last output of each fn, the fns interleaved in every
+    round (a shared machine's slow spells then hit all of them alike)."""
+    best, out = {k: float("inf") for k in fns}, {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            out[key] = fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
     return best, out
 
 
@@ -105,30 +131,47 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def bench(method: str, args, data) -> None:
     cfg = engines.get_engine(method).config_cls()
     if method == "it3":
         cfg = cfg.replace(variant="torch_ttt", distance="mse", lr=1e-3)
+    fields = set(type(cfg).__dataclass_fields__)
+    for item in args.set:  # with --method both, a field of the other method is skipped
+        key, _, value = item.partition("=")
+        if key in fields:
+            cfg = cfg.replace(**{key: _value(value)})
     ours = build_engine(method, data.spec, 0, cfg)
     info = train(ours, data.x_train, data.y_train)
     bs, lr = cfg.batch_size, cfg.lr
     x, y = data.x_test[:args.n], data.y_test[:args.n]
     batches = [x[i:i + bs] for i in range(0, len(x), bs)]
-    ref = reference_engine(method, ours, batches[0])
-    run_ours(ours, batches[:1], 1), run_ref(ref, batches[:1], 1, lr)        # warm-up
+    ref = reference_engine(method, ours, batches[0], args.ref_channels_last)
+    run_ours(ours, batches, STEPS), run_ref(ref, batches, STEPS, lr)        # warm-up
     n = len(x)
 
-    t_ours_sweep, ours_out = best_time(lambda: run_ours(ours, batches, STEPS), args.repeats)
-    t_ref_sweep, ref_out = best_time(
-        lambda: [run_ref(ref, batches, k, lr) for k in range(STEPS + 1)], args.repeats)
-    t_ours_3, _ = best_time(lambda: run_ours(ours, batches, STEPS), args.repeats)
-    t_ref_3, _ = best_time(lambda: run_ref(ref, batches, STEPS, lr), args.repeats)
+    t, out = best_times({
+        "ours_sweep": lambda: run_ours(ours, batches, STEPS),
+        "ref_sweep": lambda: [run_ref(ref, batches, k, lr) for k in range(STEPS + 1)],
+        "ours_3": lambda: run_ours(ours, batches, STEPS),
+        "ref_3": lambda: run_ref(ref, batches, STEPS, lr)}, args.repeats)
+    t_ours_sweep, t_ref_sweep, t_ours_3, t_ref_3 = (
+        t["ours_sweep"], t["ref_sweep"], t["ours_3"], t["ref_3"])
+    ours_out, ref_out = out["ours_sweep"], out["ref_sweep"]
 
     ours_pred = torch.cat(ours_out, 1).argmax(-1)                        # (K+1, N)
     ref_pred = torch.stack([torch.cat(r).argmax(-1) for r in ref_out])  # (K+1, N)
     print(f"\n## {method.upper()} — {n} noisy samples, batch {bs}, Adam lr {lr:g}, "
           f"{torch.get_num_threads()} thread(s); model trained {info['seconds']:.0f}s on "
-          f"{len(data.x_train)} images")
+          f"{len(data.x_train)} images; ours: channels_last={cfg.channels_last}"
+          f"{' (--set ' + ' '.join(args.set) + ')' if args.set else ''}, torch-ttt: channels_last="
+          f"{args.ref_channels_last}")
     print("| step | ours acc % | torch-ttt acc % | same prediction % |\n|---|---|---|---|")
     for k in range(STEPS + 1):
         a = (ours_pred[k] == y).double().mean() * 100
@@ -159,6 +202,12 @@ def main(argv=None) -> None:
     ap.add_argument("--train", type=int, default=10000, help="clean images to pre-train on")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ref-channels-last", action="store_true",
+                    help="give torch-ttt a channels_last copy of the model too (ours converts "
+                         "its own by default; config channels_last)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of our engine's config (JSON value), e.g. "
+                         "channels_last=false")
     args = ap.parse_args(argv)
     try:
         import torch_ttt  # noqa: F401

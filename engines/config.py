@@ -28,6 +28,9 @@ class EngineConfig:
     ("episodic": weights and optimizer state restored after every batch; "online": carried
     over until `reset()`): test-time defaults.
     seed: seeds the auxiliary part's initial weights.
+    channels_last: the first `adapt()` stores the 4-D (conv) weights of the model and the
+        auxiliary part in channels_last memory format (in place, values unchanged): oneDNN
+        convolutions and max-pooling then run ~1.3-1.6x faster on CPU. False: layout untouched.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
@@ -40,6 +43,7 @@ class EngineConfig:
     batch_size: int = 32
     mode: str = "episodic"
     seed: int = 0
+    channels_last: bool = True
     train_epochs: int = 1
     train_batch_size: int = 64
     train_lr: float = 1e-3
@@ -88,7 +92,13 @@ class EngineConfig:
 @dataclass(frozen=True)
 class TTTConfig(EngineConfig):
     """Rotation TTT. Defaults follow the torch-ttt MNIST tutorial (fc2, weight 0.35, Adam 1e-2,
-    1 epoch of batch 64; 3 test steps of Adam 1e-2 on batches of 32)."""
+    1 epoch of batch 64; 3 test steps of Adam 1e-2 on batches of 32).
+
+    rotations: the test-time rotation loss — "all" (each image at 0/90/180/270 degrees, 4B per
+        step, as torch-ttt) or "rand" (one random angle per image, drawn from `seed` anew at
+        every `adapt` call, as the official TTT release's rotate_batch(x, 'rand'): B per step
+        plus a no-grad B forward for the prediction). Joint training always uses "all".
+    """
 
     layer: str = "fc2"
     aux_weight: float = 0.35
@@ -98,6 +108,10 @@ class TTTConfig(EngineConfig):
     train_epochs: int = 1
     train_batch_size: int = 64
     train_lr: float = 1e-2
+    rotations: str = "all"
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **EngineConfig.choices, "rotations": ("all", "rand")}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ layer's features; at test time, descend that rotation loss before predicting.
 One forward over the 4B rotated batch gives both the rotation loss and, in its 0-degree quarter,
 the main prediction at the same weights — torch-ttt runs the plain batch separately (5B images
 per step); here a step costs 4B, and the anytime prediction of step k is that quarter.
+With `rotations="rand"` (the official TTT release's `rotate_batch(inputs, 'rand')`) a test-time
+step rotates each image once by a random angle: B images with gradients plus a no-grad forward
+of the plain B for the anytime prediction.
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.base import Engine, register_engine
+from engines.base import AdaptResult, Engine, register_engine
 from engines.config import TTTConfig
 from engines.hooks import DryRun, build_seeded, capture_output
 
 __all__ = ["TTTEngine", "rotate_batch", "rotation_head"]
 
 
-def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_batch(x: torch.Tensor, labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, H, W) -> images (4B, C, H, W) = [x, rot90, rot180, rot270] (counter-clockwise,
-    as torchvision's `rotate(x, 90)`), labels (4B,) = [0]*B + [1]*B + [2]*B + [3]*B."""
+    as torchvision's `rotate(x, 90)`), labels (4B,) = [0]*B + [1]*B + [2]*B + [3]*B.
+    With `labels` (B,) in 0..3: images (B, C, H, W), image i rotated by labels[i] * 90."""
+    if labels is not None:
+        rotated = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])  # (4, B, ...)
+        return rotated[labels, torch.arange(x.shape[0], device=x.device)], labels
     images = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])   # (4B, C, H, W)
     labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])    # (4B,)
     return images, labels
@@ -54,6 +62,7 @@ class TTTEngine(Engine):
     """
 
     config_cls = TTTConfig
+    config: TTTConfig
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor,
                  config: TTTConfig | dict | None = None):
@@ -66,6 +75,7 @@ class TTTEngine(Engine):
                    device: torch.device, dtype: torch.dtype) -> None:
         shape = probe.features.shape
         self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
+        self._angles = torch.Generator()  # rotations="rand": re-seeded by every adapt()
 
     def _rotation_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = rotate_batch(x)
@@ -79,5 +89,20 @@ class TTTEngine(Engine):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rotation_forward(x)
 
+    def adapt(self, x: torch.Tensor, steps: int | None = None, lr: float | None = None, *,
+              mode: str | None = None, optimizer: str | None = None) -> AdaptResult:
+        """`Engine.adapt`; with rotations="rand" the angles are drawn from a generator seeded
+        with `config.seed` at every call, so a batch's result does not depend on call history."""
+        self._angles.manual_seed(self.config.seed)
+        return super().adapt(x, steps, lr, mode=mode, optimizer=optimizer)
+
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rotation_forward(x)
+        if self.config.rotations == "all":
+            return self._rotation_forward(x)
+        with torch.no_grad():
+            logits = self.model(x)                                     # (B, num_classes)
+        labels = torch.randint(4, (x.shape[0],), generator=self._angles).to(x.device)
+        images, _ = rotate_batch(x, labels)                            # (B, C, H, W)
+        with capture_output(self.model.get_submodule(self.layer_name)) as store:
+            self.model(images)
+        return logits, F.cross_entropy(self.head(store.output), labels)

@@ -53,3 +53,20 @@ def test_find_module_names_the_choices():
     with pytest.raises(ValueError, match=r"^unknown layer 'conv9' in Sequential; "
                                          r"choose from: conv1, head, head.0$"):
         find_module(model, "conv9")
+
+
+@pytest.mark.parametrize("name", ["ttt", "it3"])
+def test_channels_last_changes_layout_not_results(name, make_engine, batch):
+    fast, plain = make_engine(name), make_engine(name, channels_last=False)
+    cl = torch.channels_last
+    conv = fast.model.conv2.weight  # (20, 10, 5, 5): the layouts differ
+    assert conv.is_contiguous()     # joint training before the first adapt: untouched
+    a, b = fast.adapt(batch[0], steps=2, lr=1e-2), plain.adapt(batch[0], steps=2, lr=1e-2)
+    assert conv.is_contiguous(memory_format=cl) and not conv.is_contiguous()
+    assert plain.model.conv2.weight.is_contiguous()
+    with torch.no_grad():  # the activations follow, also after the 1-channel conv1
+        out = fast.model.conv1(batch[0])
+    assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
+    assert dict(fast.named_parameters())["model.conv2.weight"] is conv  # identity kept
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=1e-5)

@@ -63,7 +63,8 @@ class TestContract:
         before = state_of(engine)
         first = engine.adapt(batch[0], steps=2, lr=1e-2)
         second = engine.adapt(batch[0], steps=2, lr=1e-2)
-        assert torch.equal(second.logits[0], first.logits[2])  # carried over
+        # carried over (to rounding: oneDNN channels_last convs round differently for 4B and B)
+        torch.testing.assert_close(second.logits[0], first.logits[2], atol=1e-6, rtol=0)
         assert any(opt.state for opt in engine._optimizers.values())
         engine.reset()
         after = state_of(engine)
@@ -149,14 +150,14 @@ class TestContract:
         result = engine.adapt(batch[0], steps=2, lr=1e-2)
         assert torch.equal(out, result.logits[-1]) and torch.equal(loss, result.losses[-1])
         engine.optimization_parameters["num_steps"] = 0
-        out0, _ = engine(batch[0])
-        assert torch.equal(out0, result.logits[0])
+        out0, _ = engine(batch[0])  # TTT: a B forward vs the 4B forward's quarter (rounding)
+        torch.testing.assert_close(out0, result.logits[0], atol=1e-6, rtol=0)
         engine.optimization_parameters.update(num_steps=1, copy_model="False")  # -> online
         engine(batch[0])
         engine(batch[0])
         assert not torch.equal(engine(batch[0])[0], result.logits[0])
         engine.reset()
-        assert torch.equal(engine.predict(batch[0]), result.logits[0])
+        torch.testing.assert_close(engine.predict(batch[0]), result.logits[0], atol=1e-6, rtol=0)
 
     def test_config_round_trip_and_checkpoint(self, name, make_engine, batch):
         engine = make_engine(name, steps=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +71,45 @@ def test_main_logits_are_the_zero_degree_quarter(batch):
 def test_seed_defaults_follow_the_tutorial():
     c = TTTConfig()
     assert (c.layer, c.aux_weight, c.lr, c.optimizer, c.steps) == ("fc2", 0.35, 1e-2, "adam", 3)
+
+
+def test_rotate_batch_with_labels_rotates_each_image_by_its_label():
+    x = torch.rand(5, 2, 4, 4)
+    labels = torch.tensor([3, 0, 2, 1, 3])
+    images, out_labels = rotate_batch(x, labels)
+    assert images.shape == x.shape and out_labels is labels
+    for i, k in enumerate(labels.tolist()):
+        assert torch.equal(images[i], TF.rotate(x[i:i + 1], 90 * k)[0])
+
+
+def test_rand_rotations_are_seeded_b_per_step_and_descend_their_loss(batch):
+    model = build_model("seed_cnn")
+    engine = TTTEngine(model, batch[0][:1], TTTConfig(rotations="rand", seed=3))
+    seen: list[torch.Tensor] = []
+    handle = engine.head.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    inputs: list[torch.Tensor] = []
+    pre = engine.model.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    try:
+        first = engine.adapt(batch[0], steps=3, lr=1e-2)
+    finally:
+        handle.remove()
+        pre.remove()
+    assert [len(t) for t in inputs] == [12, 12] * 3 + [12]  # per step: plain B, rotated B
+    gen = torch.Generator().manual_seed(3)
+    labels = [torch.randint(4, (12,), generator=gen) for _ in range(3)]
+    assert len({tuple(t.tolist()) for t in labels}) > 1  # a new draw every step
+    for step, lab in enumerate(labels):
+        assert torch.equal(inputs[2 * step], batch[0])
+        for i, k in enumerate(lab.tolist()):
+            assert torch.equal(inputs[2 * step + 1][i], TF.rotate(batch[0][i:i + 1], 90 * k)[0])
+    assert [tuple(out.shape) for out in seen] == [(12, 4)] * 3
+    losses = torch.stack([F.cross_entropy(o, lab) for o, lab in zip(seen, labels)])
+    torch.testing.assert_close(first.losses, losses.detach(), atol=1e-6, rtol=0)
+    again = engine.adapt(batch[0], steps=3, lr=1e-2)      # re-seeded: same angles, same result
+    assert torch.equal(again.logits, first.logits) and torch.equal(again.losses, first.losses)
+    other = TTTEngine(copy.deepcopy(model), batch[0][:1], TTTConfig(rotations="rand", seed=4))
+    other.head.load_state_dict(engine.head.state_dict())  # only the angles differ
+    assert not torch.equal(other.adapt(batch[0], steps=3, lr=1e-2).losses, first.losses)
+    plain = TTTEngine(copy.deepcopy(model), batch[0][:1], TTTConfig(seed=3))
+    torch.testing.assert_close(first.logits[0], plain.adapt(batch[0], steps=0).logits[0],
+                               atol=1e-6, rtol=0)            # step 0: the unadapted prediction
