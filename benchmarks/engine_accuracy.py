@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/engine_accuracy.py                       # both, fashion-mnist
     .venv/bin/python benchmarks/engine_accuracy.py --method it3 --seeds 0 --limit-test 2000
     .venv/bin/python benchmarks/engine_accuracy.py --dataset mnist --data-dir ~/data/mnist
+    .venv/bin/python benchmarks/engine_accuracy.py --corruption shot_noise --severity 5
 
 Protocol (the seed tutorials): seed_cnn + rotation head on fc2 (TTT) / seed_rescnn + embedder
 on conv1 (IT3), built with the dataset's normalisation and trained jointly with the engine
 config's recipe (TTT 1 epoch, batch 64, Adam 1e-2, aux 0.35; IT3 2 epochs, batch 256, Adam
 1e-3); test set + gaussian_noise severity 5 (N(0, 2²) in normalised units, corruption seed 0);
+`--corruption/--severity` test the defaults on shifts they were not chosen on;
 episodic adaptation per test batch with the config's batch size, lr and optimizer. One anytime
 `adapt` run per batch gives every step 0..K. One training seed = model init + aux init.
 """
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engines  # noqa: E402
+from pipeline.corruptions import CORRUPTIONS  # noqa: E402
 from _common import build_engine, clean_accuracy, evaluate, load_data, mean_sd, train  # noqa: E402
 
 
@@ -43,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--method", choices=("ttt", "it3", "both"), default="both")
     ap.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist"))
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--corruption", default="gaussian_noise", choices=sorted(CORRUPTIONS),
+                    metavar="NAME", help="test corruption (python -m pipeline.corruptions "
+                    "--markdown lists them)")
+    ap.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     ap.add_argument("--steps", type=int, default=None,
                     help="report steps 0..K (default: 3 for TTT, the config's steps for IT3 "
@@ -116,10 +123,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = ["ttt", "it3"] if args.method == "both" else [args.method]
-    data = load_data(args.dataset, args.data_dir, args.limit_train, args.limit_test)
+    data = load_data(args.dataset, args.data_dir, args.limit_train, args.limit_test,
+                     args.corruption, args.severity)
     print(f"{args.dataset}: {len(data.x_train)} train, {len(data.x_test)} test images "
-          f"(gaussian_noise s5), seeds {args.seeds}, {args.threads} thread(s)", flush=True)
-    results = {"dataset": args.dataset, "argv": sys.argv[1:], "n_train": len(data.x_train),
+          f"({args.corruption} s{args.severity}), seeds {args.seeds}, {args.threads} thread(s)", flush=True)
+    results = {"dataset": args.dataset, "corruption": args.corruption,
+               "severity": args.severity, "argv": sys.argv[1:], "n_train": len(data.x_train),
                "n_test": len(data.x_test), "methods": {}}
     for method in methods:
         res = run_method(method, args, data)
