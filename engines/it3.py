@@ -2,7 +2,9 @@
 
 The model gets a second input, a signal y over the classes: an embedder maps y to the named
 layer's feature shape and adds it there (a forward hook alive only inside the call).
-Training makes f(x, onehot(y)) return y and f(x, null) predict y. At test time, with
+Training makes f(x, hint) return y and f(x, null) predict y; the hint is onehot(y) (the paper)
+or, per row, a random class (`hint_wrong`) or the model's own detached prediction, optionally
+for a pixel-dropped x (`hint_self`, `hint_dropout`; the default). At test time, with
 y0 = f(x, null) and F the weights frozen at the batch's start (no copy of the module: the
 per-batch snapshot tensors through `torch.func.functional_call`), adaptation minimises
 dist(F(x, y0), y0) — the model is pushed towards idempotence on the test batch.
