@@ -140,8 +140,8 @@ def _value(text: str):
 
 def bench(method: str, args, data) -> None:
     cfg = engines.get_engine(method).config_cls()
-    if method == "it3":
-        cfg = cfg.replace(variant="torch_ttt", distance="mse", lr=1e-3)
+    if method == "it3":  # the algorithm torch-ttt implements (its tutorial), MSE distance
+        cfg = engines.IT3Config.tutorial(distance="mse")
     fields = set(type(cfg).__dataclass_fields__)
     for item in args.set:  # with --method both, a field of the other method is skipped
         key, _, value = item.partition("=")

@@ -2,7 +2,9 @@
 
 The model gets a second input, a signal y over the classes: an embedder maps y to the named
 layer's feature shape and adds it there (a forward hook alive only inside the call).
-Training makes f(x, onehot(y)) return y and f(x, null) predict y. At test time, with
+Training makes f(x, hint) return y and f(x, null) predict y; the hint is onehot(y) (the paper)
+or, per row, a random class (`hint_wrong`) or the model's own detached prediction, optionally
+for a pixel-dropped x (`hint_self`, `hint_dropout`; the default). At test time, with
 y0 = f(x, null) and F the weights frozen at the batch's start (no copy of the module: the
 per-batch snapshot tensors through `torch.func.functional_call`), adaptation minimises
 dist(F(x, y0), y0) — the model is pushed towards idempotence on the test batch.
@@ -84,6 +86,7 @@ class IT3Engine(Engine):
         self._paper = self.config.variant == "paper"
         self._wants_batch_start = self._paper  # the frozen anchor F
         self._distance = DISTANCES[self.config.distance]
+        self._train_distance = DISTANCES[self.config.train_distance or self.config.distance]
         self._anchor_model: dict[str, torch.Tensor] = {}
         self._anchor_embedder: dict[str, torch.Tensor] = {}
 
@@ -118,18 +121,50 @@ class IT3Engine(Engine):
         return F.one_hot(y.long(), self.num_classes).to(x.dtype)        # (B, C)
 
     # -- training --------------------------------------------------------------------------
+    def _training_hint(self, target: torch.Tensor, p0: torch.Tensor | None) -> torch.Tensor:
+        """The hint-branch signal (B, C): per row the target, or with probability `hint_wrong`
+        a uniformly random class's one-hot, or with probability `hint_self` the detached null
+        prediction p0 (the loss still asks for the target)."""
+        cfg = self.config
+        if cfg.hint_wrong <= 0 and cfg.hint_self <= 0:
+            return target
+        b = target.shape[0]
+        u = torch.rand(b, 1, device=target.device)
+        hint = target
+        if cfg.hint_wrong > 0:
+            wrong = torch.randint(self.num_classes, (b,), device=target.device)
+            rand_oh = F.one_hot(wrong, self.num_classes).to(target.dtype)
+            hint = torch.where(u < cfg.hint_wrong, rand_oh, hint)
+        if p0 is not None:
+            lo = cfg.hint_wrong
+            hint = torch.where((u >= lo) & (u < lo + cfg.hint_self), p0.detach(), hint)
+        return hint
+
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f(x, null) logits, dist(softmax f(x, y), y)) from one forward over [x; x] (2B)."""
+        """(f(x, null) logits, dist(softmax f(x, hint), y)); hint = y unless `hint_wrong` /
+        `hint_self` replace rows. One forward over [x; x] (2B), or two of B with hint_self
+        (the hint needs the null pass first)."""
         target = self._target(y, x)
-        emb_y = self.embedder(target)                                  # (B, *emb_shape)
         emb_null = self._null_embedding(x)
-        if emb_null is None:
-            emb_null = torch.zeros_like(emb_y)                          # no injection
         b = x.shape[0]
-        logits = self._forward(torch.cat([x, x]), torch.cat([emb_null, emb_y]))  # (2B, C)
-        aux_loss = self._distance(logits[b:].softmax(1), target)
-        return logits[:b], aux_loss
+        if self.config.hint_self > 0:
+            logits = self._forward(x, emb_null)                        # (B, C)
+            p_hint = logits.softmax(1)
+            if self.config.hint_dropout > 0:  # the hint from a pixel-dropped copy of x
+                keep = torch.rand_like(x) >= self.config.hint_dropout
+                with torch.no_grad():
+                    p_hint = self._forward(x * keep, emb_null).softmax(1)
+            hint = self._training_hint(target, p_hint)
+            logits_hint = self._forward(x, self.embedder(hint))
+        else:
+            emb_y = self.embedder(self._training_hint(target, None))   # (B, *emb_shape)
+            if emb_null is None:
+                emb_null = torch.zeros_like(emb_y)                      # no injection
+            both = self._forward(torch.cat([x, x]), torch.cat([emb_null, emb_y]))  # (2B, C)
+            logits, logits_hint = both[:b], both[b:]
+        aux_loss = self._train_distance(logits_hint.softmax(1), target)
+        return logits, aux_loss
 
     # -- test time -------------------------------------------------------------------------
     def _begin_batch(self, start: dict[str, torch.Tensor]) -> None:

@@ -68,5 +68,9 @@ def test_channels_last_changes_layout_not_results(name, make_engine, batch):
         out = fast.model.conv1(batch[0])
     assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
     assert dict(fast.named_parameters())["model.conv2.weight"] is conv  # identity kept
-    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.logits[0], b.logits[0], atol=1e-5, rtol=1e-5)
+    # after a step, rounding differences of near-zero gradients (IT3's loss starts ~1e-4) are
+    # turned by Adam's normalised step into weight differences of order lr: looser, still far
+    # below what a wrong layout (transposed weights) would give
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(a.losses, b.losses, atol=1e-4, rtol=1e-3)

@@ -15,7 +15,10 @@ from pipeline.models import build_model
 
 
 def make(**config) -> IT3Engine:
+    """The mechanics under test on the tutorial's layer and distance, whatever the defaults."""
     torch.manual_seed(0)
+    config = {"layer": "conv1", "distance": "dot", "train_distance": "", "hint_self": 0.0,
+              "hint_dropout": 0.0, **config}
     return IT3Engine(build_model("seed_rescnn"), torch.zeros(1, 1, 28, 28), IT3Config(**config))
 
 
@@ -114,7 +117,81 @@ def test_distances():
     assert torch.isfinite(q.grad).all()
 
 
-def test_seed_defaults_follow_the_tutorial():
-    c = IT3Config()
-    assert (c.layer, c.train_epochs, c.train_batch_size, c.train_lr) == ("conv1", 2, 256, 1e-3)
-    assert (c.steps, c.lr, c.batch_size, c.distance) == (1, 1e-3, 256, "dot")
+def test_defaults_and_the_tutorial_preset():
+    c = IT3Config()  # training recipe of the tutorial, hint options and test-time as measured
+    assert (c.train_epochs, c.train_batch_size, c.train_lr) == (2, 256, 1e-3)
+    assert (c.layer, c.hint_self, c.hint_dropout, c.train_distance) == ("fc1", 1.0, 0.5, "dot")
+    assert (c.steps, c.lr, c.batch_size, c.distance, c.variant) == (3, 4e-4, 256, "js", "paper")
+    t = IT3Config.tutorial()
+    assert (t.variant, t.layer, t.distance, t.steps, t.lr) == ("torch_ttt", "conv1", "dot", 1, 1e-3)
+    assert (t.hint_self, t.hint_wrong, t.hint_dropout, t.train_distance) == (0.0, 0.0, 0.0, "")
+    assert IT3Config.tutorial(lr=1e-2).lr == 1e-2
+
+
+def test_train_distance_is_the_training_aux_distance(batch):
+    a, b = make(distance="dot"), make(distance="dot", train_distance="mse")
+    x, y = batch
+    target = torch.eye(10)[y]
+    with add_to_output(b.model.conv1, b.embedder(target)):
+        expected = torch.nn.functional.mse_loss(b.model(x).softmax(1), target)
+    torch.testing.assert_close(b.training_loss(x, y)[1], expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(a.training_loss(x, y)[1], expected)
+    # the test-time loss stays `distance`
+    torch.testing.assert_close(a._step_loss(x)[1], b._step_loss(x)[1])
+
+
+def test_hint_self_feeds_the_detached_null_prediction(batch):
+    engine = make(hint_self=1.0)
+    x, y = batch
+    target = torch.eye(10)[y]
+    logits, aux = engine.training_loss(x, y)
+    torch.testing.assert_close(logits, engine.predict(x))
+    p0 = engine.predict(x).softmax(1).detach()
+    with add_to_output(engine.model.conv1, engine.embedder(p0)):
+        expected = DISTANCES["dot"](engine.model(x).softmax(1), target)
+    torch.testing.assert_close(aux, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(aux, make().training_loss(x, y)[1])
+    # sg(p0): no gradient flows back through the null pass into the hint
+    params = list(engine.parameters())
+    got = torch.autograd.grad(aux, params, allow_unused=True)
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    for g, h in zip(got, want):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
+
+
+def test_hint_wrong_replaces_hints_by_random_classes(batch):
+    engine = make(hint_wrong=1.0)
+    x, y = batch
+    torch.manual_seed(5)
+    aux = engine.training_loss(x, y)[1]
+    torch.manual_seed(5)
+    torch.rand(len(y), 1)                                   # the row draw
+    wrong = torch.eye(10)[torch.randint(10, (len(y),))]
+    with add_to_output(engine.model.conv1, engine.embedder(wrong)):
+        expected = DISTANCES["dot"](engine.model(x).softmax(1), torch.eye(10)[y])
+    torch.testing.assert_close(aux, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(aux, make().training_loss(x, y)[1])
+
+
+@pytest.mark.parametrize("bad", [{"hint_wrong": -0.1}, {"hint_self": 1.5},
+                                 {"hint_wrong": 0.6, "hint_self": 0.6}])
+def test_hint_fractions_are_validated(bad):
+    with pytest.raises(ValueError, match="hint_wrong and hint_self"):
+        IT3Config(**bad)
+
+
+def test_hint_dropout_takes_the_hint_from_a_pixel_dropped_input(batch):
+    engine = make(hint_self=1.0, hint_dropout=0.5)
+    x, y = batch
+    torch.manual_seed(3)
+    aux = engine.training_loss(x, y)[1]
+    torch.manual_seed(3)
+    keep = torch.rand_like(x) >= 0.5
+    with torch.no_grad():
+        p = engine.predict(x * keep).softmax(1)
+    with add_to_output(engine.model.conv1, engine.embedder(p)):
+        expected = DISTANCES["dot"](engine.model(x).softmax(1), torch.eye(10)[y])
+    torch.testing.assert_close(aux, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(aux, make(hint_self=1.0).training_loss(x, y)[1])

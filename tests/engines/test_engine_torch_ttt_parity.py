@@ -52,7 +52,7 @@ class _Softmax(nn.Module):
 def test_it3_torch_ttt_variant_matches_torch_ttt(batch):
     torch.manual_seed(0)
     model = build_model("seed_rescnn")
-    ours = engines.IT3Engine(model, batch[0][:1], {"variant": "torch_ttt", "lr": 1e-2})
+    ours = engines.IT3Engine(model, batch[0][:1], engines.IT3Config.tutorial(lr=1e-2))
     ref = RefIT3(_Softmax(model), "net.conv1", distance_fn=lambda a, b: -(a * b).sum(1).mean())
     ref.train()
     target = torch.eye(10)[batch[1]]
