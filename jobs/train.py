@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = {"ttt": "seed_cnn", "it3": "seed_rescnn"}  # the seed tutorials' networks
 _CHUNKS_PER_EPOCH = 20  # progress updates per epoch (one actor call each)
-_MAX_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,7 @@ class TrainSpec:
     limit: int | None = None
     data_dir: str | None = None
     gpus: float | None = None  # None: one GPU if the cluster has any, else CPU
+    cpus: float = 1.0          # CPUs the trainer reserves on CPU; torch runs floor(cpus) threads
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def _local_abspath(uri: str | None) -> str | None:
 def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  aux_weight: float | None = None, layer: str | None = None, limit: int | None = None,
-                 seed: int = 0, data_dir: str | None = None, gpus: float | None = None) -> TrainSpec:
+                 seed: int = 0, data_dir: str | None = None, gpus: float | None = None,
+                 cpus: float = 1.0) -> TrainSpec:
     """Fill in the method's defaults (its config class, the seed tutorials) and check every value."""
     import engines
     from pipeline.datasets import get_dataset
@@ -106,6 +107,8 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
         raise TTTPipeError(f"--aux-weight must be a number >= 0, got {aux_weight!r}")
     if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
         raise TTTPipeError(f"--gpus must be a number >= 0, got {gpus!r}")
+    if not (math.isfinite(cpus) and cpus >= 1):
+        raise TTTPipeError(f"--cpus must be a number >= 1, got {cpus!r}")
     if not str(out).strip():
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. runs/ttt-ckpt")
     config_cls = _config_cls(method)
@@ -122,17 +125,19 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
     return TrainSpec(method=method, dataset=dataset, out=_local_abspath(str(out)), model=model,
                      epochs=config.train_epochs, batch_size=config.train_batch_size,
                      lr=config.train_lr, config=config.to_dict(), seed=int(seed), limit=limit,
-                     data_dir=_local_abspath(data_dir), gpus=gpus)
+                     data_dir=_local_abspath(data_dir), gpus=gpus, cpus=float(cpus))
 
 
-def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, local: bool) -> TrainPlan:
+def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, local: bool,
+                 cpus: float = 1.0) -> TrainPlan:
     """Resources for the one trainer actor.
 
     GPU (asked for, or by default when the cluster has GPUs): 1 CPU + the GPUs, 1 thread (the
     data lives on the GPU). A remote cluster may have no GPU node *yet* (autoscaling from 0):
     an explicit `--gpus` is then requested anyway; a local machine without GPUs falls back to
-    the CPU. CPU: the actor reserves 1 logical CPU (so it never starves other work on a
-    2-core node) and runs torch on up to 4 of its node's cores.
+    the CPU. CPU: the actor reserves `cpus` CPUs (default 1) and runs floor(cpus) torch
+    threads — never more threads than it reserved: on a busy node, extra OpenMP threads wait on
+    each other (seed nets on this 2-core VM with one core busy: 2 threads 8-10x slower than 1).
     """
     want = (1.0 if cluster_gpus >= 1 else 0.0) if gpus is None else float(gpus)
     if want > 0 and cluster_gpus <= 0 and local:
@@ -140,8 +145,10 @@ def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, 
         want = 0.0
     if want > 0:
         return TrainPlan(num_cpus=1.0, num_gpus=want, threads=1)
-    threads = max(1, min(_MAX_THREADS, int(max_node_cpus)))
-    return TrainPlan(num_cpus=1.0, num_gpus=0.0, threads=threads)
+    if local and cpus > max_node_cpus:
+        raise TTTPipeError(f"--cpus {cpus:g} exceeds this machine's {max_node_cpus:g} CPUs; "
+                           f"pass --cpus {max(1, int(max_node_cpus))} or less")
+    return TrainPlan(num_cpus=float(cpus), num_gpus=0.0, threads=max(1, math.floor(cpus)))
 
 
 class Trainer:
@@ -253,7 +260,8 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
     with connect(address) as resources:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         max_node_cpus = max((n["Resources"].get("CPU", 0.0) for n in alive), default=1.0)
-        plan = plan_trainer(spec.gpus, resources["gpus"], max_node_cpus, local=address is None)
+        plan = plan_trainer(spec.gpus, resources["gpus"], max_node_cpus, local=address is None,
+                            cpus=spec.cpus)
         if address is not None and not storage.is_uri(spec.out) and resources["nodes"] > 1:
             log.warning("--out %s is a local path: it is written on the trainer's node; use "
                         "storage every node can read (s3://...)", spec.out)

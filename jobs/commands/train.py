@@ -36,6 +36,8 @@ def command(
     seed: int = typer.Option(0, help="Seed of the initial weights and the shuffling."),
     gpus: float = typer.Option(None, help="GPUs for the trainer (default: 1 if the cluster has "
                                           "any, else CPU; 0 forces the CPU)."),
+    cpus: float = typer.Option(1.0, help="CPUs the trainer reserves when it trains on the CPU; "
+                                         "torch runs floor(cpus) threads."),
     address: str = typer.Option(None, envvar="RAY_ADDRESS",
                                 help="Ray cluster: auto, host:port, ray://host:10001, or "
                                      "http://head:8265 to submit this command as a job "
@@ -48,11 +50,11 @@ def command(
     spec = resolve_spec(method.value, dataset.value, out, model=model, epochs=epochs,
                         batch_size=batch_size, lr=lr, aux_weight=aux_weight, layer=layer,
                         limit=limit, seed=seed, data_dir=None if data_dir is None else str(data_dir),
-                        gpus=gpus)
+                        gpus=gpus, cpus=cpus)
     if is_job_address(address):
         argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
-                     aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus)
+                     aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus, cpus=cpus)
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)

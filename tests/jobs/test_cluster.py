@@ -163,4 +163,4 @@ def test_train_cli_submits_itself_to_a_dashboard_address(monkeypatch, tmp_path):
     address, argv = calls[0]
     assert address == "http://head:8265" and "--address" not in argv
     assert argv == ["train", "--method", "it3", "--dataset", "fashion-mnist", "--out", "s3://b/ck",
-                    "--epochs", "3", "--seed", "0", "--gpus", "1.0"]
+                    "--epochs", "3", "--seed", "0", "--gpus", "1.0", "--cpus", "1.0"]

@@ -125,7 +125,8 @@ def test_missing_data_is_a_one_line_error(ray_local, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
                                          ("--limit", "0"), ("--lr", "0"), ("--lr", "nan"),
-                                         ("--aux-weight", "-1"), ("--gpus", "-1")])
+                                         ("--aux-weight", "-1"), ("--gpus", "-1"),
+                                         ("--cpus", "0"), ("--cpus", "64")])
 def test_bad_numbers_are_one_line_errors(idx_dir, tmp_path, flag, value):
     result = _train(idx_dir, tmp_path / "ckpt", flag, value)
     assert result.exit_code == 1
@@ -155,5 +156,11 @@ def test_trainer_resources():
     assert plan_trainer(1, 0, 2, local=True).num_gpus == 0     # asked, none here: CPU
     assert plan_trainer(1, 0, 2, local=False).num_gpus == 1    # autoscaler may add one
     assert plan_trainer(None, 2, 8, local=False).num_gpus == 1
-    cpu = plan_trainer(0, 4, 16, local=False)
-    assert cpu.num_gpus == 0 and cpu.num_cpus == 1 and cpu.threads == 4
+    cpu = plan_trainer(0, 4, 16, local=False)  # threads never exceed the reserved CPUs
+    assert cpu.num_gpus == 0 and cpu.num_cpus == 1 and cpu.threads == 1
+    big = plan_trainer(0, 0, 16, local=False, cpus=4.5)
+    assert big.num_cpus == 4.5 and big.threads == 4
+    with pytest.raises(TTTPipeError, match=r"--cpus 4 exceeds this machine's 2 CPUs; pass --cpus 2"):
+        plan_trainer(None, 0, 2, local=True, cpus=4)
+    with pytest.raises(TTTPipeError, match="--cpus must be a number >= 1"):
+        resolve_spec("ttt", "mnist", "ck", cpus=0.5)
