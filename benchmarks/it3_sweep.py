@@ -7,7 +7,10 @@ same weights, with diagnostics of how the trained model uses its hint input.
 
 --train / --test: JSON changes to the default IT3Config (training fields / test-time fields);
 `{"_random": k}` in --test is a control: the IT3 gradient replaced by a fixed random direction
-per batch (seed k). Protocol as benchmarks/engine_accuracy.py (0 = the full split).
+per batch (seed k). Protocol as benchmarks/engine_accuracy.py (0 = the full split);
+--corruption/--severity pick the test shift, --test-offset skips the first test images (a
+selection/confirmation split: --limit-test 5000 with offset 0, then offset 5000), --cache DIR
+keeps trained weights per (training config, seed, train size) and reuses them.
 Diagnostics on the noisy and the clean test set: accuracy of y0 = f(x, null), of
 F(x, softmax y0), of f(x, one-hot true label), and how often f(x, one-hot c) follows a random c.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import build_engine, evaluate, load_data, train  # noqa: E402
 from engines import IT3Config, IT3Engine  # noqa: E402
+
+
+TEST_TIME = {"adapt_params", "steps", "lr", "optimizer", "batch_size", "mode", "adam_eps",
+             "channels_last", "distance", "variant", "detach_target"}  # not in the cache key
 
 
 def diagnose(engine: IT3Engine, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -70,16 +78,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--limit-train", type=int, default=0)
     ap.add_argument("--limit-test", type=int, default=0)
+    ap.add_argument("--test-offset", type=int, default=0)
+    ap.add_argument("--corruption", default="gaussian_noise")
+    ap.add_argument("--severity", type=int, default=5)
+    ap.add_argument("--cache", default="", help="directory for trained weights ('' = none)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data("fashion-mnist", None, args.limit_train or None, args.limit_test or None)
+    end = args.test_offset + args.limit_test if args.limit_test else None
+    data = load_data("fashion-mnist", None, args.limit_train or None, end,
+                     args.corruption, args.severity)
+    data.x_test, data.y_test, data.x_clean = (t[args.test_offset:] for t in
+                                              (data.x_test, data.y_test, data.x_clean))
     example = torch.zeros(1, 1, 28, 28)
     for train_json in args.train or ["{}"]:
         config = IT3Config().replace(**json.loads(train_json))
         for seed in [int(s) for s in args.seeds.split(",")]:
             engine = build_engine("it3", data.spec, seed, config)
-            info = train(engine, data.x_train, data.y_train)
+            key = json.dumps({k: v for k, v in config.replace(seed=seed).to_dict().items()
+                              if k not in TEST_TIME or (k == "distance"
+                                                        and not config.train_distance)},
+                             sort_keys=True)
+            path = Path(args.cache or ".") / (
+                f"it3_{hashlib.md5(key.encode()).hexdigest()[:10]}_{len(data.x_train)}.pt")
+            if args.cache and path.exists():
+                engine.load_state_dict(torch.load(path))
+                engine.eval()
+                info = {"seconds": 0.0}
+            else:
+                info = train(engine, data.x_train, data.y_train)
+                if args.cache:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(engine.state_dict(), path)
             print(f"TRAIN {train_json} seed {seed} ({info['seconds']:.0f}s) noisy "
                   f"{diagnose(engine, data.x_test, data.y_test)} clean "
                   f"{diagnose(engine, data.x_clean, data.y_test)}", flush=True)

@@ -206,6 +206,8 @@ class Engine(nn.Module):
             if name not in _OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {name!r}; choose from: adam, sgd")
             cls, kwargs = _OPTIMIZERS[name]
+            if name == "adam":
+                kwargs = {**kwargs, "eps": self.config.adam_eps}
             try:  # the fused kernel: one call per step instead of a Python loop per tensor
                 opt = cls(params, lr=self.config.lr, fused=True, **kwargs)
             except (RuntimeError, ValueError):

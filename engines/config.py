@@ -27,6 +27,9 @@ class EngineConfig:
     steps, lr, optimizer ("adam" | "sgd" with momentum 0.9), batch_size, mode
     ("episodic": weights and optimizer state restored after every batch; "online": carried
     over until `reset()`): test-time defaults.
+    adam_eps: Adam's eps at test time (torch's 1e-8 by default). Adam's first step is
+        lr * g / (|g| + eps), a sign step when eps << |g|; an eps near the gradient scale makes
+        small-gradient coordinates move less (a gentler first step). Must be > 0.
     seed: seeds the auxiliary part's initial weights.
     channels_last: the first `adapt()` stores the 4-D (conv) weights of the model and the
         auxiliary part in channels_last memory format (in place, values unchanged): oneDNN
@@ -42,6 +45,7 @@ class EngineConfig:
     optimizer: str = "adam"
     batch_size: int = 32
     mode: str = "episodic"
+    adam_eps: float = 1e-8
     seed: int = 0
     channels_last: bool = True
     train_epochs: int = 1
@@ -67,8 +71,10 @@ class EngineConfig:
         if self.steps < 0 or self.batch_size < 1 or self.train_epochs < 0 \
                 or self.train_batch_size < 1:
             raise ValueError(f"{name}: steps and train_epochs must be >= 0, batch sizes >= 1")
-        if not (self.lr > 0 and self.train_lr > 0 and self.aux_weight >= 0):
-            raise ValueError(f"{name}: lr and train_lr must be > 0 and aux_weight >= 0")
+        if not (self.lr > 0 and self.train_lr > 0 and self.aux_weight >= 0
+                and self.adam_eps > 0):
+            raise ValueError(f"{name}: lr, train_lr, adam_eps must be > 0 and "
+                             f"aux_weight >= 0")
         if not self.layer:
             raise ValueError(f"{name}.layer is empty; name the layer to attach to, e.g. 'fc2'")
 

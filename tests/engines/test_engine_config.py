@@ -74,3 +74,22 @@ def test_channels_last_changes_layout_not_results(name, make_engine, batch):
     # below what a wrong layout (transposed weights) would give
     torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ttt", "it3"])
+def test_adam_eps_sets_the_size_of_the_first_step(name, make_engine, batch, state_of):
+    """Adam's first step is lr * g / (|g| + eps): a sign step of size lr at torch's eps, and
+    about lr * |g| / eps (far smaller) when eps is much larger than the gradients."""
+    x, _ = batch
+    moves = {}
+    for eps in (1e-8, 1e3):
+        engine = make_engine(name, adam_eps=eps, lr=1e-2, mode="online")
+        engine.eval()
+        before = state_of(engine.model)
+        engine.adapt(x, steps=1)
+        after = state_of(engine.model)
+        moves[eps] = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert moves[1e-8] == pytest.approx(1e-2, rel=1e-3)
+    assert 0 < moves[1e3] < 1e-4
+    with pytest.raises(ValueError, match="adam_eps must be > 0"):
+        engines.IT3Config(adam_eps=0.0)
