@@ -31,9 +31,9 @@ class EngineConfig:
         lr * g / (|g| + eps), a sign step when eps << |g|; an eps near the gradient scale makes
         small-gradient coordinates move less (a gentler first step). Must be > 0.
     seed: seeds the auxiliary part's initial weights.
-    channels_last: the first `adapt()` stores the 4-D (conv) weights of the model and the
-        auxiliary part in channels_last memory format (in place, values unchanged): oneDNN
-        convolutions and max-pooling then run ~1.3-1.6x faster on CPU. False: layout untouched.
+    channels_last: during `adapt()` the 4-D (conv) weights of the model and the auxiliary part
+        are stored channels_last (in place, values unchanged, restored to their own strides on
+        return): oneDNN convolutions and max-pooling run ~1.3-1.6x faster on CPU.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
