@@ -149,6 +149,10 @@ class IT3Config(EngineConfig):
         f(x, null) (ZigZag-style second pass), else the label; the target stays the label.
     hint_dropout: with hint_self, that prediction is made on x with this fraction of pixels
         zeroed (no gradient), so training hints are wrong about as often as test-time ones.
+    hint_dropout_mode: "fixed" — every row drops hint_dropout of its pixels; "uniform" — each
+        row draws its own fraction in [0, hint_dropout] (hints of mixed reliability).
+    hint_shift: with hint_self, the hint's copy of x is first shifted by a random integer
+        offset in [-hint_shift, hint_shift] pixels per axis and row (zero fill); 0 = none.
     """
 
     layer: str = "fc1"
@@ -162,6 +166,8 @@ class IT3Config(EngineConfig):
     hint_wrong: float = 0.0
     hint_self: float = 1.0
     hint_dropout: float = 0.5
+    hint_dropout_mode: str = "fixed"
+    hint_shift: int = 0
     steps: int = 3
     lr: float = 4e-4
     batch_size: int = 256
@@ -176,6 +182,7 @@ class IT3Config(EngineConfig):
         "train_distance": ("", "cosine", "dot", "js", "mse"),
         "null": ("learned", "none", "uniform", "zeros"),
         "embedder": ("channel", "full"),
+        "hint_dropout_mode": ("fixed", "uniform"),
     }
 
     @classmethod
@@ -194,3 +201,5 @@ class IT3Config(EngineConfig):
                 and self.hint_wrong + self.hint_self <= 1 and 0 <= self.hint_dropout < 1):
             raise ValueError("IT3Config: hint_wrong and hint_self must be >= 0 with a sum <= 1, "
                              "0 <= hint_dropout < 1")
+        if self.hint_shift < 0:
+            raise ValueError("IT3Config: hint_shift must be >= 0")
