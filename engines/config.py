@@ -131,7 +131,9 @@ class IT3Config(EngineConfig):
     3 test steps of Adam 4e-4 on the JS distance. Why: with the paper's true-label hints the
     model either ignores the hint (conv1) or only confirms correct ones, so F(x, y0) carries no
     more than y0 and adaptation collapses (-9 points); self hints as unreliable as test-time
-    ones make F(x, y0) a correction of y0. Step 1 dips, steps 2-4 gain.
+    ones make F(x, y0) a correction of y0. Step 1 dips, steps 2-4 gain. aux_weight 2 (not 1):
+    chosen by a fixed rule on seeds 0-2 (+2.83 vs +2.33 at step 3, images 0..4999), better on
+    the mean of three held-out sets (+1.59 vs +1.20) and on an untouched final check.
 
     variant: "paper" — y0 = f(x, null), y1 = F(x, y0) with F frozen at the batch's start;
         "torch_ttt" — pass 1 without injection, pass 2 injects embed(y0), both with gradients,
@@ -156,7 +158,7 @@ class IT3Config(EngineConfig):
     """
 
     layer: str = "fc1"
-    aux_weight: float = 1.0
+    aux_weight: float = 2.0
     variant: str = "paper"
     distance: str = "js"
     null: str = "zeros"
@@ -188,11 +190,11 @@ class IT3Config(EngineConfig):
     @classmethod
     def tutorial(cls, **changes: Any) -> IT3Config:
         """The torch-ttt IT3 tutorial's setting (torch_ttt variant, conv1, dot distance, no
-        hint options, 1 step of Adam 1e-3 on every model parameter), then `changes`."""
+        hint options, aux_weight 1, 1 step of Adam 1e-3 on every model parameter), then `changes`."""
         base: dict[str, Any] = {
             "variant": "torch_ttt", "layer": "conv1", "distance": "dot", "train_distance": "",
             "hint_wrong": 0.0, "hint_self": 0.0, "hint_dropout": 0.0, "adapt_params": "model",
-            "steps": 1, "lr": 1e-3}
+            "steps": 1, "lr": 1e-3, "aux_weight": 1.0}
         return cls(**{**base, **changes})
 
     def __post_init__(self) -> None:

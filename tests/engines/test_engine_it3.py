@@ -121,11 +121,12 @@ def test_defaults_and_the_tutorial_preset():
     c = IT3Config()  # training recipe of the tutorial, hint options and test-time as measured
     assert (c.train_epochs, c.train_batch_size, c.train_lr) == (2, 256, 1e-3)
     assert (c.layer, c.hint_self, c.hint_dropout, c.train_distance) == ("fc1", 1.0, 0.5, "dot")
+    assert (c.aux_weight, c.hint_dropout_mode, c.hint_shift) == (2.0, "fixed", 0)
     assert (c.steps, c.lr, c.batch_size, c.distance, c.variant) == (3, 4e-4, 256, "js", "paper")
     t = IT3Config.tutorial()
     assert (t.variant, t.layer, t.distance, t.steps, t.lr) == ("torch_ttt", "conv1", "dot", 1, 1e-3)
     assert (t.hint_self, t.hint_wrong, t.hint_dropout, t.train_distance) == (0.0, 0.0, 0.0, "")
-    assert IT3Config.tutorial(lr=1e-2).lr == 1e-2
+    assert t.aux_weight == 1.0 and IT3Config.tutorial(lr=1e-2).lr == 1e-2
 
 
 def test_train_distance_is_the_training_aux_distance(batch):
