@@ -36,6 +36,7 @@ from engines import IT3Config, IT3Engine  # noqa: E402
 
 TEST_TIME = {"adapt_params", "steps", "lr", "optimizer", "batch_size", "mode", "adam_eps",
              "channels_last", "distance", "variant", "detach_target"}  # not in the cache key
+NEW_FIELDS = {"hint_dropout_mode": "fixed", "hint_shift": 0}  # in the key only when changed
 
 
 def diagnose(engine: IT3Engine, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -96,8 +97,9 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             engine = build_engine("it3", data.spec, seed, config)
             key = json.dumps({k: v for k, v in config.replace(seed=seed).to_dict().items()
-                              if k not in TEST_TIME or (k == "distance"
-                                                        and not config.train_distance)},
+                              if (k not in TEST_TIME or (k == "distance"
+                                                         and not config.train_distance))
+                              and NEW_FIELDS.get(k, object()) != v},
                              sort_keys=True)
             path = Path(args.cache or ".") / (
                 f"it3_{hashlib.md5(key.encode()).hexdigest()[:10]}_{len(data.x_train)}.pt")

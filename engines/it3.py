@@ -140,6 +140,30 @@ class IT3Engine(Engine):
             hint = torch.where((u >= lo) & (u < lo + cfg.hint_self), p0.detach(), hint)
         return hint
 
+    def _hint_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The copy of x (B, ...) the self hint is predicted from: each row shifted by a random
+        integer offset in [-hint_shift, hint_shift] per axis (zero fill; images (B, C, H, W)),
+        then a fraction of its pixels zeroed — hint_dropout, or per row uniform in
+        [0, hint_dropout] with hint_dropout_mode="uniform". x itself when neither applies."""
+        cfg = self.config
+        if cfg.hint_shift > 0:
+            b, _, h, w = x.shape
+            d = torch.randint(-cfg.hint_shift, cfg.hint_shift + 1, (b, 2), device=x.device)
+            theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+            theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+            theta[:, 0, 2] = -2.0 * d[:, 0].to(x.dtype) / w   # output(i) = input(i - d)
+            theta[:, 1, 2] = -2.0 * d[:, 1].to(x.dtype) / h
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False)
+        if cfg.hint_dropout > 0:
+            level: float | torch.Tensor = cfg.hint_dropout
+            if cfg.hint_dropout_mode == "uniform":
+                level = cfg.hint_dropout * torch.rand(x.shape[0], *[1] * (x.dim() - 1),
+                                                      device=x.device, dtype=x.dtype)
+            x = x * (torch.rand_like(x) >= level)
+        return x
+
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x, null) logits, dist(softmax f(x, hint), y)); hint = y unless `hint_wrong` /
@@ -151,10 +175,10 @@ class IT3Engine(Engine):
         if self.config.hint_self > 0:
             logits = self._forward(x, emb_null)                        # (B, C)
             p_hint = logits.softmax(1)
-            if self.config.hint_dropout > 0:  # the hint from a pixel-dropped copy of x
-                keep = torch.rand_like(x) >= self.config.hint_dropout
+            x_hint = self._hint_input(x)
+            if x_hint is not x:  # the hint from a pixel-dropped / shifted copy of x
                 with torch.no_grad():
-                    p_hint = self._forward(x * keep, emb_null).softmax(1)
+                    p_hint = self._forward(x_hint, emb_null).softmax(1)
             hint = self._training_hint(target, p_hint)
             logits_hint = self._forward(x, self.embedder(hint))
         else:

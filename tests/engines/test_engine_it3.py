@@ -121,11 +121,12 @@ def test_defaults_and_the_tutorial_preset():
     c = IT3Config()  # training recipe of the tutorial, hint options and test-time as measured
     assert (c.train_epochs, c.train_batch_size, c.train_lr) == (2, 256, 1e-3)
     assert (c.layer, c.hint_self, c.hint_dropout, c.train_distance) == ("fc1", 1.0, 0.5, "dot")
+    assert (c.aux_weight, c.hint_dropout_mode, c.hint_shift) == (2.0, "fixed", 0)
     assert (c.steps, c.lr, c.batch_size, c.distance, c.variant) == (3, 4e-4, 256, "js", "paper")
     t = IT3Config.tutorial()
     assert (t.variant, t.layer, t.distance, t.steps, t.lr) == ("torch_ttt", "conv1", "dot", 1, 1e-3)
     assert (t.hint_self, t.hint_wrong, t.hint_dropout, t.train_distance) == (0.0, 0.0, 0.0, "")
-    assert IT3Config.tutorial(lr=1e-2).lr == 1e-2
+    assert t.aux_weight == 1.0 and IT3Config.tutorial(lr=1e-2).lr == 1e-2
 
 
 def test_train_distance_is_the_training_aux_distance(batch):
@@ -195,3 +196,47 @@ def test_hint_dropout_takes_the_hint_from_a_pixel_dropped_input(batch):
         expected = DISTANCES["dot"](engine.model(x).softmax(1), torch.eye(10)[y])
     torch.testing.assert_close(aux, expected, atol=1e-6, rtol=0)
     assert not torch.allclose(aux, make(hint_self=1.0).training_loss(x, y)[1])
+
+
+def test_hint_dropout_uniform_draws_a_level_per_row(batch):
+    x = batch[0]
+    engine = make(hint_self=1.0, hint_dropout=0.8, hint_dropout_mode="uniform")
+    torch.manual_seed(5)
+    out = engine._hint_input(x)
+    torch.manual_seed(5)
+    level = 0.8 * torch.rand(x.shape[0], 1, 1, 1)
+    expected = x * (torch.rand_like(x) >= level)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    dropped = ((out == 0) & (x != 0)).flatten(1).sum(1) / (x != 0).flatten(1).sum(1)
+    assert dropped.max() - dropped.min() > 0.2  # rows differ, unlike the fixed mode
+    torch.manual_seed(5)
+    fixed = make(hint_self=1.0, hint_dropout=0.8)._hint_input(x)
+    assert not torch.equal(out, fixed)
+
+
+def test_hint_shift_moves_each_row_by_a_bounded_integer_offset(batch):
+    x = batch[0]
+    engine = make(hint_self=1.0, hint_shift=2)
+    torch.manual_seed(0)
+    out = engine._hint_input(x)
+    assert not torch.equal(out, x)
+    moved = 0
+    for row, src in zip(out, x):
+        matches = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = torch.zeros_like(src)
+                h, w = src.shape[-2:]
+                ref[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                    src[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+                matches.append(torch.equal(row, ref))
+        assert any(matches)
+        moved += not matches[12]  # index 12 = (0, 0)
+    assert moved > 0
+    assert make(hint_self=1.0, hint_dropout=0.0)._hint_input(x) is x
+
+
+@pytest.mark.parametrize("bad", [{"hint_shift": -1}, {"hint_dropout_mode": "per_pixel"}])
+def test_new_hint_options_are_validated(bad):
+    with pytest.raises(ValueError, match="hint_shift|hint_dropout_mode"):
+        IT3Config(**bad)
