@@ -19,7 +19,7 @@ from pipeline.corruptions import corrupt
 from pipeline.datasets import DatasetSpec, load_split, to_float
 from pipeline.models import build_model
 
-__all__ = ["MODEL_FOR", "Data", "build_engine", "clean_accuracy", "evaluate", "load_data", "mean_sd", "train"]
+__all__ = ["MODEL_FOR", "Data", "apply_sets", "build_engine", "clean_accuracy", "evaluate", "load_data", "mean_sd", "train"]
 
 MODEL_FOR = {"ttt": "seed_cnn", "it3": "seed_rescnn"}   # each method's seed network
 CORRUPTION, SEVERITY, CORRUPTION_SEED = "gaussian_noise", 5, 0
@@ -108,3 +108,25 @@ def clean_accuracy(engine: engines.Engine, x: torch.Tensor, y: torch.Tensor) -> 
 def mean_sd(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     a = np.stack(rows)
     return a.mean(0), (a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1]))
+
+
+def _value(text: str):
+    """A `--set` value: int, float, true/false, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def apply_sets(config: engines.EngineConfig, items: list[str]) -> engines.EngineConfig:
+    """`config` with each `--set KEY=VALUE` applied; keys that are not fields of this config
+    are skipped (with `--method both`, a field of the other method)."""
+    fields = set(type(config).__dataclass_fields__)
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key in fields:
+            changes[key] = _value(value)
+    return config.replace(**changes)

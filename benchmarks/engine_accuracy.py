@@ -29,16 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engines  # noqa: E402
 from pipeline.corruptions import CORRUPTIONS  # noqa: E402
-from _common import build_engine, clean_accuracy, evaluate, load_data, mean_sd, train  # noqa: E402
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+from _common import apply_sets, build_engine, clean_accuracy, evaluate, load_data, mean_sd, train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,16 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_config(method: str, args: argparse.Namespace) -> engines.EngineConfig:
     cls = engines.get_engine(method).config_cls
-    fields = set(cls.__dataclass_fields__)
     changes = {"lr": args.lr, "adapt_params": args.adapt_params}
     if method == "it3":
         changes.update(distance=args.distance, variant=args.variant, null=args.null)
     changes = {k: v for k, v in changes.items() if v is not None}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key in fields:  # with --method both, a field of the other method is skipped
-            changes[key] = _value(value)
-    return cls().replace(**changes)
+    return apply_sets(cls().replace(**changes), args.set)
 
 
 def run_method(method: str, args: argparse.Namespace, data) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import subprocess
 import sys
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engines  # noqa: E402
-from _common import build_engine, load_data, train  # noqa: E402
+from _common import apply_sets, build_engine, load_data, train  # noqa: E402
 
 STEPS = 3
 
@@ -131,22 +130,11 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def bench(method: str, args, data) -> None:
     cfg = engines.get_engine(method).config_cls()
     if method == "it3":  # the algorithm torch-ttt implements (its tutorial), MSE distance
         cfg = engines.IT3Config.tutorial(distance="mse")
-    fields = set(type(cfg).__dataclass_fields__)
-    for item in args.set:  # with --method both, a field of the other method is skipped
-        key, _, value = item.partition("=")
-        if key in fields:
-            cfg = cfg.replace(**{key: _value(value)})
+    cfg = apply_sets(cfg, args.set)
     ours = build_engine(method, data.spec, 0, cfg)
     info = train(ours, data.x_train, data.y_train)
     bs, lr = cfg.batch_size, cfg.lr

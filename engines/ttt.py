@@ -27,9 +27,12 @@ def rotate_batch(x: torch.Tensor, labels: torch.Tensor | None = None
     """(B, C, H, W) -> images (4B, C, H, W) = [x, rot90, rot180, rot270] (counter-clockwise,
     as torchvision's `rotate(x, 90)`), labels (4B,) = [0]*B + [1]*B + [2]*B + [3]*B.
     With `labels` (B,) in 0..3: images (B, C, H, W), image i rotated by labels[i] * 90."""
-    if labels is not None:
-        rotated = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])  # (4, B, ...)
-        return rotated[labels, torch.arange(x.shape[0], device=x.device)], labels
+    if labels is not None:  # rotate only the rows that need it
+        images = x.clone()
+        for k in range(1, 4):
+            rows = labels == k
+            images[rows] = torch.rot90(x[rows], k, dims=(-2, -1))
+        return images, labels
     images = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])   # (4B, C, H, W)
     labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])    # (4B,)
     return images, labels
@@ -77,12 +80,15 @@ class TTTEngine(Engine):
         self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
         self._angles = torch.Generator()  # rotations="rand": re-seeded by every adapt()
 
+    def _rotation_loss(self, images: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model logits of `images`, CE of the head on the layer's features vs `labels`)."""
+        with capture_output(self.model.get_submodule(self.layer_name)) as store:
+            logits = self.model(images)
+        return logits, F.cross_entropy(self.head(store.output), labels)
+
     def _rotation_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = rotate_batch(x)
-        layer = self.model.get_submodule(self.layer_name)
-        with capture_output(layer) as store:
-            logits = self.model(images)                                # (4B, num_classes)
-        rotation_loss = F.cross_entropy(self.head(store.output), labels)
+        logits, rotation_loss = self._rotation_loss(*rotate_batch(x))  # logits (4B, C)
         return logits[: x.shape[0]], rotation_loss                     # 0-degree quarter
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
@@ -102,7 +108,4 @@ class TTTEngine(Engine):
         with torch.no_grad():
             logits = self.model(x)                                     # (B, num_classes)
         labels = torch.randint(4, (x.shape[0],), generator=self._angles).to(x.device)
-        images, _ = rotate_batch(x, labels)                            # (B, C, H, W)
-        with capture_output(self.model.get_submodule(self.layer_name)) as store:
-            self.model(images)
-        return logits, F.cross_entropy(self.head(store.output), labels)
+        return logits, self._rotation_loss(*rotate_batch(x, labels))[1]  # B rotated images
