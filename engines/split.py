@@ -1,0 +1,165 @@
+"""A model cut at a named layer (torch.fx): run the part before the layer once, the rest twice.
+
+IT3 runs the model twice per step on the same x; the passes differ only in what is added to
+one layer's output. Everything that does not depend on that output — the prefix — is the same
+computation in both passes (torch_ttt variant: same weights; paper variant: the frozen anchor,
+whose prefix is constant for the whole batch). `LayerSplit` traces the model once and splits its
+graph there: `prefix(x)` returns the values the rest needs ("cut" values: the layer's output
+plus any earlier value the rest reads, such as a skip connection), `suffix(cut, delta)` adds
+delta to the layer's output and runs the rest. Autograd sums both passes' gradients into the
+shared prefix, so the prefix's forward and backward run once instead of twice.
+
+With a per-channel delta (B, C) on a (B, C, H, W) output, the add is moved past max-pooling
+that directly follows the layer: max(a + c) == max(a) + c for a constant c per window, exactly
+in floating point (rounding is monotonic), so the pooling joins the shared prefix too. Only the
+pooling's gradient routing can differ, and only where two window entries become equal after
+rounding (either is a valid subgradient).
+
+`LayerSplit.build` returns None — and the caller keeps its hook-based full forwards — when the
+model cannot be traced symbolically, the layer runs more or less than once, or the split
+model's output differs from the hooked model's on a check batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["LayerSplit", "add_delta"]
+
+_MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
+              torch.max_pool3d)
+
+
+def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """h + delta, a (B, C) delta broadcast over h's trailing (spatial) dims; None adds nothing."""
+    if delta is None:
+        return h
+    if delta.dim() < h.dim():
+        delta = delta.reshape(*delta.shape, *([1] * (h.dim() - delta.dim())))
+    return h + delta
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the chosen layer as one call even if it is a container."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == self.layer or super().is_leaf_module(m, qualname)
+
+
+def _is_max_pool(node: fx.Node, root: nn.Module) -> bool:
+    """A max-pooling call (functional or module) that returns values only."""
+    if node.op == "call_function" and node.target in _MAX_POOLS:
+        # F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+        return not node.kwargs.get("return_indices", node.args[6] if len(node.args) > 6 else False)
+    if node.op == "call_module":
+        mod = root.get_submodule(node.target)
+        return isinstance(mod, nn.modules.pooling._MaxPoolNd) and not mod.return_indices
+    return False
+
+
+@dataclass
+class LayerSplit:
+    """prefix: x -> cut values (the injection point's value first); suffix: (*cut, delta) ->
+    the model's output. Both hold the model's own submodules and tensors (no copies)."""
+
+    prefix: fx.GraphModule
+    suffix: fx.GraphModule
+    injection: str           # where delta is added: the layer, or a max-pool right after it
+    suffix_names: frozenset  # parameter/buffer names the suffix uses (for functional_call)
+
+    @classmethod
+    def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
+              channel_delta: bool) -> LayerSplit | None:
+        """Trace `model` and cut it at `layer`; None when that is not possible (see module doc).
+        `channel_delta`: the deltas will be (B, C) per-channel shifts (allows the max-pool move).
+        The split is checked against the hooked model on `check_x` with a random delta."""
+        try:
+            tracer = _Tracer(layer)
+            graph = tracer.trace(model)
+        except Exception:  # noqa: BLE001 - any tracing failure means: no split, full forwards
+            return None
+        nodes = list(graph.nodes)
+        hits = [n for n in nodes if n.op == "call_module" and n.target == layer]
+        if len(hits) != 1:
+            return None
+        inj = hits[0]
+        while channel_delta and len(inj.users) == 1:
+            (user,) = inj.users
+            if _is_max_pool(user, model) and user.args and user.args[0] is inj:
+                inj = user
+            else:
+                break
+        output = next(n for n in nodes if n.op == "output")
+        later: set[fx.Node] = set()            # nodes that depend on the injection point
+        for n in nodes:
+            if n is not inj and any(a is inj or a in later for a in n.all_input_nodes):
+                later.add(n)
+        if output not in later:
+            return None
+        cut = [inj] + [n for n in nodes if n is not inj and n not in later
+                       and any(u in later for u in n.users)]
+
+        pre = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in nodes:
+            if n not in later and n is not output:
+                env[n] = pre.node_copy(n, lambda a: env[a])
+        pre.output(tuple(env[c] for c in cut))
+
+        suf = fx.Graph()
+        env = {c: suf.placeholder(f"cut_{i}") for i, c in enumerate(cut)}
+        delta = suf.placeholder("delta")
+        env[inj] = suf.call_function(add_delta, (env[inj], delta))
+        for n in nodes:
+            if n in later and n is not output:
+                env[n] = suf.node_copy(n, lambda a: env[a])
+        suf.output(fx.node.map_arg(output.args[0], lambda a: env[a]))
+
+        prefix = fx.GraphModule(model, pre, class_name="Prefix")
+        prefix.graph.eliminate_dead_code()  # what only the rest used, e.g. a skipped branch
+        prefix.recompile()
+        suffix = fx.GraphModule(model, suf, class_name="Suffix")
+        names = frozenset(n for n, _ in suffix.named_parameters()) | frozenset(
+            n for n, _ in suffix.named_buffers())
+        split = cls(prefix, suffix, layer if inj is hits[0] else inj.name, names)
+        if not split._agrees(model, layer, check_x):
+            return None
+        return split
+
+    def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.prefix(x)
+
+    def run(self, cut: tuple[torch.Tensor, ...], delta: torch.Tensor | None,
+            params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's output with `delta` added at the layer, from the prefix's `cut`; with
+        `params`, the suffix's weights are replaced by those of them it uses (names as in the
+        model's state_dict)."""
+        if params is None:
+            return self.suffix(*cut, delta)
+        own = {k: v for k, v in params.items() if k in self.suffix_names}
+        return functional_call(self.suffix, own, (*cut, delta))
+
+    def _agrees(self, model: nn.Module, layer: str, x: torch.Tensor) -> bool:
+        """Split == hooked model on x, without and with a random per-channel delta."""
+        from engines.hooks import add_to_output  # local: hooks is the lower layer
+        with torch.no_grad():
+            full = model(x)
+            cut = self.cut(x)
+            if not isinstance(cut[0], torch.Tensor) or cut[0].dim() < 2:
+                return False
+            delta = torch.randn(x.shape[0], cut[0].shape[1], device=x.device, dtype=full.dtype,
+                                generator=torch.Generator(x.device).manual_seed(0))
+            with add_to_output(model.get_submodule(layer), delta):
+                full_d = model(x)
+            ok = torch.allclose(self.run(cut, None), full, rtol=1e-4, atol=1e-5)
+            return ok and torch.allclose(self.run(cut, delta), full_d, rtol=1e-4, atol=1e-5)

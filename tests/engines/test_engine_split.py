@@ -1,0 +1,130 @@
+"""The torch.fx split IT3 uses to run the model's prefix once per step (engines/split.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from engines import IT3Config
+from engines.hooks import add_to_output
+from engines.it3 import IT3Engine
+from engines.split import LayerSplit
+from pipeline.models import build_model
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("seed_rescnn").eval()
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2", "fc1", "fc2"])
+@pytest.mark.parametrize("channel_delta", [True, False])
+def test_split_equals_the_hooked_model(layer, channel_delta, batch):
+    x = batch[0]
+    model = _model()
+    split = LayerSplit.build(model, layer, x[:4], channel_delta=channel_delta)
+    assert split is not None
+    with torch.no_grad():
+        cut = split.cut(x)
+        delta = torch.randn(x.shape[0], cut[0].shape[1])
+        with add_to_output(model.get_submodule(layer), delta):
+            hooked = model(x)
+        assert torch.equal(split.run(cut, None), model(x))
+        assert torch.equal(split.run(cut, delta), hooked)
+    # a per-channel shift moves past the max-pool right after a conv; fc2 feeds a skip
+    # connection, so the rest needs fc2's input as well as its output
+    moved = channel_delta and layer.startswith("conv")
+    assert (split.injection != layer) == moved
+    assert len(cut) == (2 if layer == "fc2" else 1)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        if h.mean() > 0:
+            h = h * 2
+        return self.fc(h.flatten(1))
+
+
+class _Dropout(nn.Module):
+    """Dropout before the injection layer: in train mode each pass must draw its own mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv1(self.drop(x)).flatten(1))
+
+
+def _engines(model_fn, **config):
+    """Two engines on identical models, sharing the prefix or not."""
+    out = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        out.append(IT3Engine(model_fn(), torch.zeros(1, 1, 28, 28),
+                             IT3Config(share_prefix=share, **config)))
+    return out
+
+
+def test_untraceable_model_falls_back_to_full_forwards(batch):
+    x = batch[0]
+    assert LayerSplit.build(_Branchy().eval(), "conv1", x[:4], channel_delta=True) is None
+    shared, full = _engines(lambda: _Branchy().eval(), layer="conv1")
+    assert torch.equal(shared.adapt(x, 2).logits, full.adapt(x, 2).logits)
+
+
+@pytest.mark.parametrize("config", [
+    {"variant": "paper"},                                      # the defaults: fc1, js
+    {"variant": "paper", "layer": "conv1", "adapt_params": "all"},
+    {"variant": "paper", "layer": "conv2", "embedder": "full", "mode": "online"},
+    {"variant": "torch_ttt", "layer": "conv1", "distance": "mse", "lr": 1e-3},
+    {"variant": "torch_ttt", "layer": "fc2", "detach_target": True},
+])
+def test_sharing_the_prefix_gives_the_same_adaptation(config, batch):
+    x = batch[0]
+    shared, full = _engines(_model, **config)
+    for xb in (x[:6], x[6:]):  # a second batch: the anchor's prefix must be the new batch's
+        a, b = shared.adapt(xb, 3), full.adapt(xb, 3)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.losses, b.losses, rtol=1e-4, atol=1e-7)
+    assert shared._split._split is not None     # the split was used, not the fallback
+    for (n, p), (_, q) in zip(shared.state_dict().items(), full.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_train_mode_runs_full_forwards(batch):
+    x = batch[0]
+    shared, full = _engines(lambda: _Dropout().train(), layer="conv1")
+    torch.manual_seed(1)
+    a = shared.adapt(x, 2)
+    torch.manual_seed(1)
+    b = full.adapt(x, 2)
+    assert torch.equal(a.logits, b.logits)
+    assert shared._split.get(shared, x) is None
+
+
+def test_split_stays_out_of_state_dict_and_copies_and_follows_new_tensors(batch):
+    x = batch[0]
+    shared, full = _engines(_model)
+    shared.adapt(x, 1)
+    assert list(shared.state_dict()) == list(full.state_dict())
+    twin = copy.deepcopy(shared)
+    assert torch.equal(twin.adapt(x, 2).logits, shared.adapt(x, 2).logits)
+    for engine in (shared, full):  # new buffer objects (as `.to(device)` makes): rebuild
+        engine.model.normalize.mean = torch.tensor(0.5)
+        engine.to(torch.float64)
+    torch.testing.assert_close(shared.adapt(x.double(), 2).logits,
+                               full.adapt(x.double(), 2).logits)
