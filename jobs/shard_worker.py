@@ -142,6 +142,7 @@ class ShardWorker:
             raise TTTPipeError(f"checkpoint {checkpoint.uri} changed since the run started "
                                "(other weights sha256); rerun the command")
         self.engine = build_engine_from_checkpoint(checkpoint, self.device)
+        self.engine.eval()  # test time, as the seeds' `engine.eval()`: no dropout, BN running stats
         self.settings = settings
         self.kill_marker = kill_marker
         self.init_seconds = time.perf_counter() - started

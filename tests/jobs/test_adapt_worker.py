@@ -98,6 +98,7 @@ def test_online_differs_from_episodic(ttt_checkpoint, shard_dir):
 def test_process_writes_settings_metadata_and_nothing_else(ttt_checkpoint, shard_dir, tmp_path):
     settings = _settings(ttt_checkpoint)
     worker = ShardWorker(ttt_checkpoint, settings)
+    assert not any(m.training for m in worker.engine.modules())  # adapts in eval mode
     summary = worker.process(_shard_uris(shard_dir)[0], str(tmp_path / "p.parquet"))
     assert summary["rows"] == summary["samples"] * 3
     meta = pq.read_schema(tmp_path / "p.parquet").metadata
