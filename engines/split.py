@@ -15,13 +15,15 @@ in floating point (rounding is monotonic), so the pooling joins the shared prefi
 pooling's gradient routing can differ, and only where two window entries become equal after
 rounding (either is a valid subgradient).
 
-`LayerSplit.build` returns None — and the caller keeps its hook-based full forwards — when the
-model cannot be traced symbolically, the layer runs more or less than once, or the split
-model's output differs from the hooked model's on a check batch.
+`LayerSplit.build` returns None with a RuntimeWarning naming the reason — and the caller keeps
+its hook-based full forwards — when the model cannot be traced symbolically, the layer runs more
+or less than once, or the split model's output differs from the hooked model's on a check batch
+(e.g. an in-place op on the layer's output would let one pass change the other's input).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,10 @@ def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     if delta.dim() < h.dim():
         delta = delta.reshape(*delta.shape, *([1] * (h.dim() - delta.dim())))
     return h + delta
+
+
+class _NoSplit(Exception):
+    """Why a model cannot be split at a layer."""
 
 
 class _Tracer(fx.Tracer):
@@ -80,18 +86,29 @@ class LayerSplit:
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
               channel_delta: bool) -> LayerSplit | None:
-        """Trace `model` and cut it at `layer`; None when that is not possible (see module doc).
-        `channel_delta`: the deltas will be (B, C) per-channel shifts (allows the max-pool move).
-        The split is checked against the hooked model on `check_x` with a random delta."""
+        """Trace `model` and cut it at `layer`; None (and a RuntimeWarning saying why) when that
+        is not possible. `channel_delta`: the deltas will be (B, C) per-channel shifts (allows
+        the max-pool move). The split is checked against the hooked model on `check_x`."""
         try:
-            tracer = _Tracer(layer)
-            graph = tracer.trace(model)
-        except Exception:  # noqa: BLE001 - any tracing failure means: no split, full forwards
+            return cls._build(model, layer, check_x, channel_delta)
+        except Exception as exc:  # noqa: BLE001 - no split is always a correct fallback
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"IT3 share_prefix: cannot split {type(model).__name__} at {layer!r} "
+                          f"({why}); running two full forwards per step", RuntimeWarning,
+                          stacklevel=2)
             return None
+
+    @classmethod
+    def _build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
+               channel_delta: bool) -> LayerSplit:
+        try:
+            graph = _Tracer(layer).trace(model)
+        except Exception as exc:  # noqa: BLE001 - data-dependent control flow and the like
+            raise _NoSplit(f"torch.fx cannot trace it: {type(exc).__name__}") from exc
         nodes = list(graph.nodes)
         hits = [n for n in nodes if n.op == "call_module" and n.target == layer]
         if len(hits) != 1:
-            return None
+            raise _NoSplit(f"the layer runs {len(hits)} times in a forward, not once")
         inj = hits[0]
         while channel_delta and len(inj.users) == 1:
             (user,) = inj.users
@@ -105,7 +122,7 @@ class LayerSplit:
             if n is not inj and any(a is inj or a in later for a in n.all_input_nodes):
                 later.add(n)
         if output not in later:
-            return None
+            raise _NoSplit("the model's output does not depend on the layer")
         cut = [inj] + [n for n in nodes if n is not inj and n not in later
                        and any(u in later for u in n.users)]
 
@@ -133,7 +150,8 @@ class LayerSplit:
             n for n, _ in suffix.named_buffers())
         split = cls(prefix, suffix, layer if inj is hits[0] else inj.name, names)
         if not split._agrees(model, layer, check_x):
-            return None
+            raise _NoSplit("the split model's output differs from the model's; an in-place op "
+                           "on the layer's output?")
         return split
 
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
