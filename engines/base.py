@@ -8,6 +8,7 @@ current weights together with the main prediction that the same forward gives fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ class Engine(nn.Module):
         device = first.device if first is not None else example_input.device
         dtype = first.dtype if first is not None else torch.float32
         self._build_aux(probe, torch.Generator().manual_seed(config.seed), device, dtype)
+        self._channels_last_ok = config.channels_last and self._runs_channels_last(
+            example_input, probe)
         self._adapted_names = self._select_adapted(config.adapt_params, probe)
         self.optimization_parameters: dict[str, Any] = {
             "num_steps": config.steps, "lr": config.lr, "optimizer_name": config.optimizer,
@@ -132,6 +135,24 @@ class Engine(nn.Module):
         self._optimizer(config.optimizer)  # built once, eagerly; its state is reset per batch
         self._batch_start: list[torch.Tensor] | None = None  # per-batch snapshot (reused)
         self._origin: list[torch.Tensor] | None = None       # where reset() returns to
+
+    def _runs_channels_last(self, example_input: torch.Tensor, probe: DryRun) -> bool:
+        """Whether the model gives the same logits with channels_last conv weights. A forward
+        that `.view()`s a conv output fails on channels_last activations (reshape/flatten work):
+        then adaptation keeps the user's layout, with a warning saying why."""
+        try:
+            with _channels_last([*self.model.parameters(), *self.model.buffers()]):
+                again = dry_run(self.model, example_input, self.config.layer)
+            if torch.allclose(again.logits, probe.logits, rtol=1e-4, atol=1e-5):
+                return True
+            why = "its logits differ"
+        except RuntimeError as exc:
+            why = str(exc).strip().splitlines()[0]
+        warnings.warn(f"channels_last off for {type(self.model).__name__}: with channels_last "
+                      f"conv weights {why}; adapting in its own layout (use reshape/flatten "
+                      f"instead of view for ~1.5x faster CPU convs, or set channels_last=False)",
+                      RuntimeWarning, stacklevel=3)
+        return False
 
     # -- what a method supplies -------------------------------------------------------------
     def _build_aux(self, probe: DryRun, generator: torch.Generator,
@@ -262,7 +283,7 @@ class Engine(nn.Module):
         named = self.adapted_parameters()
         params = [p for _, p in named]
         episodic = mode == "episodic"
-        layout = [*self.parameters(), *self.buffers()] if self.config.channels_last else []
+        layout = [*self.parameters(), *self.buffers()] if self._channels_last_ok else []
         with torch.inference_mode(False), torch.enable_grad(), _channels_last(layout):
             if x.is_inference():
                 x = x.clone()  # inference tensors cannot be saved for backward

@@ -33,7 +33,9 @@ class EngineConfig:
     seed: seeds the auxiliary part's initial weights.
     channels_last: during `adapt()` the 4-D (conv) weights of the model and the auxiliary part
         are stored channels_last (in place, values unchanged, restored to their own strides on
-        return): oneDNN convolutions and max-pooling run ~1.3-1.6x faster on CPU.
+        return): oneDNN convolutions and max-pooling run ~1.3-1.6x faster on CPU. Turned off,
+        with a RuntimeWarning, for a model whose forward fails or differs that way (e.g. it
+        `.view()`s a conv output; checked once when the engine is built).
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 

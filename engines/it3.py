@@ -228,7 +228,8 @@ class IT3Engine(Engine):
             logits0 = split.run(cut, self._null_embedding(x))
             p0 = logits0.softmax(1)
             if self._anchor_cut is None:  # first step of the batch: live weights == F
-                self._anchor_cut = tuple(c.detach() for c in cut)
+                self._anchor_cut = tuple(c.detach() if isinstance(c, torch.Tensor) else c
+                                         for c in cut)
             emb = functional_call(self.embedder, self._anchor_embedder, (p0,))
             logits1 = split.run(self._anchor_cut, emb, params=self._anchor_model)
         else:

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from engines.hooks import add_to_output
+
 __all__ = ["LayerSplit", "add_delta"]
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
@@ -169,7 +171,6 @@ class LayerSplit:
 
     def _agrees(self, model: nn.Module, layer: str, x: torch.Tensor) -> bool:
         """Split == hooked model on x, without and with a random per-channel delta."""
-        from engines.hooks import add_to_output  # local: hooks is the lower layer
         with torch.no_grad():
             full = model(x)
             cut = self.cut(x)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import engines
@@ -118,3 +119,32 @@ def test_users_optimizer_survives_adapt(fused):
             engine.adapt(x[:32], steps=2)
         out.append(engine.predict(x))
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+class _Viewing(nn.Module):
+    """The classic MNIST net's `x.view(-1, 320)` after the convs: fails on channels_last
+    activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)
+        self.conv2 = nn.Conv2d(10, 20, 5)
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        return self.fc2(F.relu(self.fc1(x.view(-1, 320))))
+
+
+@pytest.mark.parametrize("name", ["ttt", "it3"])
+def test_channels_last_turns_itself_off_for_a_model_that_views(name, batch):
+    cls = engines.get_engine(name)
+    with pytest.warns(RuntimeWarning, match="channels_last off for _Viewing: .*view"):
+        torch.manual_seed(0)
+        fast = cls(_Viewing(), torch.zeros(1, 1, 28, 28), cls.config_cls(layer="fc1"))
+    torch.manual_seed(0)
+    plain = cls(_Viewing(), torch.zeros(1, 1, 28, 28),
+                cls.config_cls(layer="fc1", channels_last=False))
+    assert torch.equal(fast.adapt(batch[0], 2).logits, plain.adapt(batch[0], 2).logits)

@@ -147,6 +147,27 @@ class _Blocks(nn.Module):
         return self.fc(self.relu(self.features(x)).flatten(1))
 
 
+class _Sized(nn.Module):
+    """The rest reads a non-tensor value of the prefix: the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv1(x).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("variant", ["paper", "torch_ttt"])
+def test_non_tensor_cut_values(variant, batch):
+    x = batch[0]
+    shared, full = _engines(lambda: _Sized().eval(), layer="conv1", variant=variant,
+                            channels_last=False)  # view() needs the default layout
+    torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits)
+    assert shared._split._split is not None
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_container_layer_and_in_place_ops(inplace, batch):
     x = batch[0]
