@@ -36,7 +36,7 @@ from engines import IT3Config, IT3Engine  # noqa: E402
 
 TEST_TIME = {"adapt_params", "steps", "lr", "optimizer", "batch_size", "mode", "adam_eps",
              "channels_last", "distance", "variant", "detach_target",
-             "share_prefix"}  # not in the cache key
+             "split_model"}  # not in the cache key
 NEW_FIELDS = {"hint_dropout_mode": "fixed", "hint_shift": 0}  # in the key only when changed
 
 

@@ -36,6 +36,12 @@ class EngineConfig:
         return): oneDNN convolutions and max-pooling run ~1.3-1.6x faster on CPU. Turned off,
         with a RuntimeWarning, for a model whose forward fails or differs that way (e.g. it
         `.view()`s a conv output; checked once when the engine is built).
+    split_model: at test time, with every model module in eval mode, cut the model at `layer`
+        (torch.fx, engines/split.py) to skip repeated work — IT3 runs the part before the layer
+        once for both passes of a step (the frozen anchor's once per batch); TTT runs the part
+        after the layer only for the unrotated quarter (the rotated copies only need the
+        layer's features). Same values; false, train mode, or a model torch.fx cannot trace
+        (RuntimeWarning) run whole forwards.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
@@ -50,6 +56,7 @@ class EngineConfig:
     adam_eps: float = 1e-8
     seed: int = 0
     channels_last: bool = True
+    split_model: bool = True
     train_epochs: int = 1
     train_batch_size: int = 64
     train_lr: float = 1e-3
@@ -157,10 +164,6 @@ class IT3Config(EngineConfig):
         row draws its own fraction in [0, hint_dropout] (hints of mixed reliability).
     hint_shift: with hint_self, the hint's copy of x is first shifted by a random integer
         offset in [-hint_shift, hint_shift] pixels per axis and row (zero fill); 0 = none.
-    share_prefix: at test time, with every model module in eval mode, run the part of the model
-        before `layer` once per step for both passes (torch.fx split, engines/split.py; paper
-        variant: the frozen anchor's prefix once per batch) instead of twice — same values,
-        ~1.3-2x faster steps; false, or a model torch.fx cannot trace, runs two full forwards.
     """
 
     layer: str = "fc1"
@@ -176,7 +179,6 @@ class IT3Config(EngineConfig):
     hint_dropout: float = 0.5
     hint_dropout_mode: str = "fixed"
     hint_shift: int = 0
-    share_prefix: bool = True
     steps: int = 3
     lr: float = 4e-4
     batch_size: int = 256

@@ -10,7 +10,7 @@ per-batch snapshot tensors through `torch.func.functional_call`), adaptation min
 dist(F(x, y0), y0) — the model is pushed towards idempotence on the test batch.
 `variant="torch_ttt"` is the torch-ttt tutorial instead: y0 = f(x) without injection,
 y1 = f(x, y0) with the live weights, both passes with gradients.
-With `share_prefix` the two passes of a test step share the part of the model before the layer
+With `split_model` the two passes of a test step share the part of the model before the layer
 (engines/split.py): computed once per step (torch_ttt) or, for the frozen anchor, once per batch.
 """
 
@@ -26,7 +26,7 @@ from torch.func import functional_call
 from engines.base import Engine, register_engine
 from engines.config import IT3Config
 from engines.hooks import DryRun, add_to_output, build_seeded
-from engines.split import LayerSplit
+from engines.split import LayerSplit, SplitSlot
 
 __all__ = ["DISTANCES", "IT3Engine", "label_embedder"]
 
@@ -93,7 +93,7 @@ class IT3Engine(Engine):
         self._anchor_model: dict[str, torch.Tensor] = {}
         self._anchor_embedder: dict[str, torch.Tensor] = {}
         self._anchor_cut: tuple[torch.Tensor, ...] | None = None  # F's prefix values, per batch
-        self._split = _SplitSlot()
+        self._split = SplitSlot(channel_delta=self.config.embedder == "channel")
 
     # -- the conditioned forward -----------------------------------------------------------
     def _null_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -207,7 +207,7 @@ class IT3Engine(Engine):
         return self._forward(x, self._null_embedding(x))
 
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        split = self._split.get(self, x) if self.config.share_prefix else None
+        split = self._split.get(self.model, self.layer_name, x) if self.config.split_model else None
         if split is not None:
             return self._split_step_loss(split, x)
         logits0 = self.predict(x)                                      # f(x, null), (B, C)
@@ -239,32 +239,3 @@ class IT3Engine(Engine):
         target = p0.detach() if self.config.detach_target else p0
         return logits0, self._distance(logits1.softmax(1), target)
 
-
-class _SplitSlot:
-    """The engine's `LayerSplit`, kept out of the module tree (not in `state_dict()`), out of
-    pickles and deep copies (rebuilt on first use), and rebuilt when the model's tensors were
-    replaced (e.g. `model.to(device)` swaps buffers). None while any model module is in train
-    mode: dropout/batch-norm statistics must see every pass, as in the full forwards."""
-
-    def __init__(self) -> None:
-        self._split: LayerSplit | None = None
-        self._tensors: list[torch.Tensor] = []
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def get(self, engine: IT3Engine, x: torch.Tensor) -> LayerSplit | None:
-        model = engine.model
-        if any(m.training for m in model.modules()):
-            return None
-        tensors = [*model.parameters(), *model.buffers()]
-        if len(tensors) != len(self._tensors) or any(
-                a is not b for a, b in zip(tensors, self._tensors)):
-            self._tensors = tensors
-            self._split = LayerSplit.build(
-                model, engine.layer_name, x[:4].detach(),
-                channel_delta=engine.config.embedder == "channel")
-        return self._split

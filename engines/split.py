@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from engines.hooks import add_to_output
 
-__all__ = ["LayerSplit", "add_delta"]
+__all__ = ["LayerSplit", "SplitSlot", "add_delta"]
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
               torch.max_pool3d)
@@ -87,22 +87,22 @@ class LayerSplit:
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
-              channel_delta: bool) -> LayerSplit | None:
+              channel_delta: bool, rows: bool = False) -> LayerSplit | None:
         """Trace `model` and cut it at `layer`; None (and a RuntimeWarning saying why) when that
         is not possible. `channel_delta`: the deltas will be (B, C) per-channel shifts (allows
-        the max-pool move). The split is checked against the hooked model on `check_x`."""
+        the max-pool move); `rows`: the rest will also run on the first rows of a cut. The
+        split is checked against the hooked model on `check_x`."""
         try:
-            return cls._build(model, layer, check_x, channel_delta)
+            return cls._build(model, layer, check_x, channel_delta, rows)
         except Exception as exc:  # noqa: BLE001 - no split is always a correct fallback
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"IT3 share_prefix: cannot split {type(model).__name__} at {layer!r} "
-                          f"({why}); running two full forwards per step", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"split_model: cannot split {type(model).__name__} at {layer!r} "
+                          f"({why}); running whole forwards", RuntimeWarning, stacklevel=2)
             return None
 
     @classmethod
     def _build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
-               channel_delta: bool) -> LayerSplit:
+               channel_delta: bool, rows: bool) -> LayerSplit:
         try:
             graph = _Tracer(layer).trace(model)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and the like
@@ -154,10 +154,18 @@ class LayerSplit:
         if not split._agrees(model, layer, check_x):
             raise _NoSplit("the split model's output differs from the model's; an in-place op "
                            "on the layer's output?")
+        if rows and not split._rows_agree(model, check_x):
+            raise _NoSplit("the rest of the model gives other results on a subset of the rows; "
+                           "does it read the batch size (x.size(0))?")
         return split
 
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.prefix(x)
+
+    @staticmethod
+    def rows(cut: tuple, n: int) -> tuple:
+        """The cut values of the first n rows (tensors sliced on dim 0, other values as they are)."""
+        return tuple(c[:n] if isinstance(c, torch.Tensor) else c for c in cut)
 
     def run(self, cut: tuple[torch.Tensor, ...], delta: torch.Tensor | None,
             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -182,3 +190,43 @@ class LayerSplit:
                 full_d = model(x)
             ok = torch.allclose(self.run(cut, None), full, rtol=1e-4, atol=1e-5)
             return ok and torch.allclose(self.run(cut, delta), full_d, rtol=1e-4, atol=1e-5)
+
+    def _rows_agree(self, model: nn.Module, x: torch.Tensor) -> bool:
+        """The rest run on the first rows of a cut == the model on those rows (a value such as
+        x.size(0) in the cut would break that)."""
+        half = max(1, x.shape[0] // 2)
+        with torch.no_grad():
+            try:
+                part = self.run(self.rows(self.cut(x), half), None)
+            except RuntimeError:
+                return False
+            return torch.allclose(part, model(x[:half]), rtol=1e-4, atol=1e-5)
+
+
+class SplitSlot:
+    """An engine's `LayerSplit`, kept out of the module tree (not in `state_dict()`), out of
+    pickles and deep copies (rebuilt on first use), and rebuilt when the model's tensors were
+    replaced (e.g. `model.to(device)` swaps buffers). None while any model module is in train
+    mode: dropout/batch-norm statistics must see every pass and row, as in whole forwards."""
+
+    def __init__(self, channel_delta: bool = False, rows: bool = False) -> None:
+        self.channel_delta, self.rows = channel_delta, rows
+        self._split: LayerSplit | None = None
+        self._tensors: list[torch.Tensor] = []
+
+    def __getstate__(self) -> dict:
+        return {"channel_delta": self.channel_delta, "rows": self.rows}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def get(self, model: nn.Module, layer: str, x: torch.Tensor) -> LayerSplit | None:
+        if any(m.training for m in model.modules()):
+            return None
+        tensors = [*model.parameters(), *model.buffers()]
+        if len(tensors) != len(self._tensors) or any(
+                a is not b for a, b in zip(tensors, self._tensors)):
+            self._tensors = tensors
+            self._split = LayerSplit.build(model, layer, x[:4].detach(),
+                                           channel_delta=self.channel_delta, rows=self.rows)
+        return self._split

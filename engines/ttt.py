@@ -3,7 +3,9 @@ layer's features; at test time, descend that rotation loss before predicting.
 
 One forward over the 4B rotated batch gives both the rotation loss and, in its 0-degree quarter,
 the main prediction at the same weights — torch-ttt runs the plain batch separately (5B images
-per step); here a step costs 4B, and the anytime prediction of step k is that quarter.
+per step); here a step costs 4B, and the anytime prediction of step k is that quarter. With
+`split_model` the part of the model after the layer runs on that quarter only (the rotated
+copies only feed the head).
 With `rotations="rand"` (the official TTT release's `rotate_batch(inputs, 'rand')`) a test-time
 step rotates each image once by a random angle: B images with gradients plus a no-grad forward
 of the plain B for the anytime prediction.
@@ -18,6 +20,7 @@ from torch import nn
 from engines.base import AdaptResult, Engine, register_engine
 from engines.config import TTTConfig
 from engines.hooks import DryRun, build_seeded, capture_output
+from engines.split import LayerSplit, SplitSlot
 
 __all__ = ["TTTEngine", "rotate_batch", "rotation_head"]
 
@@ -79,6 +82,7 @@ class TTTEngine(Engine):
         shape = probe.features.shape
         self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
         self._angles = torch.Generator()  # rotations="rand": re-seeded by every adapt()
+        self._split = SplitSlot(rows=True)
 
     def _rotation_loss(self, images: torch.Tensor, labels: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +106,21 @@ class TTTEngine(Engine):
         self._angles.manual_seed(self.config.seed)
         return super().adapt(x, steps, lr, mode=mode, optimizer=optimizer)
 
+    def _split_rotation_forward(self, split: LayerSplit, x: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_rotation_forward` with the part after the layer run on the unrotated quarter only:
+        the rotation loss needs just the layer's features of all 4B images."""
+        images, labels = rotate_batch(x)
+        cut = split.cut(images)                                        # cut[0]: the features
+        logits = split.run(split.rows(cut, x.shape[0]), None)          # (B, C), 0 degrees
+        return logits, F.cross_entropy(self.head(cut[0]), labels)
+
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.rotations == "all":
+            split = (self._split.get(self.model, self.layer_name, x)
+                     if self.config.split_model else None)
+            if split is not None:
+                return self._split_rotation_forward(split, x)
             return self._rotation_forward(x)
         with torch.no_grad():
             logits = self.model(x)                                     # (B, num_classes)

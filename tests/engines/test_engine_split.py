@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from engines import IT3Config
+from engines import IT3Config, TTTConfig
 from engines.hooks import add_to_output
 from engines.it3 import IT3Engine
+from engines.ttt import TTTEngine
 from engines.split import LayerSplit
 from pipeline.models import build_model
 
@@ -76,7 +77,7 @@ def _engines(model_fn, **config):
     for share in (True, False):
         torch.manual_seed(0)
         out.append(IT3Engine(model_fn(), torch.zeros(1, 1, 28, 28),
-                             IT3Config(share_prefix=share, **config)))
+                             IT3Config(split_model=share, **config)))
     return out
 
 
@@ -85,7 +86,7 @@ def test_untraceable_model_falls_back_to_full_forwards(batch):
     with pytest.warns(RuntimeWarning, match="cannot split _Branchy at 'conv1' .*torch.fx"):
         assert LayerSplit.build(_Branchy().eval(), "conv1", x[:4], channel_delta=True) is None
     shared, full = _engines(lambda: _Branchy().eval(), layer="conv1")
-    with pytest.warns(RuntimeWarning, match="two full forwards"):
+    with pytest.warns(RuntimeWarning, match="running whole forwards"):
         a = shared.adapt(x, 2)
     assert torch.equal(a.logits, full.adapt(x, 2).logits)
 
@@ -117,7 +118,7 @@ def test_train_mode_runs_full_forwards(batch):
     torch.manual_seed(1)
     b = full.adapt(x, 2)
     assert torch.equal(a.logits, b.logits)
-    assert shared._split.get(shared, x) is None
+    assert shared._split.get(shared.model, "conv1", x) is None
 
 
 def test_split_stays_out_of_state_dict_and_copies_and_follows_new_tensors(batch):
@@ -185,3 +186,36 @@ def test_container_layer_and_in_place_ops(inplace, batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits)
+
+
+def _ttt_engines(model_fn, **config):
+    out = []
+    for split in (True, False):
+        torch.manual_seed(0)
+        out.append(TTTEngine(model_fn(), torch.zeros(1, 1, 28, 28),
+                             TTTConfig(split_model=split, **config)))
+    return out
+
+
+@pytest.mark.parametrize("layer", ["fc2", "fc1", "conv2"])
+def test_ttt_runs_the_rest_on_the_unrotated_quarter_only(layer, batch):
+    x = batch[0]
+    split, whole = _ttt_engines(lambda: build_model("seed_cnn").eval(), layer=layer)
+    a, b = split.adapt(x, 3), whole.adapt(x, 3)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.losses, b.losses, rtol=1e-4, atol=1e-6)
+    assert split._split._split is not None
+    rows = []  # the layer after `layer` sees 4B rows with the whole model, B with the split
+    after = {"fc2": "fc3", "fc1": "fc2", "conv2": "fc1"}[layer]
+    split.model.get_submodule(after).register_forward_hook(
+        lambda _m, inp, _o: rows.append(inp[0].shape[0]))
+    split.adapt(x, 1)
+    assert rows == [len(x), len(x)]   # step 1's quarter, then the final prediction
+
+
+def test_ttt_falls_back_when_the_rest_reads_the_batch_size(batch):
+    x = batch[0]
+    with pytest.warns(RuntimeWarning, match="subset of the rows"):
+        split, whole = _ttt_engines(lambda: _Sized().eval(), layer="conv1", channels_last=False)
+        a = split.adapt(x, 2)
+    assert torch.equal(a.logits, whole.adapt(x, 2).logits)
