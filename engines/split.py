@@ -164,8 +164,11 @@ class LayerSplit:
 
     @staticmethod
     def rows(cut: tuple, n: int) -> tuple:
-        """The cut values of the first n rows (tensors sliced on dim 0, other values as they are)."""
-        return tuple(c[:n] if isinstance(c, torch.Tensor) else c for c in cut)
+        """The cut values of the first n rows: tensors with the batch's rows (those whose dim 0
+        matches the injection point's) sliced to [:n], other values (weights, sizes) as they are."""
+        batch = cut[0].shape[0]
+        return tuple(c[:n] if isinstance(c, torch.Tensor) and c.dim() and c.shape[0] == batch
+                     else c for c in cut)
 
     def run(self, cut: tuple[torch.Tensor, ...], delta: torch.Tensor | None,
             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -219,3 +219,26 @@ def test_ttt_falls_back_when_the_rest_reads_the_batch_size(batch):
         split, whole = _ttt_engines(lambda: _Sized().eval(), layer="conv1", channels_last=False)
         a = split.adapt(x, 2)
     assert torch.equal(a.logits, whole.adapt(x, 2).logits)
+
+
+class _Gain(nn.Module):
+    """A weight-derived value computed before the layer and read after it (not batch rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.gain = nn.Parameter(torch.zeros(50))
+        self.fc1 = nn.Linear(4 * 24 * 24, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        scale = self.gain.exp()                                        # (50,)
+        return self.fc2(self.fc1(self.conv1(x).flatten(1)) * scale)
+
+
+def test_ttt_slices_only_the_batch_rows_of_the_cut(batch):
+    x = batch[0]
+    split, whole = _ttt_engines(lambda: _Gain().eval(), layer="conv1")
+    a, b = split.adapt(x, 2), whole.adapt(x, 2)
+    assert split._split._split is not None
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
