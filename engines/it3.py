@@ -238,4 +238,3 @@ class IT3Engine(Engine):
             logits1 = split.run(cut, self.embedder(p0))
         target = p0.detach() if self.config.detach_target else p0
         return logits0, self._distance(logits1.softmax(1), target)
-
