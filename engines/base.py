@@ -125,8 +125,7 @@ class Engine(nn.Module):
         device = first.device if first is not None else example_input.device
         dtype = first.dtype if first is not None else torch.float32
         self._build_aux(probe, torch.Generator().manual_seed(config.seed), device, dtype)
-        self._channels_last_ok = config.channels_last and self._runs_channels_last(
-            example_input, probe)
+        self._channels_last_ok = config.channels_last and self._runs_channels_last(example_input)
         self._adapted_names = self._select_adapted(config.adapt_params, probe)
         self.optimization_parameters: dict[str, Any] = {
             "num_steps": config.steps, "lr": config.lr, "optimizer_name": config.optimizer,
@@ -136,14 +135,18 @@ class Engine(nn.Module):
         self._batch_start: list[torch.Tensor] | None = None  # per-batch snapshot (reused)
         self._origin: list[torch.Tensor] | None = None       # where reset() returns to
 
-    def _runs_channels_last(self, example_input: torch.Tensor, probe: DryRun) -> bool:
+    def _runs_channels_last(self, example_input: torch.Tensor) -> bool:
         """Whether the model gives the same logits with channels_last conv weights. A forward
         that `.view()`s a conv output fails on channels_last activations (reshape/flatten work):
         then adaptation keeps the user's layout, with a warning saying why."""
+        # a random input, not the example: zeros through batch-statistics norm amplify rounding
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(example_input.shape, generator=gen).to(example_input)
         try:
+            plain = dry_run(self.model, x, self.config.layer).logits
             with _channels_last([*self.model.parameters(), *self.model.buffers()]):
-                again = dry_run(self.model, example_input, self.config.layer)
-            if torch.allclose(again.logits, probe.logits, rtol=1e-4, atol=1e-5):
+                again = dry_run(self.model, x, self.config.layer).logits
+            if torch.allclose(again, plain, rtol=1e-4, atol=1e-5):
                 return True
             why = "its logits differ"
         except RuntimeError as exc:
@@ -258,6 +261,9 @@ class Engine(nn.Module):
             except (RuntimeError, ValueError):
                 opt = cls(params, lr=self.config.lr, **kwargs)
             self._optimizers[name] = opt
+        elif any(t.dtype != p.dtype or t.device != p.device for p, st in opt.state.items()
+                 for t in st.values() if isinstance(t, torch.Tensor) and t.dim()):
+            opt.state.clear()  # the engine was moved (`.to(...)`) during an online run
         return opt
 
     # -- test-time adaptation -------------------------------------------------------------

@@ -24,6 +24,7 @@ or less than once, or the split model's output differs from the hooked model's o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,17 +84,19 @@ class LayerSplit:
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     injection: str           # where delta is added: the layer, or a max-pool right after it
-    suffix_names: frozenset  # parameter/buffer names the suffix uses (for functional_call)
+    suffix_names: dict       # suffix's parameter/buffer name -> the model's (functional_call)
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
-              channel_delta: bool, rows: bool = False) -> LayerSplit | None:
+              channel_delta: bool,
+              rows_check: tuple[torch.Tensor, int] | None = None) -> LayerSplit | None:
         """Trace `model` and cut it at `layer`; None (and a RuntimeWarning saying why) when that
         is not possible. `channel_delta`: the deltas will be (B, C) per-channel shifts (allows
-        the max-pool move); `rows`: the rest will also run on the first rows of a cut. The
-        split is checked against the hooked model on `check_x`."""
+        the max-pool move). The split is checked against the hooked model on `check_x`;
+        `rows_check` (X, n): the rest will also run on the first rows of a cut (TTT's unrotated
+        quarter), checked as rest(first n rows of cut(X)) == model(X)[:n]."""
         try:
-            return cls._build(model, layer, check_x, channel_delta, rows)
+            return cls._build(model, layer, check_x, channel_delta, rows_check)
         except Exception as exc:  # noqa: BLE001 - no split is always a correct fallback
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"split_model: cannot split {type(model).__name__} at {layer!r} "
@@ -102,7 +105,8 @@ class LayerSplit:
 
     @classmethod
     def _build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
-               channel_delta: bool, rows: bool) -> LayerSplit:
+               channel_delta: bool, rows_check: tuple[torch.Tensor, int] | None
+               ) -> LayerSplit:
         try:
             graph = _Tracer(layer).trace(model)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and the like
@@ -120,12 +124,18 @@ class LayerSplit:
                 break
         output = next(n for n in nodes if n.op == "output")
         later: set[fx.Node] = set()            # nodes that depend on the injection point
+        data: set[fx.Node] = set()             # nodes that depend on the input (the batch)
         for n in nodes:
+            if n.op == "placeholder" or any(a in data for a in n.all_input_nodes):
+                data.add(n)
             if n is not inj and any(a is inj or a in later for a in n.all_input_nodes):
                 later.add(n)
         if output not in later:
             raise _NoSplit("the model's output does not depend on the layer")
-        cut = [inj] + [n for n in nodes if n is not inj and n not in later
+        # the values the rest reads from before the cut: computed once if they depend on the
+        # batch; weight-only values (a parameter read after the layer, w.exp(), ...) are
+        # recomputed in the rest, so functional_call's weights (IT3's frozen anchor) reach them
+        cut = [inj] + [n for n in nodes if n is not inj and n not in later and n in data
                        and any(u in later for u in n.users)]
 
         pre = fx.Graph()
@@ -140,6 +150,9 @@ class LayerSplit:
         delta = suf.placeholder("delta")
         env[inj] = suf.call_function(add_delta, (env[inj], delta))
         for n in nodes:
+            if n not in data and n not in later and n is not output:
+                env[n] = suf.node_copy(n, lambda a: env[a])           # weight-only values
+        for n in nodes:
             if n in later and n is not output:
                 env[n] = suf.node_copy(n, lambda a: env[a])
         suf.output(fx.node.map_arg(output.args[0], lambda a: env[a]))
@@ -148,15 +161,21 @@ class LayerSplit:
         prefix.graph.eliminate_dead_code()  # what only the rest used, e.g. a skipped branch
         prefix.recompile()
         suffix = fx.GraphModule(model, suf, class_name="Suffix")
-        names = frozenset(n for n, _ in suffix.named_parameters()) | frozenset(
-            n for n, _ in suffix.named_buffers())
+        suffix.graph.eliminate_dead_code()
+        suffix.recompile()
+        # the model's name of each tensor the rest uses (tied weights: one name, two places)
+        canonical = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        names = {n: canonical[id(t)] for n, t in [
+            *suffix.named_parameters(remove_duplicate=False),
+            *suffix.named_buffers(remove_duplicate=False)] if id(t) in canonical}
         split = cls(prefix, suffix, layer if inj is hits[0] else inj.name, names)
         if not split._agrees(model, layer, check_x):
-            raise _NoSplit("the split model's output differs from the model's; an in-place op "
-                           "on the layer's output?")
-        if rows and not split._rows_agree(model, check_x):
+            raise _NoSplit("the split model's output differs from the model's: a forward hook on "
+                           "a module torch.fx traces through, or an in-place op on the layer's "
+                           "output?")
+        if rows_check is not None and not split._rows_agree(model, *rows_check):
             raise _NoSplit("the rest of the model gives other results on a subset of the rows; "
-                           "does it read the batch size (x.size(0))?")
+                           "does it read the batch size (x.size(0)) or mix rows?")
         return split
 
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -177,7 +196,7 @@ class LayerSplit:
         model's state_dict)."""
         if params is None:
             return self.suffix(*cut, delta)
-        own = {k: v for k, v in params.items() if k in self.suffix_names}
+        own = {n: params[m] for n, m in self.suffix_names.items() if m in params}
         return functional_call(self.suffix, own, (*cut, delta))
 
     def _agrees(self, model: nn.Module, layer: str, x: torch.Tensor) -> bool:
@@ -194,42 +213,70 @@ class LayerSplit:
             ok = torch.allclose(self.run(cut, None), full, rtol=1e-4, atol=1e-5)
             return ok and torch.allclose(self.run(cut, delta), full_d, rtol=1e-4, atol=1e-5)
 
-    def _rows_agree(self, model: nn.Module, x: torch.Tensor) -> bool:
-        """The rest run on the first rows of a cut == the model on those rows (a value such as
-        x.size(0) in the cut would break that)."""
-        half = max(1, x.shape[0] // 2)
+    def _rows_agree(self, model: nn.Module, x: torch.Tensor, n: int) -> bool:
+        """The rest run on the first n rows of x's cut == the first n rows of model(x): fails
+        when the rest reads the batch size or mixes rows (e.g. batch statistics)."""
         with torch.no_grad():
             try:
-                part = self.run(self.rows(self.cut(x), half), None)
+                part = self.run(self.rows(self.cut(x), n), None)
             except RuntimeError:
                 return False
-            return torch.allclose(part, model(x[:half]), rtol=1e-4, atol=1e-5)
+            return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5)
 
 
 class SplitSlot:
     """An engine's `LayerSplit`, kept out of the module tree (not in `state_dict()`), out of
-    pickles and deep copies (rebuilt on first use), and rebuilt when the model's tensors were
-    replaced (e.g. `model.to(device)` swaps buffers). None while any model module is in train
-    mode: dropout/batch-norm statistics must see every pass and row, as in whole forwards."""
+    pickles and deep copies (rebuilt on first use), and rebuilt when anything a traced graph
+    depends on besides tensor values changed: the modules, the parameter/buffer objects (e.g.
+    `model.to(device)` swaps buffers), the hooks, plain Python attributes (torch.fx bakes them
+    into the graph as constants). None while any model module is in train mode: dropout and
+    batch-norm statistics must see every pass and row, as in whole forwards."""
 
-    def __init__(self, channel_delta: bool = False, rows: bool = False) -> None:
-        self.channel_delta, self.rows = channel_delta, rows
+    def __init__(self, channel_delta: bool = False) -> None:
+        self.channel_delta = channel_delta
         self._split: LayerSplit | None = None
-        self._tensors: list[torch.Tensor] = []
+        self._key: tuple[list, list] = ([], [])
 
     def __getstate__(self) -> dict:
-        return {"channel_delta": self.channel_delta, "rows": self.rows}
+        return {"channel_delta": self.channel_delta}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    def get(self, model: nn.Module, layer: str, x: torch.Tensor) -> LayerSplit | None:
+    def get(self, model: nn.Module, layer: str, x: torch.Tensor,
+            rows_check: Callable[[], tuple[torch.Tensor, int]] | None = None
+            ) -> LayerSplit | None:
+        """The split for `model` at `layer` (built on first use from x's first rows); None when
+        it cannot be used. `rows_check()` -> (X, n): see `LayerSplit.build`."""
         if any(m.training for m in model.modules()):
             return None
-        tensors = [*model.parameters(), *model.buffers()]
-        if len(tensors) != len(self._tensors) or any(
-                a is not b for a, b in zip(tensors, self._tensors)):
-            self._tensors = tensors
-            self._split = LayerSplit.build(model, layer, x[:4].detach(),
-                                           channel_delta=self.channel_delta, rows=self.rows)
+        key = _graph_key(model)
+        if not _same_key(key, self._key):
+            self._key = key
+            self._split = LayerSplit.build(
+                model, layer, x[:4].detach(), channel_delta=self.channel_delta,
+                rows_check=rows_check() if rows_check is not None else None)
         return self._split
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _graph_key(model: nn.Module) -> tuple[list, list]:
+    """(objects compared by identity, values compared by ==) that a traced graph of `model`
+    depends on besides tensor values."""
+    objects: list = []  # (torch's global module hooks are left out: profilers and
+    values: list = []   # FlopCounterMode add them only to observe)
+    for name, m in model.named_modules():
+        objects += [m, *m._parameters.values(), *m._buffers.values(),
+                    *m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        values.append((name, [(k, v) for k, v in vars(m).items()
+                              if k != "training" and not k.startswith("_") and (
+                                  isinstance(v, _PLAIN) or isinstance(v, tuple)
+                                  and all(isinstance(e, _PLAIN) for e in v))]))
+    return objects, values
+
+
+def _same_key(a: tuple[list, list], b: tuple[list, list]) -> bool:
+    return (len(a[0]) == len(b[0]) and all(p is q for p, q in zip(a[0], b[0]))
+            and a[1] == b[1])

@@ -82,7 +82,7 @@ class TTTEngine(Engine):
         shape = probe.features.shape
         self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
         self._angles = torch.Generator()  # rotations="rand": re-seeded by every adapt()
-        self._split = SplitSlot(rows=True)
+        self._split = SplitSlot()
 
     def _rotation_loss(self, images: torch.Tensor, labels: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +117,8 @@ class TTTEngine(Engine):
 
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.rotations == "all":
-            split = (self._split.get(self.model, self.layer_name, x)
-                     if self.config.split_model else None)
+            split = (self._split.get(self.model, self.layer_name, x, rows_check=lambda: (
+                rotate_batch(x[:2])[0], min(2, x.shape[0]))) if self.config.split_model else None)
             if split is not None:
                 return self._split_rotation_forward(split, x)
             return self._rotation_forward(x)

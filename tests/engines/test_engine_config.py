@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import json
 
 import pytest
@@ -148,3 +149,32 @@ def test_channels_last_turns_itself_off_for_a_model_that_views(name, batch):
     plain = cls(_Viewing(), torch.zeros(1, 1, 28, 28),
                 cls.config_cls(layer="fc1", channels_last=False))
     assert torch.equal(fast.adapt(batch[0], 2).logits, plain.adapt(batch[0], 2).logits)
+
+
+class _BatchStats(nn.Module):
+    """Batch-statistics norm after a conv: a zeros example input gives 0/0-like outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.norm = nn.BatchNorm2d(4, track_running_stats=False)
+        self.fc1 = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc1(self.norm(self.conv1(x)).flatten(1))
+
+
+def test_channels_last_check_does_not_trip_on_a_zeros_example():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = engines.TTTEngine(_BatchStats(), torch.zeros(1, 1, 28, 28),
+                                   TTTConfig(layer="conv1"))
+    assert engine._channels_last_ok
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_moving_the_engine_during_an_online_run(optimizer, make_engine, batch):
+    engine = make_engine("ttt", mode="online", optimizer=optimizer)
+    engine.adapt(batch[0], 1)
+    engine.to(torch.float64)  # the optimizer state is float32: reset, not a dtype error
+    assert engine.adapt(batch[0].double(), 1).logits.dtype == torch.float64

@@ -209,6 +209,8 @@ def test_ttt_runs_the_rest_on_the_unrotated_quarter_only(layer, batch):
     after = {"fc2": "fc3", "fc1": "fc2", "conv2": "fc1"}[layer]
     split.model.get_submodule(after).register_forward_hook(
         lambda _m, inp, _o: rows.append(inp[0].shape[0]))
+    split.adapt(x, 1)  # a new hook: the split is rebuilt (and checked) here
+    rows.clear()
     split.adapt(x, 1)
     assert rows == [len(x), len(x)]   # step 1's quarter, then the final prediction
 
@@ -242,3 +244,116 @@ def test_ttt_slices_only_the_batch_rows_of_the_cut(batch):
     a, b = split.adapt(x, 2), whole.adapt(x, 2)
     assert split._split._split is not None
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+
+
+# --- regressions found in review: each model made the split differ from whole forwards ---
+
+class _RawHead(nn.Module):
+    """A parameter read directly after the layer (hand-written linear): recomputed in the
+    rest, so IT3's frozen anchor replaces it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc1 = nn.Linear(4 * 24 * 24, 32)
+        self.weight = nn.Parameter(torch.randn(10, 32) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(torch.relu(self.conv1(x)).flatten(1)))
+        return torch.nn.functional.linear(h, self.weight, self.bias)
+
+
+class _Tied(nn.Module):
+    """`b` shares `a`'s weights; the layer is `a`: the anchor must reach `b` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc1 = nn.Linear(4 * 24 * 24, 32)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(torch.relu(self.fc1(torch.relu(self.conv1(x)).flatten(1)))))
+        return self.fc(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("model_fn, layer", [(_RawHead, "fc1"), (_Tied, "a")])
+def test_it3_anchor_reaches_every_weight_after_the_layer(model_fn, layer, batch):
+    x = batch[0]
+    shared, full = _engines(lambda: model_fn().eval(), layer=layer, lr=1e-2)
+    a, b = shared.adapt(x, 4), full.adapt(x, 4)
+    assert shared._split._split is not None
+    torch.testing.assert_close(a.losses, b.losses, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+
+
+class _RowMixing(nn.Module):
+    """Batch statistics after the layer, even in eval mode: the unrotated quarter alone would
+    be normalised over other rows than the whole 4B batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.norm = nn.BatchNorm2d(4, track_running_stats=False)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.relu(self.conv1(x))).flatten(1))
+
+
+class _ReadsBatch(nn.Module):
+    """Reads the batch size after the layer, and the first batch has one image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        b = x.shape[0]
+        return self.fc(torch.relu(self.conv1(x)).reshape(b, -1))
+
+
+@pytest.mark.parametrize("model_fn, first", [(_RowMixing, 12), (_ReadsBatch, 1)])
+def test_ttt_refuses_a_rest_that_cannot_run_on_a_quarter(model_fn, first, batch):
+    x = batch[0]
+    split, whole = _ttt_engines(lambda: model_fn().eval(), layer="conv1")
+    with pytest.warns(RuntimeWarning, match="subset of the rows"):
+        split.adapt(x[:first], 2)
+    for xb in (x[:first], x):
+        assert torch.equal(split.adapt(xb, 2).logits, whole.adapt(xb, 2).logits)
+
+
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv1(x)).flatten(1)) / self.temperature
+
+
+@pytest.mark.parametrize("change", ["module", "hook", "attribute"])
+def test_split_follows_changes_to_the_model(change, batch):
+    x = batch[0]
+    engines_ = [*_engines(lambda: _Temperature().eval(), layer="conv1"),
+                *_ttt_engines(lambda: _Temperature().eval(), layer="conv1")]
+    for engine in engines_:
+        engine.adapt(x, 1)  # builds the split
+        model = engine.model
+        if change == "module":
+            model.act = nn.Tanh().eval()
+        elif change == "hook":
+            model.register_forward_hook(lambda _m, _i, out: out / 2)
+        else:
+            model.temperature = 4.0  # torch.fx traced it as a constant
+    for shared, full in (engines_[:2], engines_[2:]):
+        torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits,
+                                   rtol=1e-4, atol=1e-5)
