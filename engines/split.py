@@ -62,7 +62,20 @@ class _Tracer(fx.Tracer):
         self.layer = layer
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname == self.layer or super().is_leaf_module(m, qualname)
+        # a module with forward hooks stays one call, so its hooks run in the split as well
+        return (qualname == self.layer or bool(m._forward_hooks or m._forward_pre_hooks)
+                or super().is_leaf_module(m, qualname))
+
+
+def _hook_problem(model: nn.Module) -> str | None:
+    """Hooks a split cannot honour: on the model itself (it is never called as a whole) and
+    backward hooks anywhere (the passes' gradients flow differently through a split)."""
+    if model._forward_hooks or model._forward_pre_hooks:
+        return "forward hooks on the model itself"
+    for name, m in model.named_modules():
+        if m._backward_hooks or m._backward_pre_hooks:
+            return f"backward hooks on {name or 'the model'}"
+    return None
 
 
 def _is_max_pool(node: fx.Node, root: nn.Module) -> bool:
@@ -85,6 +98,7 @@ class LayerSplit:
     suffix: fx.GraphModule
     injection: str           # where delta is added: the layer, or a max-pool right after it
     suffix_names: dict       # suffix's parameter/buffer name -> the model's (functional_call)
+    batch_rows: frozenset | None = None  # cut indices whose dim 0 is the batch (rows_check)
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
@@ -107,6 +121,8 @@ class LayerSplit:
     def _build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
                channel_delta: bool, rows_check: tuple[torch.Tensor, int] | None
                ) -> LayerSplit:
+        if (problem := _hook_problem(model)) is not None:
+            raise _NoSplit(problem)
         try:
             graph = _Tracer(layer).trace(model)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and the like
@@ -181,13 +197,13 @@ class LayerSplit:
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.prefix(x)
 
-    @staticmethod
-    def rows(cut: tuple, n: int) -> tuple:
-        """The cut values of the first n rows: tensors with the batch's rows (those whose dim 0
-        matches the injection point's) sliced to [:n], other values (weights, sizes) as they are."""
-        batch = cut[0].shape[0]
-        return tuple(c[:n] if isinstance(c, torch.Tensor) and c.dim() and c.shape[0] == batch
-                     else c for c in cut)
+    def rows(self, cut: tuple, n: int) -> tuple:
+        """The cut values of the first n rows: the values that carry the batch's rows (found
+        when the split was checked for it, `rows_check`) sliced to [:n], the others as they
+        are (weight-derived values, sizes)."""
+        if self.batch_rows is None:
+            raise RuntimeError("this split was not checked for running on a subset of rows")
+        return tuple(c[:n] if i in self.batch_rows else c for i, c in enumerate(cut))
 
     def run(self, cut: tuple[torch.Tensor, ...], delta: torch.Tensor | None,
             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -214,11 +230,23 @@ class LayerSplit:
             return ok and torch.allclose(self.run(cut, delta), full_d, rtol=1e-4, atol=1e-5)
 
     def _rows_agree(self, model: nn.Module, x: torch.Tensor, n: int) -> bool:
-        """The rest run on the first n rows of x's cut == the first n rows of model(x): fails
-        when the rest reads the batch size or mixes rows (e.g. batch statistics)."""
+        """Find the cut values that carry the batch's rows (dim 0 follows the batch size over
+        two batch sizes), then check: the rest run on the first n rows of x's cut == the first
+        n rows of model(x); fails when the rest reads the batch size or mixes rows (e.g.
+        batch statistics)."""
+        m = x.shape[0] // 2
+        if not 0 < n <= m:
+            return False
         with torch.no_grad():
+            cut, half = self.cut(x), self.cut(x[:m])
+            self.batch_rows = frozenset(
+                i for i, (a, b) in enumerate(zip(cut, half))
+                if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == x.shape[0]
+                and isinstance(b, torch.Tensor) and b.dim() and b.shape[0] == m)
+            if 0 not in self.batch_rows:
+                return False
             try:
-                part = self.run(self.rows(self.cut(x), n), None)
+                part = self.run(self.rows(cut, n), None)
             except RuntimeError:
                 return False
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5)
@@ -259,21 +287,35 @@ class SplitSlot:
         return self._split
 
 
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _freeze(value, objects: list):
+    """A value for == comparison: plain values as they are, lists/tuples/dicts element-wise,
+    anything else (tensors, functions, modules) as a slot whose object is compared by identity."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v, objects) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _freeze(v, objects)) for k, v in value.items()))
+    objects.append(value)
+    return ("object", len(objects))
 
 
 def _graph_key(model: nn.Module) -> tuple[list, list]:
     """(objects compared by identity, values compared by ==) that a traced graph of `model`
-    depends on besides tensor values."""
-    objects: list = []  # (torch's global module hooks are left out: profilers and
-    values: list = []   # FlopCounterMode add them only to observe)
+    depends on besides tensor values: module objects and types, parameter/buffer objects,
+    hooks, and every public attribute (torch.fx bakes the ones it reads into the graph).
+    torch's global module hooks are left out: profilers and FlopCounterMode add them to watch."""
+    objects: list = []
+    values: list = []
     for name, m in model.named_modules():
-        objects += [m, *m._parameters.values(), *m._buffers.values(),
-                    *m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-        values.append((name, [(k, v) for k, v in vars(m).items()
-                              if k != "training" and not k.startswith("_") and (
-                                  isinstance(v, _PLAIN) or isinstance(v, tuple)
-                                  and all(isinstance(e, _PLAIN) for e in v))]))
+        objects += [m, type(m), *m._parameters.values(), *m._buffers.values(),
+                    *m._forward_hooks.values(), *m._forward_pre_hooks.values(),
+                    *m._backward_hooks.values(), *m._backward_pre_hooks.values()]
+        values.append((name, tuple((k, _freeze(v, objects)) for k, v in vars(m).items()
+                                   if k != "training" and not k.startswith("_"))))
     return objects, values
 
 

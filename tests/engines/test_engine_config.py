@@ -178,3 +178,22 @@ def test_moving_the_engine_during_an_online_run(optimizer, make_engine, batch):
     engine.adapt(batch[0], 1)
     engine.to(torch.float64)  # the optimizer state is float32: reset, not a dtype error
     assert engine.adapt(batch[0].double(), 1).logits.dtype == torch.float64
+
+
+class _Sqrt(nn.Module):
+    """Valid for x >= 0 only: NaN logits on a random input, in either layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc1 = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc1(self.conv1(x.sqrt()).flatten(1))
+
+
+def test_channels_last_check_treats_nan_alike():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = engines.TTTEngine(_Sqrt(), torch.zeros(1, 1, 28, 28), TTTConfig(layer="conv1"))
+    assert engine._channels_last_ok

@@ -355,5 +355,92 @@ def test_split_follows_changes_to_the_model(change, batch):
         else:
             model.temperature = 4.0  # torch.fx traced it as a constant
     for shared, full in (engines_[:2], engines_[2:]):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            a = shared.adapt(x, 2)
+        torch.testing.assert_close(a.logits, full.adapt(x, 2).logits, rtol=1e-4, atol=1e-5)
+        # a hook on the model itself: the split never calls the model as a whole, so it is off
+        assert any("forward hooks on the model itself" in str(w.message)
+                   for w in seen) == (change == "hook")
+
+
+class _BatchSizedConstant(nn.Module):
+    """A value built from x (its device) before the layer, read after it; its length equals
+    4B for B = 16, which must not make it look like the batch's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc1 = nn.Linear(4 * 24 * 24, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        scale = torch.linspace(0.5, 1.5, 64, device=x.device)
+        h = torch.relu(self.conv1(x)).flatten(1)
+        return self.fc2(self.fc1(h) * scale)
+
+
+def test_ttt_rows_are_found_from_the_graph_not_by_size():
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    split, whole = _ttt_engines(lambda: _BatchSizedConstant().eval(), layer="conv1")
+    for xb in (x[:2], x):
+        torch.testing.assert_close(split.adapt(xb, 2).logits, whole.adapt(xb, 2).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+class _Blocky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU())
+        self.fc1 = nn.Linear(4 * 24 * 24, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.block(x).flatten(1))))
+
+
+def test_hooks_the_split_cannot_honour_turn_it_off(batch):
+    x = batch[0]
+    shared, full = _engines(lambda: _Blocky().eval(), layer="fc1", variant="torch_ttt")
+    for engine in (shared, full):  # halves the gradient flowing into the conv block
+        engine.model.block.register_full_backward_pre_hook(lambda _m, g: (g[0] / 2,))
+    with pytest.warns(RuntimeWarning, match="backward hooks on block"):
+        a = shared.adapt(x, 2)
+    torch.testing.assert_close(a.logits, full.adapt(x, 2).logits)
+    # a forward hook on a container keeps it one call, so the hook still runs
+    split, whole = _ttt_engines(lambda: _Blocky().eval(), layer="fc1")
+    for engine in (split, whole):
+        engine.model.block.register_forward_hook(lambda _m, _i, out: out * 2)
+    torch.testing.assert_close(split.adapt(x, 2).logits, whole.adapt(x, 2).logits,
+                               rtol=1e-4, atol=1e-5)
+    assert split._split._split is not None
+
+
+class _Attrs(nn.Module):
+    """Attributes torch.fx bakes into the graph: a non-buffer tensor, a list, a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.t = torch.tensor(1.0)
+        self.scale = [1.0]
+        self.fn = torch.relu
+
+    def forward(self, x):
+        return self.fc(self.fn(self.conv1(x)).flatten(1)) * self.scale[0] / self.t
+
+
+@pytest.mark.parametrize("name, value", [("t", torch.tensor(3.0)), ("scale", [3.0]),
+                                         ("fn", torch.tanh)])
+def test_split_follows_any_public_attribute(name, value, batch):
+    x = batch[0]
+    pairs = (_engines(lambda: _Attrs().eval(), layer="conv1"),
+             _ttt_engines(lambda: _Attrs().eval(), layer="conv1"))
+    for shared, full in pairs:
+        for engine in (shared, full):
+            engine.adapt(x, 1)  # builds the split
+            setattr(engine.model, name, value)
         torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits,
                                    rtol=1e-4, atol=1e-5)
+        assert shared._split._split is not None
