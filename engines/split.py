@@ -264,6 +264,8 @@ class SplitSlot:
         self.channel_delta = channel_delta
         self._split: LayerSplit | None = None
         self._key: tuple[list, list] = ([], [])
+        self._call: object = None          # the adapt() call the answer below was given for
+        self._answer: LayerSplit | None = None
 
     def __getstate__(self) -> dict:
         return {"channel_delta": self.channel_delta}
@@ -271,11 +273,16 @@ class SplitSlot:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    def get(self, model: nn.Module, layer: str, x: torch.Tensor,
+    def get(self, model: nn.Module, layer: str, x: torch.Tensor, call: object = None,
             rows_check: Callable[[], tuple[torch.Tensor, int]] | None = None
             ) -> LayerSplit | None:
         """The split for `model` at `layer` (built on first use from x's first rows); None when
-        it cannot be used. `rows_check()` -> (X, n): see `LayerSplit.build`."""
+        it cannot be used. `call`: an id of the current adapt() call — the model cannot change
+        within one, so the checks run once per call. `rows_check()` -> (X, n): see
+        `LayerSplit.build`."""
+        if call is not None and call == self._call:
+            return self._answer
+        self._call, self._answer = call, None
         if any(m.training for m in model.modules()):
             return None
         key = _graph_key(model)
@@ -284,6 +291,7 @@ class SplitSlot:
             self._split = LayerSplit.build(
                 model, layer, x[:4].detach(), channel_delta=self.channel_delta,
                 rows_check=rows_check() if rows_check is not None else None)
+        self._answer = self._split
         return self._split
 
 
