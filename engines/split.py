@@ -1,4 +1,4 @@
-"""A model cut at a named layer (torch.fx): run the part before the layer once, the rest twice.
+"""A model cut at a named layer (torch.fx), so an engine can skip repeated work at test time.
 
 IT3 runs the model twice per step on the same x; the passes differ only in what is added to
 one layer's output. Everything that does not depend on that output — the prefix — is the same
@@ -15,10 +15,17 @@ in floating point (rounding is monotonic), so the pooling joins the shared prefi
 pooling's gradient routing can differ, and only where two window entries become equal after
 rounding (either is a valid subgradient).
 
+TTT uses the same cut the other way round: its rotated copies only feed the head on the
+layer's features, so the rest runs on the unrotated rows only (`rows`; the values that carry the
+batch's rows are found from two batch sizes, and the rest on a subset of rows is checked
+against the whole model, which refuses models that read the batch size or mix rows).
+
 `LayerSplit.build` returns None with a RuntimeWarning naming the reason — and the caller keeps
-its hook-based full forwards — when the model cannot be traced symbolically, the layer runs more
-or less than once, or the split model's output differs from the hooked model's on a check batch
-(e.g. an in-place op on the layer's output would let one pass change the other's input).
+its whole, hook-based forwards — when the model cannot be traced symbolically, the layer runs
+more or less than once, there are backward hooks or hooks on the model itself, or the split
+model's output differs from the hooked model's on a check batch (e.g. an in-place op on the
+layer's output would let one pass change the other's input). `SplitSlot` caches a split per
+engine and rebuilds it when the model changes in a way the traced graph would not see.
 """
 
 from __future__ import annotations
