@@ -26,7 +26,8 @@ from torch.func import functional_call
 from engines.base import Engine, register_engine
 from engines.config import IT3Config
 from engines.hooks import DryRun, add_to_output, build_seeded
-from engines.split import LayerSplit, SplitSlot
+from engines.split import LayerSplit
+from engines.split_cache import SplitSlot
 
 __all__ = ["DISTANCES", "IT3Engine", "label_embedder"]
 

@@ -24,14 +24,13 @@ against the whole model, which refuses models that read the batch size or mix ro
 its whole, hook-based forwards — when the model cannot be traced symbolically, the layer runs
 more or less than once, there are backward hooks or hooks on the model itself, or the split
 model's output differs from the hooked model's on a check batch (e.g. an in-place op on the
-layer's output would let one pass change the other's input). `SplitSlot` caches a split per
-engine and rebuilds it when the model changes in a way the traced graph would not see.
+layer's output would let one pass change the other's input), or the model sets its own
+attributes in forward. `engines/split_cache.py` keeps one split per engine up to date.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ from torch.func import functional_call
 
 from engines.hooks import add_to_output
 
-__all__ = ["LayerSplit", "SplitSlot", "add_delta"]
+__all__ = ["LayerSplit", "add_delta"]
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
               torch.max_pool3d)
@@ -116,9 +115,15 @@ class LayerSplit:
         the max-pool move). The split is checked against the hooked model on `check_x`;
         `rows_check` (X, n): the rest will also run on the first rows of a cut (TTT's unrotated
         quarter), checked as rest(first n rows of cut(X)) == model(X)[:n]."""
+        saved = _public_attributes(model)
         try:
-            return cls._build(model, layer, check_x, channel_delta, rows_check)
+            split = cls._build(model, layer, check_x, channel_delta, rows_check)
+            if not _same_attributes(saved, _public_attributes(model)):
+                raise _NoSplit("the model sets its own attributes in forward, which a traced "
+                               "graph does not replay")
+            return split
         except Exception as exc:  # noqa: BLE001 - no split is always a correct fallback
+            _restore_attributes(model, saved)  # tracing may have left proxies behind
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"split_model: cannot split {type(model).__name__} at {layer!r} "
                           f"({why}); running whole forwards", RuntimeWarning, stacklevel=2)
@@ -259,81 +264,19 @@ class LayerSplit:
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5)
 
 
-class SplitSlot:
-    """An engine's `LayerSplit`, kept out of the module tree (not in `state_dict()`), out of
-    pickles and deep copies (rebuilt on first use), and rebuilt when anything a traced graph
-    depends on besides tensor values changed: the modules, the parameter/buffer objects (e.g.
-    `model.to(device)` swaps buffers), the hooks, plain Python attributes (torch.fx bakes them
-    into the graph as constants). None while any model module is in train mode: dropout and
-    batch-norm statistics must see every pass and row, as in whole forwards."""
-
-    def __init__(self, channel_delta: bool = False) -> None:
-        self.channel_delta = channel_delta
-        self._split: LayerSplit | None = None
-        self._key: tuple[list, list] = ([], [])
-        self._call: object = None          # the adapt() call the answer below was given for
-        self._answer: LayerSplit | None = None
-
-    def __getstate__(self) -> dict:
-        return {"channel_delta": self.channel_delta}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
-    def get(self, model: nn.Module, layer: str, x: torch.Tensor, call: object = None,
-            rows_check: Callable[[], tuple[torch.Tensor, int]] | None = None
-            ) -> LayerSplit | None:
-        """The split for `model` at `layer` (built on first use from x's first rows); None when
-        it cannot be used. `call`: an id of the current adapt() call — the model cannot change
-        within one, so the checks run once per call. `rows_check()` -> (X, n): see
-        `LayerSplit.build`."""
-        if call is not None and call == self._call:
-            return self._answer
-        self._call, self._answer = call, None
-        if any(m.training for m in model.modules()):
-            return None
-        key = _graph_key(model)
-        if not _same_key(key, self._key):
-            self._key = key
-            self._split = LayerSplit.build(
-                model, layer, x[:4].detach(), channel_delta=self.channel_delta,
-                rows_check=rows_check() if rows_check is not None else None)
-        self._answer = self._split
-        return self._split
+def _public_attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    return [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")})
+            for m in model.modules()]
 
 
-_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+def _same_attributes(a: list[tuple[nn.Module, dict]], b: list[tuple[nn.Module, dict]]) -> bool:
+    return len(a) == len(b) and all(
+        ma is mb and da.keys() == db.keys() and all(da[k] is db[k] for k in da)
+        for (ma, da), (mb, db) in zip(a, b))
 
 
-def _freeze(value, objects: list):
-    """A value for == comparison: plain values as they are, lists/tuples/dicts element-wise,
-    anything else (tensors, functions, modules) as a slot whose object is compared by identity."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_freeze(v, objects) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _freeze(v, objects)) for k, v in value.items()))
-    objects.append(value)
-    return ("object", len(objects))
-
-
-def _graph_key(model: nn.Module) -> tuple[list, list]:
-    """(objects compared by identity, values compared by ==) that a traced graph of `model`
-    depends on besides tensor values: module objects and types, parameter/buffer objects,
-    hooks, and every public attribute (torch.fx bakes the ones it reads into the graph).
-    torch's global module hooks are left out: profilers and FlopCounterMode add them to watch."""
-    objects: list = []
-    values: list = []
-    for name, m in model.named_modules():
-        objects += [m, type(m), *m._parameters.values(), *m._buffers.values(),
-                    *m._forward_hooks.values(), *m._forward_pre_hooks.values(),
-                    *m._backward_hooks.values(), *m._backward_pre_hooks.values()]
-        values.append((name, tuple((k, _freeze(v, objects)) for k, v in vars(m).items()
-                                   if k != "training" and not k.startswith("_"))))
-    return objects, values
-
-
-def _same_key(a: tuple[list, list], b: tuple[list, list]) -> bool:
-    return (len(a[0]) == len(b[0]) and all(p is q for p, q in zip(a[0], b[0]))
-            and a[1] == b[1])
+def _restore_attributes(model: nn.Module, saved: list[tuple[nn.Module, dict]]) -> None:
+    for m, attrs in saved:
+        for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+            del m.__dict__[k]
+        m.__dict__.update(attrs)

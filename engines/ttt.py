@@ -20,7 +20,8 @@ from torch import nn
 from engines.base import AdaptResult, Engine, register_engine
 from engines.config import TTTConfig
 from engines.hooks import DryRun, build_seeded, capture_output
-from engines.split import LayerSplit, SplitSlot
+from engines.split import LayerSplit
+from engines.split_cache import SplitSlot
 
 __all__ = ["TTTEngine", "rotate_batch", "rotation_head"]
 

@@ -444,3 +444,34 @@ def test_split_follows_any_public_attribute(name, value, batch):
         torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits,
                                    rtol=1e-4, atol=1e-5)
         assert shared._split._split is not None
+
+
+class _SideEffects(nn.Module):
+    """Sets its own attributes in forward: a traced graph would not replay that."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.features = torch.relu(self.conv1(x)).flatten(1)
+        return self.fc(self.features)
+
+
+@pytest.mark.parametrize("make", ["it3", "ttt"])
+def test_a_model_with_side_effects_runs_whole_forwards(make, batch):
+    x = batch[0]
+    pair = (_engines if make == "it3" else _ttt_engines)(
+        lambda: _SideEffects().eval(), layer="conv1")
+    shared, full = pair
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        a = [shared.adapt(x, 2) for _ in range(2)]
+    assert sum("sets its own attributes" in str(w.message) for w in seen) == 1  # once
+    b = [full.adapt(x, 2) for _ in range(2)]
+    assert torch.equal(a[1].logits, b[1].logits)
+    assert isinstance(shared.model.features, torch.Tensor)   # no tracing proxy left behind
+    assert shared.model.calls == full.model.calls
