@@ -264,19 +264,49 @@ class LayerSplit:
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5)
 
 
+def _contents(value):
+    """A shallow copy of a list/dict/set attribute (a forward may change it in place)."""
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, set):
+        return set(value)
+    return None
+
+
 def _public_attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    return [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")})
+    """Each module's public attributes: (object, shallow copy of its contents if a container)."""
+    return [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if not k.startswith("_")})
             for m in model.modules()]
+
+
+def _same_contents(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    if isinstance(a, set):
+        return a == b
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _same_attributes(a: list[tuple[nn.Module, dict]], b: list[tuple[nn.Module, dict]]) -> bool:
     return len(a) == len(b) and all(
-        ma is mb and da.keys() == db.keys() and all(da[k] is db[k] for k in da)
+        ma is mb and da.keys() == db.keys()
+        and all(da[k][0] is db[k][0] and _same_contents(da[k][1], db[k][1]) for k in da)
         for (ma, da), (mb, db) in zip(a, b))
 
 
 def _restore_attributes(model: nn.Module, saved: list[tuple[nn.Module, dict]]) -> None:
+    """Put every public attribute back as it was (tracing may leave proxies behind)."""
     for m, attrs in saved:
         for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
             del m.__dict__[k]
-        m.__dict__.update(attrs)
+        for k, (value, contents) in attrs.items():
+            m.__dict__[k] = value
+            if isinstance(value, list):
+                value[:] = contents
+            elif isinstance(value, (dict, set)):
+                value.clear()
+                value.update(contents)

@@ -475,3 +475,28 @@ def test_a_model_with_side_effects_runs_whole_forwards(make, batch):
     assert torch.equal(a[1].logits, b[1].logits)
     assert isinstance(shared.model.features, torch.Tensor)   # no tracing proxy left behind
     assert shared.model.calls == full.model.calls
+
+
+class _History(nn.Module):
+    """Appends to a list attribute in forward (in place: the list object stays the same)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.history: list = []
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x)).flatten(1)
+        self.history.append(h.shape[0])
+        return self.fc(h)
+
+
+def test_in_place_side_effects_are_seen_and_undone(batch):
+    x = batch[0]
+    shared, full = _engines(lambda: _History().eval(), layer="conv1")
+    with pytest.warns(RuntimeWarning, match="sets its own attributes"):
+        a = shared.adapt(x, 2)
+    assert torch.equal(a.logits, full.adapt(x, 2).logits)
+    assert all(isinstance(n, int) for n in shared.model.history)   # no proxy left behind
+    assert shared.model.history == full.model.history             # nor extra entries
