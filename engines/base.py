@@ -134,7 +134,7 @@ class Engine(nn.Module):
         self._optimizer(config.optimizer)  # built once, eagerly; its state is reset per batch
         self._batch_start: list[torch.Tensor] | None = None  # per-batch snapshot (reused)
         self._origin: list[torch.Tensor] | None = None       # where reset() returns to
-        self._adapt_calls = 0  # counts adapt() calls: per-call caches key on it
+        self._adapt_token: object | None = None  # set during adapt(): per-call caches key on it
 
     def _runs_channels_last(self, example_input: torch.Tensor) -> bool:
         """Whether the model gives the same logits with channels_last conv weights. A forward
@@ -286,7 +286,6 @@ class Engine(nn.Module):
             raise ValueError(f"adapt needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
         if mode not in ("episodic", "online"):
             raise ValueError(f"unknown mode {mode!r}; choose from: episodic, online")
-        self._adapt_calls += 1
         opt = self._optimizer(optimizer or self.config.optimizer)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -306,6 +305,7 @@ class Engine(nn.Module):
                 self._begin_batch({n: t for (n, _), t in zip(named, self._batch_start)})
             user_grads = [p.grad for p in params]
             logits, losses = [], []
+            self._adapt_token = object()
             try:
                 for _ in range(steps):
                     pred, loss = self._step_loss(x)
@@ -321,6 +321,7 @@ class Engine(nn.Module):
                 with torch.no_grad():
                     logits.append(self.predict(x))
             finally:
+                self._adapt_token = None
                 for p, g in zip(params, user_grads):
                     p.grad = g
                 if episodic:

@@ -208,8 +208,8 @@ class IT3Engine(Engine):
         return self._forward(x, self._null_embedding(x))
 
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        split = (self._split.get(self.model, self.layer_name, x, self._adapt_calls)
-                 if self.config.split_model else None)
+        split = (self._split.get(self.model, self.layer_name, x, self._adapt_token)
+                 if self.config.split_model and self._adapt_token is not None else None)
         if split is not None:
             return self._split_step_loss(split, x)
         logits0 = self.predict(x)                                      # f(x, null), (B, C)

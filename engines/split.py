@@ -30,6 +30,7 @@ attributes in forward. `engines/split_cache.py` keeps one split per engine up to
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from engines.hooks import add_to_output
+from engines.model_key import graph_key, same_key
 
 __all__ = ["LayerSplit", "add_delta"]
 
@@ -58,6 +60,10 @@ def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 
 class _NoSplit(Exception):
     """Why a model cannot be split at a layer."""
+
+
+class _SideEffects(_NoSplit):
+    """The model changes its own state in forward."""
 
 
 class _Tracer(fx.Tracer):
@@ -115,30 +121,42 @@ class LayerSplit:
         the max-pool move). The split is checked against the hooked model on `check_x`;
         `rows_check` (X, n): the rest will also run on the first rows of a cut (TTT's unrotated
         quarter), checked as rest(first n rows of cut(X)) == model(X)[:n]."""
-        saved = _public_attributes(model)
+        return cls.attempt(model, layer, check_x, channel_delta, rows_check)[0]
+
+    @classmethod
+    def attempt(cls, model: nn.Module, layer: str, check_x: torch.Tensor, channel_delta: bool,
+                rows_check: tuple[torch.Tensor, int] | None = None
+                ) -> tuple[LayerSplit | None, bool]:
+        """`build`, plus whether a refusal should stand until the model's structure changes
+        (a model with side effects in forward changes its attributes at every call)."""
         try:
-            split = cls._build(model, layer, check_x, channel_delta, rows_check)
-            if not _same_attributes(saved, _public_attributes(model)):
-                raise _NoSplit("the model sets its own attributes in forward, which a traced "
-                               "graph does not replay")
-            return split
+            return cls._build(model, layer, check_x, channel_delta, rows_check), False
         except Exception as exc:  # noqa: BLE001 - no split is always a correct fallback
-            _restore_attributes(model, saved)  # tracing may have left proxies behind
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"split_model: cannot split {type(model).__name__} at {layer!r} "
-                          f"({why}); running whole forwards", RuntimeWarning, stacklevel=2)
-            return None
+                          f"({why}); running whole forwards", RuntimeWarning, stacklevel=3)
+            return None, isinstance(exc, _SideEffects)
 
     @classmethod
     def _build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
                channel_delta: bool, rows_check: tuple[torch.Tensor, int] | None
                ) -> LayerSplit:
+        """Everything that runs Python code of the model — tracing and the checks — runs on a
+        deep copy (`probe`), so the user's model is never touched; the split returned holds
+        the user's own modules and tensors."""
         if (problem := _hook_problem(model)) is not None:
             raise _NoSplit(problem)
         try:
-            graph = _Tracer(layer).trace(model)
+            probe = copy.deepcopy(model)
+        except Exception as exc:  # noqa: BLE001
+            raise _NoSplit(f"the model cannot be deep-copied for the checks: {exc}") from exc
+        try:
+            graph = _Tracer(layer).trace(probe)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and the like
             raise _NoSplit(f"torch.fx cannot trace it: {type(exc).__name__}") from exc
+        if _changes_in_forward(probe, check_x):
+            raise _SideEffects("the model changes its own state in forward, which a traced "
+                               "graph does not replay")
         nodes = list(graph.nodes)
         hits = [n for n in nodes if n.op == "call_module" and n.target == layer]
         if len(hits) != 1:
@@ -146,7 +164,7 @@ class LayerSplit:
         inj = hits[0]
         while channel_delta and len(inj.users) == 1:
             (user,) = inj.users
-            if _is_max_pool(user, model) and user.args and user.args[0] is inj:
+            if _is_max_pool(user, probe) and user.args and user.args[0] is inj:
                 inj = user
             else:
                 break
@@ -185,10 +203,28 @@ class LayerSplit:
                 env[n] = suf.node_copy(n, lambda a: env[a])
         suf.output(fx.node.map_arg(output.args[0], lambda a: env[a]))
 
-        prefix = fx.GraphModule(model, pre, class_name="Prefix")
+        checked = cls._assemble(probe, probe, pre, suf, layer, inj is hits[0], inj.name)
+        if not checked._agrees(probe, layer, check_x):
+            raise _NoSplit("the split model's output differs from the model's: a forward hook on "
+                           "a module torch.fx traces through, or an in-place op on the layer's "
+                           "output?")
+        if rows_check is not None and not checked._rows_agree(probe, *rows_check):
+            raise _NoSplit("the rest of the model gives other results on a subset of the rows; "
+                           "does it read the batch size (x.size(0)) or mix rows?")
+        split = cls._assemble(model, probe, copy.deepcopy(pre), copy.deepcopy(suf), layer,
+                              inj is hits[0], inj.name)
+        split.batch_rows = checked.batch_rows
+        return split
+
+    @classmethod
+    def _assemble(cls, model: nn.Module, probe: nn.Module, pre: fx.Graph, suf: fx.Graph,
+                  layer: str, at_layer: bool, inj_name: str) -> LayerSplit:
+        """GraphModules over `model`'s own modules and tensors (constants the tracer made live
+        only on `probe`, the traced copy)."""
+        prefix = fx.GraphModule(_root(pre, model, probe), pre, class_name="Prefix")
         prefix.graph.eliminate_dead_code()  # what only the rest used, e.g. a skipped branch
         prefix.recompile()
-        suffix = fx.GraphModule(model, suf, class_name="Suffix")
+        suffix = fx.GraphModule(_root(suf, model, probe), suf, class_name="Suffix")
         suffix.graph.eliminate_dead_code()
         suffix.recompile()
         # the model's name of each tensor the rest uses (tied weights: one name, two places)
@@ -196,15 +232,7 @@ class LayerSplit:
         names = {n: canonical[id(t)] for n, t in [
             *suffix.named_parameters(remove_duplicate=False),
             *suffix.named_buffers(remove_duplicate=False)] if id(t) in canonical}
-        split = cls(prefix, suffix, layer if inj is hits[0] else inj.name, names)
-        if not split._agrees(model, layer, check_x):
-            raise _NoSplit("the split model's output differs from the model's: a forward hook on "
-                           "a module torch.fx traces through, or an in-place op on the layer's "
-                           "output?")
-        if rows_check is not None and not split._rows_agree(model, *rows_check):
-            raise _NoSplit("the rest of the model gives other results on a subset of the rows; "
-                           "does it read the batch size (x.size(0)) or mix rows?")
-        return split
+        return cls(prefix, suffix, layer if at_layer else inj_name, names)
 
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.prefix(x)
@@ -238,8 +266,9 @@ class LayerSplit:
                                 generator=torch.Generator(x.device).manual_seed(0))
             with add_to_output(model.get_submodule(layer), delta):
                 full_d = model(x)
-            ok = torch.allclose(self.run(cut, None), full, rtol=1e-4, atol=1e-5)
-            return ok and torch.allclose(self.run(cut, delta), full_d, rtol=1e-4, atol=1e-5)
+            close = dict(rtol=1e-4, atol=1e-5, equal_nan=True)
+            ok = torch.allclose(self.run(cut, None), full, **close)
+            return ok and torch.allclose(self.run(cut, delta), full_d, **close)
 
     def _rows_agree(self, model: nn.Module, x: torch.Tensor, n: int) -> bool:
         """Find the cut values that carry the batch's rows (dim 0 follows the batch size over
@@ -261,52 +290,37 @@ class LayerSplit:
                 part = self.run(self.rows(cut, n), None)
             except RuntimeError:
                 return False
-            return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5)
+            return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
-def _contents(value):
-    """A shallow copy of a list/dict/set attribute (a forward may change it in place)."""
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, set):
-        return set(value)
-    return None
+def _root(graph: fx.Graph, model: nn.Module, probe: nn.Module) -> dict:
+    """The objects a graph's modules/attributes name: the model's, else the traced copy's
+    (tensor constants torch.fx stored on the root while tracing)."""
+    root = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            for owner in (model, probe):
+                obj = owner
+                try:
+                    for part in n.target.split("."):
+                        obj = getattr(obj, part)
+                except AttributeError:
+                    continue
+                root[n.target] = obj
+                break
+    return root
 
 
-def _public_attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    """Each module's public attributes: (object, shallow copy of its contents if a container)."""
-    return [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if not k.startswith("_")})
-            for m in model.modules()]
-
-
-def _same_contents(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
-    if isinstance(a, set):
-        return a == b
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-def _same_attributes(a: list[tuple[nn.Module, dict]], b: list[tuple[nn.Module, dict]]) -> bool:
-    return len(a) == len(b) and all(
-        ma is mb and da.keys() == db.keys()
-        and all(da[k][0] is db[k][0] and _same_contents(da[k][1], db[k][1]) for k in da)
-        for (ma, da), (mb, db) in zip(a, b))
-
-
-def _restore_attributes(model: nn.Module, saved: list[tuple[nn.Module, dict]]) -> None:
-    """Put every public attribute back as it was (tracing may leave proxies behind)."""
-    for m, attrs in saved:
-        for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
-            del m.__dict__[k]
-        for k, (value, contents) in attrs.items():
-            m.__dict__[k] = value
-            if isinstance(value, list):
-                value[:] = contents
-            elif isinstance(value, (dict, set)):
-                value.clear()
-                value.update(contents)
+def _changes_in_forward(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a forward changes the model's Python state or any tensor in place (a counter,
+    a cache of features, a list it appends to): a traced graph would not replay it."""
+    before = graph_key(model)
+    versions = [t._version for t in before[1] if isinstance(t, torch.Tensor)]
+    tensors = [*model.parameters(), *model.buffers()]
+    tensor_versions = [t._version for t in tensors]
+    with torch.no_grad():
+        model(x)
+    after = graph_key(model)
+    return (not same_key(before, after)
+            or versions != [t._version for t in before[1] if isinstance(t, torch.Tensor)]
+            or tensor_versions != [t._version for t in tensors])

@@ -118,10 +118,10 @@ class TTTEngine(Engine):
 
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.rotations == "all":
-            split = (self._split.get(self.model, self.layer_name, x, self._adapt_calls,
+            split = (self._split.get(self.model, self.layer_name, x, self._adapt_token,
                                      rows_check=lambda: (rotate_batch(x[:2])[0],
                                                          min(2, x.shape[0])))
-                     if self.config.split_model else None)
+                     if self.config.split_model and self._adapt_token is not None else None)
             if split is not None:
                 return self._split_rotation_forward(split, x)
             return self._rotation_forward(x)

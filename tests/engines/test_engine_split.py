@@ -470,7 +470,7 @@ def test_a_model_with_side_effects_runs_whole_forwards(make, batch):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         a = [shared.adapt(x, 2) for _ in range(2)]
-    assert sum("sets its own attributes" in str(w.message) for w in seen) == 1  # once
+    assert sum("changes its own state" in str(w.message) for w in seen) == 1  # once
     b = [full.adapt(x, 2) for _ in range(2)]
     assert torch.equal(a[1].logits, b[1].logits)
     assert isinstance(shared.model.features, torch.Tensor)   # no tracing proxy left behind
@@ -492,11 +492,141 @@ class _History(nn.Module):
         return self.fc(h)
 
 
-def test_in_place_side_effects_are_seen_and_undone(batch):
+def test_in_place_side_effects_are_seen_and_the_model_left_alone(batch):
     x = batch[0]
     shared, full = _engines(lambda: _History().eval(), layer="conv1")
-    with pytest.warns(RuntimeWarning, match="sets its own attributes"):
+    with pytest.warns(RuntimeWarning, match="changes its own state"):
         a = shared.adapt(x, 2)
     assert torch.equal(a.logits, full.adapt(x, 2).logits)
     assert all(isinstance(n, int) for n in shared.model.history)   # no proxy left behind
     assert shared.model.history == full.model.history             # nor extra entries
+
+
+class _Config:
+    scale = 1.0
+
+
+class _Hidden(nn.Module):
+    """State torch.fx bakes into the graph, out of sight of public attributes: a private
+    float behind a property, and a plain config object."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self._temp = 1.0
+        self.cfg = _Config()
+
+    @property
+    def temperature(self) -> float:
+        return self._temp
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temp = value
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x)).flatten(1)
+        return self.fc(h) * self.cfg.scale / self.temperature
+
+
+@pytest.mark.parametrize("change", ["property", "config"])
+def test_split_follows_private_and_nested_state(change, batch):
+    x = batch[0]
+    for shared, full in (_engines(lambda: _Hidden().eval(), layer="conv1"),
+                         _ttt_engines(lambda: _Hidden().eval(), layer="conv1")):
+        for engine in (shared, full):
+            engine.adapt(x, 1)
+            if change == "property":
+                engine.model.temperature = 5.0
+            else:
+                engine.model.cfg.scale = 5.0
+        torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+class _Counters(nn.Module):
+    """Side effects out of sight of a shallow look: a list inside a dict, a field of a plain
+    object, a buffer counted up in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.log = {"rows": []}
+        self.stats = _Config()
+        self.stats.calls = 0
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x)).flatten(1)
+        self.log["rows"].append(h.shape[0])
+        self.stats.calls += 1
+        self.calls.add_(1)
+        return self.fc(h)
+
+
+def test_deep_side_effects_are_seen_and_the_model_left_alone(batch):
+    x = batch[0]
+    for shared, full in (_engines(lambda: _Counters().eval(), layer="conv1"),
+                         _ttt_engines(lambda: _Counters().eval(), layer="conv1")):
+        with pytest.warns(RuntimeWarning, match="changes its own state"):
+            a = shared.adapt(x, 2)
+        torch.testing.assert_close(a.logits, full.adapt(x, 2).logits)
+        s, f = shared.model, full.model
+        assert s.log == f.log and s.stats.calls == f.stats.calls and s.calls == f.calls
+
+
+class _Constant(nn.Module):
+    """A tensor torch.fx cannot name (inside a list): the tracer stores it on the traced root."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.shift = [torch.tensor(0.5)]
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv1(x)).flatten(1) + self.shift[0])
+
+
+def test_tracing_leaves_nothing_on_the_model(batch):
+    x = batch[0]
+    shared, full = _engines(lambda: _Constant().eval(), layer="conv1")
+    torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits)
+    assert shared._split._split is not None
+    assert sorted(vars(shared.model)) == sorted(vars(full.model))
+
+
+class _Twice(nn.Module):
+    """Runs the layer twice while a flag is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+        self.twice = True
+
+    def forward(self, x):
+        h = self.conv1(x)
+        if self.twice:
+            h = h + self.conv1(x)
+        return self.fc(torch.relu(h).flatten(1))
+
+
+def test_a_refused_model_is_split_once_it_allows_it(batch):
+    x = batch[0]
+    shared, _ = _engines(lambda: _Twice().eval(), layer="conv1")
+    with pytest.warns(RuntimeWarning, match="runs 2 times"):
+        shared.adapt(x, 1)
+    shared.model.twice = False
+    shared.adapt(x, 1)
+    assert shared._split._split is not None
+
+
+def test_step_loss_outside_adapt_runs_whole_forwards(batch):
+    x = batch[0]
+    shared, full = _engines(_model)
+    shared.adapt(x[:6], 2), full.adapt(x[:6], 2)
+    a, b = shared._step_loss(x[6:9])[1], full._step_loss(x[6:9])[1]   # another batch and size
+    torch.testing.assert_close(a, b)
