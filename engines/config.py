@@ -40,8 +40,11 @@ class EngineConfig:
         (torch.fx, engines/split.py) to skip repeated work — IT3 runs the part before the layer
         once for both passes of a step (the frozen anchor's once per batch); TTT runs the part
         after the layer only for the unrotated quarter (the rotated copies only need the
-        layer's features). Same values; false, train mode, or a model torch.fx cannot trace
-        (RuntimeWarning) run whole forwards.
+        layer's features). Same values up to rounding. Built once (tracing and checks on a deep
+        copy of the model) and rebuilt when the model changes; false, train mode, or a model
+        the split would change — untraceable, hooks on the model or backward hooks, state
+        changed in forward, a rest that reads the batch size (TTT) — run whole forwards (the
+        refusals with a RuntimeWarning).
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
