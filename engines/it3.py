@@ -26,7 +26,7 @@ from torch.func import functional_call
 from engines.base import Engine, register_engine
 from engines.config import IT3Config
 from engines.hooks import DryRun, add_to_output, build_seeded
-from engines.split import LayerSplit
+from engines.split import LayerSplit, tensor_slots
 from engines.split_cache import SplitSlot
 
 __all__ = ["DISTANCES", "IT3Engine", "label_embedder"]
@@ -114,10 +114,13 @@ class IT3Engine(Engine):
                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """model(x) with `emb` added to the layer's output; with `params`, the model's weights
         are replaced by those tensors for this call only."""
+        def run() -> torch.Tensor:  # params name each tensor slot once (tensor_slots)
+            return (self.model(x) if params is None
+                    else functional_call(self.model, params, (x,), tie_weights=False))
         if emb is None:
-            return self.model(x) if params is None else functional_call(self.model, params, (x,))
+            return run()
         with add_to_output(self.model.get_submodule(self.layer_name), emb):
-            return self.model(x) if params is None else functional_call(self.model, params, (x,))
+            return run()
 
     def _target(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if y is None:
@@ -198,8 +201,11 @@ class IT3Engine(Engine):
 
     # -- test time -------------------------------------------------------------------------
     def _begin_batch(self, start: dict[str, torch.Tensor]) -> None:
-        self._anchor_model = {n[len("model."):]: t for n, t in start.items()
-                              if n.startswith("model.")}
+        anchor = {id(p): start[f"model.{n}"] for n, p in self.model.named_parameters()
+                  if f"model.{n}" in start}
+        # by slot: a weight tied into two modules needs the anchor in both (tensor_slots)
+        self._anchor_model = {n: anchor[id(p)] for n, p in tensor_slots(self.model).items()
+                              if id(p) in anchor}
         self._anchor_embedder = {n[len("embedder."):]: t for n, t in start.items()
                                  if n.startswith("embedder.")}
         self._anchor_cut = None

@@ -41,9 +41,9 @@ from torch import nn
 from torch.func import functional_call
 
 from engines.hooks import add_to_output
-from engines.model_key import graph_key, same_key
+from engines.model_key import changes_in_forward, model_state
 
-__all__ = ["LayerSplit", "add_delta"]
+__all__ = ["LayerSplit", "add_delta", "tensor_slots"]
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
               torch.max_pool3d)
@@ -56,6 +56,23 @@ def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     if delta.dim() < h.dim():
         delta = delta.reshape(*delta.shape, *([1] * (h.dim() - delta.dim())))
     return h + delta
+
+
+def tensor_slots(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Each (module, attribute) slot that holds a parameter or buffer, once, by one of its
+    names: what `functional_call(..., tie_weights=False)` must be given to replace a tensor
+    everywhere. A module registered under two names is one slot (naming it twice makes
+    torch.func restore the wrong tensor); a weight tied into two modules is two slots."""
+    seen: set[tuple[int, str]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        owner, _, attr = name.rpartition(".")
+        slot = (id(module.get_submodule(owner)), attr)
+        if slot not in seen:
+            seen.add(slot)
+            out[name] = t
+    return out
 
 
 class _NoSplit(Exception):
@@ -111,6 +128,7 @@ class LayerSplit:
     injection: str           # where delta is added: the layer, or a max-pool right after it
     suffix_names: dict       # suffix's parameter/buffer name -> the model's (functional_call)
     batch_rows: frozenset | None = None  # cut indices whose dim 0 is the batch (rows_check)
+    leaves: frozenset = frozenset()      # modules the graph calls as a whole
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
@@ -146,15 +164,21 @@ class LayerSplit:
         the user's own modules and tensors."""
         if (problem := _hook_problem(model)) is not None:
             raise _NoSplit(problem)
+        untouched = model_state(model)
+        memo: dict = {}
         try:
-            probe = copy.deepcopy(model)
+            probe = copy.deepcopy(model, memo)
         except Exception as exc:  # noqa: BLE001
             raise _NoSplit(f"the model cannot be deep-copied for the checks: {exc}") from exc
+        # probe object -> the model's original (a tensor the model keeps in a list must stay
+        # the model's own in the split, not the copy's)
+        originals = {id(memo[id(o)]): o for o in memo.get(id(memo), []) if id(o) in memo}
         try:
             graph = _Tracer(layer).trace(probe)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and the like
             raise _NoSplit(f"torch.fx cannot trace it: {type(exc).__name__}") from exc
-        if _changes_in_forward(probe, check_x):
+        leaves = frozenset(n.target for n in graph.nodes if n.op == "call_module")
+        if changes_in_forward(probe, check_x, leaves):
             raise _SideEffects("the model changes its own state in forward, which a traced "
                                "graph does not replay")
         nodes = list(graph.nodes)
@@ -203,7 +227,7 @@ class LayerSplit:
                 env[n] = suf.node_copy(n, lambda a: env[a])
         suf.output(fx.node.map_arg(output.args[0], lambda a: env[a]))
 
-        checked = cls._assemble(probe, probe, pre, suf, layer, inj is hits[0], inj.name)
+        checked = cls._assemble(probe, probe, pre, suf, layer, inj is hits[0], inj.name, {})
         if not checked._agrees(probe, layer, check_x):
             raise _NoSplit("the split model's output differs from the model's: a forward hook on "
                            "a module torch.fx traces through, or an in-place op on the layer's "
@@ -212,26 +236,29 @@ class LayerSplit:
             raise _NoSplit("the rest of the model gives other results on a subset of the rows; "
                            "does it read the batch size (x.size(0)) or mix rows?")
         split = cls._assemble(model, probe, copy.deepcopy(pre), copy.deepcopy(suf), layer,
-                              inj is hits[0], inj.name)
-        split.batch_rows = checked.batch_rows
+                              inj is hits[0], inj.name, originals)
+        split.batch_rows, split.leaves = checked.batch_rows, leaves
+        if model_state(model) != untouched:
+            raise _SideEffects("the checks on a copy changed the model itself (it reaches its "
+                               "state through something deepcopy shares: a weakref, a closure, "
+                               "a hook)")
         return split
 
     @classmethod
     def _assemble(cls, model: nn.Module, probe: nn.Module, pre: fx.Graph, suf: fx.Graph,
-                  layer: str, at_layer: bool, inj_name: str) -> LayerSplit:
+                  layer: str, at_layer: bool, inj_name: str, originals: dict) -> LayerSplit:
         """GraphModules over `model`'s own modules and tensors (constants the tracer made live
-        only on `probe`, the traced copy)."""
-        prefix = fx.GraphModule(_root(pre, model, probe), pre, class_name="Prefix")
+        only on `probe`, the traced copy: mapped back to the model's by `originals`)."""
+        prefix = fx.GraphModule(_root(pre, model, probe, originals), pre, class_name="Prefix")
         prefix.graph.eliminate_dead_code()  # what only the rest used, e.g. a skipped branch
         prefix.recompile()
-        suffix = fx.GraphModule(_root(suf, model, probe), suf, class_name="Suffix")
+        suffix = fx.GraphModule(_root(suf, model, probe, originals), suf, class_name="Suffix")
         suffix.graph.eliminate_dead_code()
         suffix.recompile()
         # the model's name of each tensor the rest uses (tied weights: one name, two places)
         canonical = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
-        names = {n: canonical[id(t)] for n, t in [
-            *suffix.named_parameters(remove_duplicate=False),
-            *suffix.named_buffers(remove_duplicate=False)] if id(t) in canonical}
+        names = {n: canonical[id(t)] for n, t in tensor_slots(suffix).items()
+                 if id(t) in canonical}
         return cls(prefix, suffix, layer if at_layer else inj_name, names)
 
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -253,7 +280,7 @@ class LayerSplit:
         if params is None:
             return self.suffix(*cut, delta)
         own = {n: params[m] for n, m in self.suffix_names.items() if m in params}
-        return functional_call(self.suffix, own, (*cut, delta))
+        return functional_call(self.suffix, own, (*cut, delta), tie_weights=False)  # all names
 
     def _agrees(self, model: nn.Module, layer: str, x: torch.Tensor) -> bool:
         """Split == hooked model on x, without and with a random per-channel delta."""
@@ -293,9 +320,10 @@ class LayerSplit:
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
-def _root(graph: fx.Graph, model: nn.Module, probe: nn.Module) -> dict:
-    """The objects a graph's modules/attributes name: the model's, else the traced copy's
-    (tensor constants torch.fx stored on the root while tracing)."""
+def _root(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict) -> dict:
+    """The objects a graph's modules/attributes name: the model's; else the traced copy's
+    (tensor constants torch.fx stored on the root while tracing), mapped back to the model's
+    own object where the copy was made from one."""
     root = {}
     for n in graph.nodes:
         if n.op in ("call_module", "get_attr"):
@@ -306,21 +334,6 @@ def _root(graph: fx.Graph, model: nn.Module, probe: nn.Module) -> dict:
                         obj = getattr(obj, part)
                 except AttributeError:
                     continue
-                root[n.target] = obj
+                root[n.target] = obj if owner is model else originals.get(id(obj), obj)
                 break
     return root
-
-
-def _changes_in_forward(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a forward changes the model's Python state or any tensor in place (a counter,
-    a cache of features, a list it appends to): a traced graph would not replay it."""
-    before = graph_key(model)
-    versions = [t._version for t in before[1] if isinstance(t, torch.Tensor)]
-    tensors = [*model.parameters(), *model.buffers()]
-    tensor_versions = [t._version for t in tensors]
-    with torch.no_grad():
-        model(x)
-    after = graph_key(model)
-    return (not same_key(before, after)
-            or versions != [t._version for t in before[1] if isinstance(t, torch.Tensor)]
-            or tensor_versions != [t._version for t in tensors])

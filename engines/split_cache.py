@@ -49,14 +49,17 @@ class SplitSlot:
         self._call, self._answer = call, None
         if any(m.training for m in model.modules()):
             return None
-        key = graph_key(model)
+        # modules the graph calls as a whole may change their own attributes (an old-style
+        # weight_norm sets .weight at every call): the graph does not depend on those
+        leaves = self._split.leaves if self._split is not None else frozenset()
         # after a refusal because the model changes its state in forward, only new modules,
         # tensors or hooks are worth a new try (else it would be re-traced, and warn, at every
         # call); after other refusals any change is
-        if not same_key(key, self._key, structure_only=self._sticky):
-            self._key = key
+        if not same_key(graph_key(model, leaves), self._key, structure_only=self._sticky):
             self._split, self._sticky = LayerSplit.attempt(
                 model, layer, x[:4].detach(), channel_delta=self.channel_delta,
                 rows_check=rows_check() if rows_check is not None else None)
+            leaves = self._split.leaves if self._split is not None else frozenset()
+            self._key = graph_key(model, leaves)
         self._answer = self._split
         return self._split

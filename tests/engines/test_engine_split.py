@@ -630,3 +630,81 @@ def test_step_loss_outside_adapt_runs_whole_forwards(batch):
     shared.adapt(x[:6], 2), full.adapt(x[:6], 2)
     a, b = shared._step_loss(x[6:9])[1], full._step_loss(x[6:9])[1]   # another batch and size
     torch.testing.assert_close(a, b)
+
+
+class _Kept(nn.Module):
+    """Keeps a tensor in a list (not a buffer) and a module under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc1 = nn.Linear(4 * 24 * 24, 32)
+        self.alias = self.fc1
+        self.fc = nn.Linear(32, 10)
+        self.shift = [torch.zeros(32)]
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.alias(torch.relu(self.conv1(x)).flatten(1))
+                                  + self.shift[0]))
+
+
+def test_split_reads_the_models_own_tensors_and_aliases_work(batch):
+    x = batch[0]
+    for shared, full in (_engines(lambda: _Kept().eval(), layer="conv1"),
+                         _ttt_engines(lambda: _Kept().eval(), layer="conv1")):
+        for _ in range(2):  # the second adapt: IT3's anchor under both names of fc1
+            torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits,
+                                       rtol=1e-4, atol=1e-5)
+        for engine in (shared, full):
+            engine.model.shift[0].fill_(0.5)   # changed in place: no new key, same tensor
+        torch.testing.assert_close(shared.adapt(x, 2).logits, full.adapt(x, 2).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+class _Seen(nn.Module):
+    """A counter on the class: forward's result depends on it."""
+
+    seen = 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        type(self).seen += 1
+        return self.fc(torch.relu(self.conv1(x)).flatten(1)) * (1.0 if self.seen < 6 else 0.5)
+
+
+def test_class_state_changed_in_forward_is_a_side_effect(batch):
+    x = batch[0]
+    _Seen.seen = 0
+    shared, _ = _engines(lambda: _Seen().eval(), layer="conv1", channels_last=False)
+    with pytest.warns(RuntimeWarning, match="changes its own state"):
+        shared.adapt(x, 1)
+    assert shared._split._split is None
+
+
+class _OldWeightNorm(nn.Module):
+    """torch.nn.utils.weight_norm (deprecated API): its hook sets conv1.weight at every call."""
+
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.conv1 = torch.nn.utils.weight_norm(nn.Conv2d(1, 4, 5))
+        self.fc = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv1(x)).flatten(1))
+
+
+def test_a_leaf_that_sets_its_own_attributes_keeps_the_split(batch):
+    x = batch[0]
+    split, whole = _ttt_engines(lambda: _OldWeightNorm().eval(), layer="fc")
+    first = None
+    for _ in range(3):
+        torch.testing.assert_close(split.adapt(x, 1).logits, whole.adapt(x, 1).logits,
+                                   rtol=1e-4, atol=1e-5)
+        first = first or split._split._split
+        assert split._split._split is first   # built once, not at every call
