@@ -48,11 +48,27 @@ def reusable_checkpoint(uri: str, spec) -> bool:
               **{k: getattr(spec, k) for k in _TRAINING_KEYS}}
     found = {"method": manifest["method"]["name"], "dataset": manifest["dataset"]["name"],
              "model": manifest["model"]["name"], **{k: training.get(k) for k in _TRAINING_KEYS}}
-    if found != wanted or manifest["method"]["config"] != spec.config:
+    config_diff = _config_diff(spec.method, manifest["method"]["config"], spec.config)
+    if found != wanted or config_diff:
         diff = ", ".join(f"{k}: {found[k]!r} != {wanted[k]!r}" for k in wanted if found[k] != wanted[k])
-        raise TTTPipeError(f"{uri} holds a checkpoint trained differently ({diff or 'method config'});"
+        raise TTTPipeError(f"{uri} holds a checkpoint trained differently "
+                           f"({diff or 'method config: ' + ', '.join(config_diff)});"
                            " pass another --out or delete it")
     return True
+
+
+def _config_diff(method: str, stored: dict, wanted: dict) -> list[str]:
+    """The config fields that differ, both read through the engine's config class (a field a
+    newer version added is at its default in an older checkpoint, not a difference)."""
+    import engines
+
+    def full(data: dict) -> dict:
+        try:
+            return engines.config_from_dict(method, data).to_dict()
+        except ValueError:  # e.g. a field this version does not know: compare as stored
+            return data
+    a, b = full(stored), full(wanted)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 @cli_errors

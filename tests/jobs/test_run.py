@@ -4,6 +4,8 @@ never overwritten, and bad arguments fail before any stage starts."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -50,6 +52,17 @@ def test_rerun_resumes_with_identical_results(demo, idx_dir):
     assert result.exit_code == 0, result.output
     assert "reusing" in result.output
     assert pq.read_table(out / "results" / "ttt" / "accuracy.parquet").equals(before)
+
+
+def test_a_checkpoint_from_before_a_new_config_field_is_reused(demo, idx_dir):
+    out, _ = demo
+    path = out / "checkpoints" / "ttt" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["method"]["config"]["split_model"]   # written before the field existed
+    path.write_text(json.dumps(manifest))
+    result = _run(idx_dir, out)
+    assert result.exit_code == 0, result.output
+    assert "reusing" in result.output
 
 
 def test_a_differently_trained_checkpoint_is_not_overwritten(demo, idx_dir):
