@@ -20,6 +20,8 @@ from torch import nn
 
 from engines.config import EngineConfig
 from engines.hooks import DryRun, dry_run, find_module
+from engines.split import LayerSplit
+from engines.split_cache import SplitSlot
 
 __all__ = ["AdaptResult", "Engine", "config_from_dict", "get_engine", "list_engines",
            "register_engine"]
@@ -124,6 +126,7 @@ class Engine(nn.Module):
         first = next(model.parameters(), None)
         device = first.device if first is not None else example_input.device
         dtype = first.dtype if first is not None else torch.float32
+        self._split = SplitSlot()  # the cut at the layer (split_model); _build_aux may tune it
         self._build_aux(probe, torch.Generator().manual_seed(config.seed), device, dtype)
         self._channels_last_ok = config.channels_last and self._runs_channels_last(example_input)
         self._adapted_names = self._select_adapted(config.adapt_params, probe)
@@ -159,6 +162,15 @@ class Engine(nn.Module):
                       f"instead of view for ~1.5x faster CPU convs, or set channels_last=False)",
                       RuntimeWarning, stacklevel=3)
         return False
+
+    def _split_for(self, x: torch.Tensor,
+                   rows_check: Callable[[], tuple[torch.Tensor, int]] | None = None
+                   ) -> LayerSplit | None:
+        """The model cut at the layer for this `adapt()` call (`split_model`), or None: whole
+        forwards (the option off, outside `adapt()`, or a model the split refuses)."""
+        if not self.config.split_model or self._adapt_token is None:
+            return None
+        return self._split.get(self.model, self.layer_name, x, self._adapt_token, rows_check)
 
     # -- what a method supplies -------------------------------------------------------------
     def _build_aux(self, probe: DryRun, generator: torch.Generator,

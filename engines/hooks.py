@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "DryRun",
+    "add_delta",
     "add_to_output",
     "build_seeded",
     "capture_output",
@@ -61,6 +62,16 @@ def capture_output(module: nn.Module) -> Iterator[_Store]:
         handle.remove()
 
 
+def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """h + delta, a (B, C) delta broadcast over h's trailing (spatial) dims: (B, C, 1, 1) for a
+    (B, C, H, W) h; None adds nothing."""
+    if delta is None:
+        return h
+    if delta.dim() < h.dim():
+        delta = delta.reshape(*delta.shape, *([1] * (h.dim() - delta.dim())))
+    return h + delta
+
+
 @contextmanager
 def add_to_output(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
     """Inside the block the module returns `output + delta`.
@@ -68,10 +79,7 @@ def add_to_output(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
     `delta` is (B, C) for a per-channel shift of a (B, C, ...) output, or the output's shape.
     """
     def hook(_module, _inputs, output):
-        d = delta
-        if d.dim() < output.dim():
-            d = d.reshape(*d.shape, *([1] * (output.dim() - d.dim())))  # (B, C, 1, 1)
-        return output + d
+        return add_delta(output, delta)
 
     handle = module.register_forward_hook(hook)
     try:

@@ -27,7 +27,6 @@ from engines.base import Engine, register_engine
 from engines.config import IT3Config
 from engines.hooks import DryRun, add_to_output, build_seeded
 from engines.split import LayerSplit, tensor_slots
-from engines.split_cache import SplitSlot
 
 __all__ = ["DISTANCES", "IT3Engine", "label_embedder"]
 
@@ -94,7 +93,7 @@ class IT3Engine(Engine):
         self._anchor_model: dict[str, torch.Tensor] = {}
         self._anchor_embedder: dict[str, torch.Tensor] = {}
         self._anchor_cut: tuple[torch.Tensor, ...] | None = None  # F's prefix values, per batch
-        self._split = SplitSlot(channel_delta=self.config.embedder == "channel")
+        self._split.channel_delta = self.config.embedder == "channel"  # max-pool move allowed
 
     # -- the conditioned forward -----------------------------------------------------------
     def _null_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -214,23 +213,23 @@ class IT3Engine(Engine):
         return self._forward(x, self._null_embedding(x))
 
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        split = (self._split.get(self.model, self.layer_name, x, self._adapt_token)
-                 if self.config.split_model and self._adapt_token is not None else None)
-        if split is not None:
-            return self._split_step_loss(split, x)
+        split = self._split_for(x)
+        logits0, p0, logits1 = self._passes(x) if split is None else self._split_passes(split, x)
+        target = p0.detach() if self.config.detach_target else p0
+        return logits0, self._distance(logits1.softmax(1), target)
+
+    def _passes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits of f(x, null), its softmax p0, logits of the second pass on p0)."""
         logits0 = self.predict(x)                                      # f(x, null), (B, C)
         p0 = logits0.softmax(1)
         if self._paper:   # y1 = F(x, y0), F frozen at the batch's start
             emb = functional_call(self.embedder, self._anchor_embedder, (p0,))
-            logits1 = self._forward(x, emb, params=self._anchor_model)
-        else:             # torch-ttt: y1 = f(x, y0), live weights
-            logits1 = self._forward(x, self.embedder(p0))
-        target = p0.detach() if self.config.detach_target else p0
-        return logits0, self._distance(logits1.softmax(1), target)
+            return logits0, p0, self._forward(x, emb, params=self._anchor_model)
+        return logits0, p0, self._forward(x, self.embedder(p0))       # torch-ttt: live weights
 
-    def _split_step_loss(self, split: LayerSplit, x: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_step_loss` with the model's prefix run once: the same values and loss."""
+    def _split_passes(self, split: LayerSplit, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_passes` with the model's prefix run once: the same values."""
         cut = split.cut(x)                                             # live prefix, with grad
         if self._paper:
             logits0 = split.run(cut, self._null_embedding(x))
@@ -239,10 +238,7 @@ class IT3Engine(Engine):
                 self._anchor_cut = tuple(c.detach() if isinstance(c, torch.Tensor) else c
                                          for c in cut)
             emb = functional_call(self.embedder, self._anchor_embedder, (p0,))
-            logits1 = split.run(self._anchor_cut, emb, params=self._anchor_model)
-        else:
-            logits0 = split.run(cut, None)
-            p0 = logits0.softmax(1)
-            logits1 = split.run(cut, self.embedder(p0))
-        target = p0.detach() if self.config.detach_target else p0
-        return logits0, self._distance(logits1.softmax(1), target)
+            return logits0, p0, split.run(self._anchor_cut, emb, params=self._anchor_model)
+        logits0 = split.run(cut, None)
+        p0 = logits0.softmax(1)
+        return logits0, p0, split.run(cut, self.embedder(p0))

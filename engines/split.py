@@ -40,22 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from engines.hooks import add_to_output
+from engines.hooks import add_delta, add_to_output
 from engines.model_key import changes_in_forward, model_state
 
-__all__ = ["LayerSplit", "add_delta", "tensor_slots"]
+__all__ = ["LayerSplit", "tensor_slots"]
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
               torch.max_pool3d)
-
-
-def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """h + delta, a (B, C) delta broadcast over h's trailing (spatial) dims; None adds nothing."""
-    if delta is None:
-        return h
-    if delta.dim() < h.dim():
-        delta = delta.reshape(*delta.shape, *([1] * (h.dim() - delta.dim())))
-    return h + delta
 
 
 def tensor_slots(module: nn.Module) -> dict[str, torch.Tensor]:

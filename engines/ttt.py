@@ -21,7 +21,6 @@ from engines.base import AdaptResult, Engine, register_engine
 from engines.config import TTTConfig
 from engines.hooks import DryRun, build_seeded, capture_output
 from engines.split import LayerSplit
-from engines.split_cache import SplitSlot
 
 __all__ = ["TTTEngine", "rotate_batch", "rotation_head"]
 
@@ -83,7 +82,6 @@ class TTTEngine(Engine):
         shape = probe.features.shape
         self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
         self._angles = torch.Generator()  # rotations="rand": re-seeded by every adapt()
-        self._split = SplitSlot()
 
     def _rotation_loss(self, images: torch.Tensor, labels: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +90,18 @@ class TTTEngine(Engine):
             logits = self.model(images)
         return logits, F.cross_entropy(self.head(store.output), labels)
 
-    def _rotation_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, rotation_loss = self._rotation_loss(*rotate_batch(x))  # logits (4B, C)
-        return logits[: x.shape[0]], rotation_loss                     # 0-degree quarter
+    def _rotation_forward(self, x: torch.Tensor, split: LayerSplit | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of the 0-degree quarter (B, C), rotation loss over all 4B images); with
+        `split`, the part after the layer runs on that quarter only (the loss needs just the
+        layer's features of all 4B)."""
+        images, labels = rotate_batch(x)
+        if split is None:
+            logits, rotation_loss = self._rotation_loss(images, labels)  # logits (4B, C)
+            return logits[: x.shape[0]], rotation_loss
+        cut = split.cut(images)                                        # cut[0]: the features
+        logits = split.run(split.rows(cut, x.shape[0]), None)          # (B, C)
+        return logits, F.cross_entropy(self.head(cut[0]), labels)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,24 +114,10 @@ class TTTEngine(Engine):
         self._angles.manual_seed(self.config.seed)
         return super().adapt(x, steps, lr, mode=mode, optimizer=optimizer)
 
-    def _split_rotation_forward(self, split: LayerSplit, x: torch.Tensor
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_rotation_forward` with the part after the layer run on the unrotated quarter only:
-        the rotation loss needs just the layer's features of all 4B images."""
-        images, labels = rotate_batch(x)
-        cut = split.cut(images)                                        # cut[0]: the features
-        logits = split.run(split.rows(cut, x.shape[0]), None)          # (B, C), 0 degrees
-        return logits, F.cross_entropy(self.head(cut[0]), labels)
-
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.rotations == "all":
-            split = (self._split.get(self.model, self.layer_name, x, self._adapt_token,
-                                     rows_check=lambda: (rotate_batch(x[:2])[0],
-                                                         min(2, x.shape[0])))
-                     if self.config.split_model and self._adapt_token is not None else None)
-            if split is not None:
-                return self._split_rotation_forward(split, x)
-            return self._rotation_forward(x)
+            return self._rotation_forward(x, self._split_for(
+                x, rows_check=lambda: (rotate_batch(x[:2])[0], min(2, x.shape[0]))))
         with torch.no_grad():
             logits = self.model(x)                                     # (B, num_classes)
         labels = torch.randint(4, (x.shape[0],), generator=self._angles).to(x.device)

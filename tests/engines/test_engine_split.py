@@ -43,13 +43,18 @@ def test_split_equals_the_hooked_model(layer, channel_delta, batch):
     assert len(cut) == (2 if layer == "fc2" else 1)
 
 
-class _Branchy(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
+class _Tiny(nn.Module):
+    """conv1 (1 -> 4 channels, 5x5) then fc (the flattened 4x24x24 maps -> 10): most test models
+    below differ only in their forward and a few attributes."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 4, 5)
         self.fc = nn.Linear(4 * 24 * 24, 10)
+
+
+class _Branchy(_Tiny):
+    """Data-dependent control flow: torch.fx cannot trace it."""
 
     def forward(self, x):
         h = self.conv1(x)
@@ -58,14 +63,12 @@ class _Branchy(nn.Module):
         return self.fc(h.flatten(1))
 
 
-class _Dropout(nn.Module):
+class _Dropout(_Tiny):
     """Dropout before the injection layer: in train mode each pass must draw its own mask."""
 
     def __init__(self):
         super().__init__()
         self.drop = nn.Dropout(0.5)
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
 
     def forward(self, x):
         return self.fc(self.conv1(self.drop(x)).flatten(1))
@@ -148,13 +151,8 @@ class _Blocks(nn.Module):
         return self.fc(self.relu(self.features(x)).flatten(1))
 
 
-class _Sized(nn.Module):
+class _Sized(_Tiny):
     """The rest reads a non-tensor value of the prefix: the batch size."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
 
     def forward(self, x):
         return self.fc(self.conv1(x).view(x.size(0), -1))
@@ -291,27 +289,20 @@ def test_it3_anchor_reaches_every_weight_after_the_layer(model_fn, layer, batch)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
 
 
-class _RowMixing(nn.Module):
+class _RowMixing(_Tiny):
     """Batch statistics after the layer, even in eval mode: the unrotated quarter alone would
     be normalised over other rows than the whole 4B batch."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
         self.norm = nn.BatchNorm2d(4, track_running_stats=False)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
 
     def forward(self, x):
         return self.fc(self.norm(torch.relu(self.conv1(x))).flatten(1))
 
 
-class _ReadsBatch(nn.Module):
+class _ReadsBatch(_Tiny):
     """Reads the batch size after the layer, and the first batch has one image."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
 
     def forward(self, x):
         b = x.shape[0]
@@ -328,12 +319,10 @@ def test_ttt_refuses_a_rest_that_cannot_run_on_a_quarter(model_fn, first, batch)
         assert torch.equal(split.adapt(xb, 2).logits, whole.adapt(xb, 2).logits)
 
 
-class _Temperature(nn.Module):
+class _Temperature(_Tiny):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
         self.act = nn.ReLU()
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.temperature = 1.0
 
     def forward(self, x):
@@ -416,13 +405,11 @@ def test_hooks_the_split_cannot_honour_turn_it_off(batch):
     assert split._split._split is not None
 
 
-class _Attrs(nn.Module):
+class _Attrs(_Tiny):
     """Attributes torch.fx bakes into the graph: a non-buffer tensor, a list, a function."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.t = torch.tensor(1.0)
         self.scale = [1.0]
         self.fn = torch.relu
@@ -446,13 +433,11 @@ def test_split_follows_any_public_attribute(name, value, batch):
         assert shared._split._split is not None
 
 
-class _SideEffects(nn.Module):
+class _SideEffects(_Tiny):
     """Sets its own attributes in forward: a traced graph would not replay that."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.calls = 0
 
     def forward(self, x):
@@ -477,13 +462,11 @@ def test_a_model_with_side_effects_runs_whole_forwards(make, batch):
     assert shared.model.calls == full.model.calls
 
 
-class _History(nn.Module):
+class _History(_Tiny):
     """Appends to a list attribute in forward (in place: the list object stays the same)."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.history: list = []
 
     def forward(self, x):
@@ -506,14 +489,12 @@ class _Config:
     scale = 1.0
 
 
-class _Hidden(nn.Module):
+class _Hidden(_Tiny):
     """State torch.fx bakes into the graph, out of sight of public attributes: a private
     float behind a property, and a plain config object."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self._temp = 1.0
         self.cfg = _Config()
 
@@ -545,14 +526,12 @@ def test_split_follows_private_and_nested_state(change, batch):
                                    rtol=1e-4, atol=1e-5)
 
 
-class _Counters(nn.Module):
+class _Counters(_Tiny):
     """Side effects out of sight of a shallow look: a list inside a dict, a field of a plain
     object, a buffer counted up in place."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.log = {"rows": []}
         self.stats = _Config()
         self.stats.calls = 0
@@ -577,13 +556,11 @@ def test_deep_side_effects_are_seen_and_the_model_left_alone(batch):
         assert s.log == f.log and s.stats.calls == f.stats.calls and s.calls == f.calls
 
 
-class _Constant(nn.Module):
+class _Constant(_Tiny):
     """A tensor torch.fx cannot name (inside a list): the tracer stores it on the traced root."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.shift = [torch.tensor(0.5)]
 
     def forward(self, x):
@@ -598,13 +575,11 @@ def test_tracing_leaves_nothing_on_the_model(batch):
     assert sorted(vars(shared.model)) == sorted(vars(full.model))
 
 
-class _Twice(nn.Module):
+class _Twice(_Tiny):
     """Runs the layer twice while a flag is set."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
         self.twice = True
 
     def forward(self, x):
@@ -661,15 +636,10 @@ def test_split_reads_the_models_own_tensors_and_aliases_work(batch):
                                    rtol=1e-4, atol=1e-5)
 
 
-class _Seen(nn.Module):
+class _Seen(_Tiny):
     """A counter on the class: forward's result depends on it."""
 
     seen = 0
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 5)
-        self.fc = nn.Linear(4 * 24 * 24, 10)
 
     def forward(self, x):
         type(self).seen += 1
