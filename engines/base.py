@@ -74,6 +74,16 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def _like(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
+    """`grad` with `param`'s strides. autograd.grad, unlike `backward()`, does not lay a
+    gradient out like its parameter (e.g. a channels_last 4-D parameter added to activations,
+    or a kernel read through rot90, gets a contiguous one), and fused Adam pairs parameter and
+    gradient elements by memory position."""
+    if grad is None or grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
 @contextmanager
 def _channels_last(tensors: list[torch.Tensor]) -> Iterator[None]:
     """Re-stride the 4-D tensors channels_last for the block (oneDNN convolutions and max-pooling
@@ -326,7 +336,7 @@ class Engine(nn.Module):
                                          f"parameters; choose another adapt_params")
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     for p, g in zip(params, grads):
-                        p.grad = g
+                        p.grad = _like(g, p)
                     opt.step()
                     logits.append(pred.detach())
                     losses.append(loss.detach())  # kept as tensors: no CPU-GPU sync per step
