@@ -37,11 +37,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
 from torch.func import functional_call
 
 from engines.hooks import add_delta, add_to_output
 from engines.model_key import changes_in_forward, model_state
+from engines.rotation_fold import fold_rotations, rotated_copies
 
 __all__ = ["LayerSplit", "tensor_slots"]
 
@@ -120,26 +122,31 @@ class LayerSplit:
     suffix_names: dict       # suffix's parameter/buffer name -> the model's (functional_call)
     batch_rows: frozenset | None = None  # cut indices whose dim 0 is the batch (rows_check)
     leaves: frozenset = frozenset()      # modules the graph calls as a whole
+    rotated: fx.GraphModule | None = None  # x -> prefix(rotated copies of x), folded (fold_check)
+    rotated_shape: tuple | None = None     # the image shape (C, H, W) it was built and checked for
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
               channel_delta: bool,
-              rows_check: tuple[torch.Tensor, int] | None = None) -> LayerSplit | None:
+              rows_check: tuple[torch.Tensor, int] | None = None,
+              fold_check: torch.Tensor | None = None) -> LayerSplit | None:
         """Trace `model` and cut it at `layer`; None (and a RuntimeWarning saying why) when that
         is not possible. `channel_delta`: the deltas will be (B, C) per-channel shifts (allows
         the max-pool move). The split is checked against the hooked model on `check_x`;
         `rows_check` (X, n): the rest will also run on the first rows of a cut (TTT's unrotated
-        quarter), checked as rest(first n rows of cut(X)) == model(X)[:n]."""
-        return cls.attempt(model, layer, check_x, channel_delta, rows_check)[0]
+        quarter), checked as rest(first n rows of cut(X)) == model(X)[:n]. `fold_check` x: also
+        build `rotated` (TTT; engines/rotation_fold.py), checked as rotated(x) ==
+        prefix(rotated copies of x); if nothing folds or it disagrees, `rotated` stays None."""
+        return cls.attempt(model, layer, check_x, channel_delta, rows_check, fold_check)[0]
 
     @classmethod
     def attempt(cls, model: nn.Module, layer: str, check_x: torch.Tensor, channel_delta: bool,
-                rows_check: tuple[torch.Tensor, int] | None = None
-                ) -> tuple[LayerSplit | None, bool]:
+                rows_check: tuple[torch.Tensor, int] | None = None,
+                fold_check: torch.Tensor | None = None) -> tuple[LayerSplit | None, bool]:
         """`build`, plus whether a refusal should stand until the model's structure changes
         (a model with side effects in forward changes its attributes at every call)."""
         try:
-            return cls._build(model, layer, check_x, channel_delta, rows_check), False
+            return cls._build(model, layer, check_x, channel_delta, rows_check, fold_check), False
         except Exception as exc:  # noqa: BLE001 - no split is always a correct fallback
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"split_model: cannot split {type(model).__name__} at {layer!r} "
@@ -148,8 +155,8 @@ class LayerSplit:
 
     @classmethod
     def _build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
-               channel_delta: bool, rows_check: tuple[torch.Tensor, int] | None
-               ) -> LayerSplit:
+               channel_delta: bool, rows_check: tuple[torch.Tensor, int] | None,
+               fold_check: torch.Tensor | None = None) -> LayerSplit:
         """Everything that runs Python code of the model — tracing and the checks — runs on a
         deep copy (`probe`), so the user's model is never touched; the split returned holds
         the user's own modules and tensors."""
@@ -226,9 +233,13 @@ class LayerSplit:
         if rows_check is not None and not checked._rows_agree(probe, *rows_check):
             raise _NoSplit("the rest of the model gives other results on a subset of the rows; "
                            "does it read the batch size (x.size(0)) or mix rows?")
+        folded = _checked_fold(checked.prefix, fold_check) if fold_check is not None else None
         split = cls._assemble(model, probe, copy.deepcopy(pre), copy.deepcopy(suf), layer,
                               inj is hits[0], inj.name, originals)
         split.batch_rows, split.leaves = checked.batch_rows, leaves
+        if folded is not None:
+            split.rotated = _module(folded, model, probe, originals, "RotatedPrefix")
+            split.rotated_shape = tuple(fold_check.shape[1:])
         if model_state(model) != untouched:
             raise _SideEffects("the checks on a copy changed the model itself (it reaches its "
                                "state through something deepcopy shares: a weakref, a closure, "
@@ -240,12 +251,8 @@ class LayerSplit:
                   layer: str, at_layer: bool, inj_name: str, originals: dict) -> LayerSplit:
         """GraphModules over `model`'s own modules and tensors (constants the tracer made live
         only on `probe`, the traced copy: mapped back to the model's by `originals`)."""
-        prefix = fx.GraphModule(_root(pre, model, probe, originals), pre, class_name="Prefix")
-        prefix.graph.eliminate_dead_code()  # what only the rest used, e.g. a skipped branch
-        prefix.recompile()
-        suffix = fx.GraphModule(_root(suf, model, probe, originals), suf, class_name="Suffix")
-        suffix.graph.eliminate_dead_code()
-        suffix.recompile()
+        prefix = _module(pre, model, probe, originals, "Prefix")  # dead code: e.g. a branch
+        suffix = _module(suf, model, probe, originals, "Suffix")  # only the rest used
         # the model's name of each tensor the rest uses (tied weights: one name, two places)
         canonical = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
         names = {n: canonical[id(t)] for n, t in tensor_slots(suffix).items()
@@ -254,6 +261,13 @@ class LayerSplit:
 
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.prefix(x)
+
+    def cut_rotated(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`cut(rotated_copies(x))`, with the rotations folded into the leading convolutions
+        when `rotated` was built for images of x's shape."""
+        if self.rotated is not None and tuple(x.shape[1:]) == self.rotated_shape:
+            return self.rotated(x)
+        return self.prefix(rotated_copies(x))
 
     def rows(self, cut: tuple, n: int) -> tuple:
         """The cut values of the first n rows: the values that carry the batch's rows (found
@@ -309,6 +323,42 @@ class LayerSplit:
             except RuntimeError:
                 return False
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def _module(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict, name: str
+            ) -> fx.GraphModule:
+    gm = fx.GraphModule(_root(graph, model, probe, originals), graph, class_name=name)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _checked_fold(prefix: fx.GraphModule, x: torch.Tensor) -> fx.Graph | None:
+    """`prefix` (on the traced copy) with TTT's rotations folded in (engines/rotation_fold.py),
+    checked on x against prefix(rotated copies of x). None when nothing folds, when the fold
+    would turn more elements per image back into the 4B batch than an image has (measured:
+    the fold pays where it ends in small pooled maps, and costs up to ~20 % where it ends in
+    big early ones), or (with a RuntimeWarning) when the values disagree."""
+    images = rotated_copies(x)
+    try:
+        with torch.no_grad():
+            ShapeProp(prefix).propagate(images)
+            graph, folded, unstacked = fold_rotations(prefix.graph, prefix)
+            if not folded or unstacked > x[0].numel():
+                return None  # turning big maps back into 4B costs more than the fold saves
+            want, got = prefix(images), fx.GraphModule(prefix, graph)(x)
+        close = dict(rtol=1e-4, atol=1e-5, equal_nan=True)
+        same = len(want) == len(got) and all(
+            torch.allclose(a, b, **close) if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(want, got))
+        why = "they give other values than the rotated copies"
+    except Exception as exc:  # noqa: BLE001 - the unfolded prefix is always a correct fallback
+        same, why = False, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if same:
+        return graph
+    warnings.warn(f"fold_rotations: cannot fold the rotations into the model ({why}); running "
+                  f"its prefix on the 4B rotated images", RuntimeWarning, stacklevel=4)
+    return None
 
 
 def _root(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict) -> dict:

@@ -23,8 +23,9 @@ class SplitSlot:
     into the graph as constants). None while any model module is in train mode: dropout and
     batch-norm statistics must see every pass and row, as in whole forwards."""
 
-    def __init__(self, channel_delta: bool = False) -> None:
+    def __init__(self, channel_delta: bool = False, fold: bool = False) -> None:
         self.channel_delta = channel_delta
+        self.fold = fold                   # TTT: also build the rotation fold (`cut_rotated`)
         self._split: LayerSplit | None = None
         self._key: tuple[list, list, list] = ([], [], [])
         self._sticky = False               # the last refusal stands until the structure changes
@@ -32,7 +33,7 @@ class SplitSlot:
         self._answer: LayerSplit | None = None
 
     def __getstate__(self) -> dict:
-        return {"channel_delta": self.channel_delta}
+        return {"channel_delta": self.channel_delta, "fold": self.fold}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -58,7 +59,8 @@ class SplitSlot:
         if not same_key(graph_key(model, leaves), self._key, structure_only=self._sticky):
             self._split, self._sticky = LayerSplit.attempt(
                 model, layer, x[:4].detach(), channel_delta=self.channel_delta,
-                rows_check=rows_check() if rows_check is not None else None)
+                rows_check=rows_check() if rows_check is not None else None,
+                fold_check=x[:2].detach() if self.fold else None)
             leaves = self._split.leaves if self._split is not None else frozenset()
             self._key = graph_key(model, leaves)
         self._answer = self._split

@@ -5,7 +5,8 @@ One forward over the 4B rotated batch gives both the rotation loss and, in its 0
 the main prediction at the same weights — torch-ttt runs the plain batch separately (5B images
 per step); here a step costs 4B, and the anytime prediction of step k is that quarter. With
 `split_model` the part of the model after the layer runs on that quarter only (the rotated
-copies only feed the head).
+copies only feed the head), and with `fold_rotations` the part before it runs the four
+rotations as rotated kernels on the B images (engines/rotation_fold.py).
 With `rotations="rand"` (the official TTT release's `rotate_batch(inputs, 'rand')`) a test-time
 step rotates each image once by a random angle: B images with gradients plus a no-grad forward
 of the plain B for the anytime prediction.
@@ -20,6 +21,7 @@ from torch import nn
 from engines.base import AdaptResult, Engine, register_engine
 from engines.config import TTTConfig
 from engines.hooks import DryRun, build_seeded, capture_output
+from engines.rotation_fold import rotated_copies
 from engines.split import LayerSplit
 
 __all__ = ["TTTEngine", "rotate_batch", "rotation_head"]
@@ -36,7 +38,7 @@ def rotate_batch(x: torch.Tensor, labels: torch.Tensor | None = None
             rows = labels == k
             images[rows] = torch.rot90(x[rows], k, dims=(-2, -1))
         return images, labels
-    images = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])   # (4B, C, H, W)
+    images = rotated_copies(x)                                                  # (4B, C, H, W)
     labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])    # (4B,)
     return images, labels
 
@@ -82,6 +84,7 @@ class TTTEngine(Engine):
         shape = probe.features.shape
         self.head = build_seeded(lambda: rotation_head(shape), generator, device, dtype)
         self._angles = torch.Generator()  # rotations="rand": re-seeded by every adapt()
+        self._split.fold = self.config.fold_rotations and self.config.rotations == "all"
 
     def _rotation_loss(self, images: torch.Tensor, labels: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +98,11 @@ class TTTEngine(Engine):
         """(logits of the 0-degree quarter (B, C), rotation loss over all 4B images); with
         `split`, the part after the layer runs on that quarter only (the loss needs just the
         layer's features of all 4B)."""
-        images, labels = rotate_batch(x)
         if split is None:
-            logits, rotation_loss = self._rotation_loss(images, labels)  # logits (4B, C)
+            logits, rotation_loss = self._rotation_loss(*rotate_batch(x))  # logits (4B, C)
             return logits[: x.shape[0]], rotation_loss
-        cut = split.cut(images)                                        # cut[0]: the features
+        labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
+        cut = split.cut_rotated(x)                                     # cut[0]: the features
         logits = split.run(split.rows(cut, x.shape[0]), None)          # (B, C)
         return logits, F.cross_entropy(self.head(cut[0]), labels)
 
