@@ -31,6 +31,7 @@ number or a one-element parameter/buffer, or between two folded values.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -47,11 +48,15 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU
 _ELEMENTWISE_FUNCTIONS = {F.relu, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu, F.mish,
                           F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid, F.softplus,
                           F.sigmoid, F.tanh, torch.relu, torch.sigmoid, torch.tanh, torch.abs,
-                          torch.exp, torch.neg}
+                          torch.exp, torch.neg, operator.neg}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "abs", "exp", "neg"}
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
                torch.mul, torch.div}
 _ARITHMETIC_METHODS = {"add", "sub", "mul", "div"}
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                       operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                       operator.imatmul, operator.setitem}
 _GLOBAL_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _MAX_POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d}
 _AVG_POOL_FUNCTIONS = {F.avg_pool2d, torch._C._nn.avg_pool2d}
@@ -143,8 +148,9 @@ def _global_pool(node: fx.Node, mod: nn.Module | None) -> bool:
                 and _square(mod.output_size) == 1 and not getattr(mod, "return_indices", False))
     if node.op == "call_function" and node.target in _GLOBAL_POOL_FUNCTIONS:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        extra = set(node.kwargs) - {"output_size"}
-        return len(node.args) <= 2 and not extra and _square(size) == 1
+        extra = set(node.kwargs) - {"output_size", "return_indices"}
+        indices = node.kwargs.get("return_indices", node.args[2] if len(node.args) > 2 else False)
+        return len(node.args) <= 3 and not extra and not indices and _square(size) == 1
     return False
 
 
@@ -187,19 +193,26 @@ def _pool_args(node: fx.Node, mod: nn.Module | None) -> tuple | None:
     return None if None in (k, s, p, d) else (k, s, p, d)
 
 
-def fold_rotations(graph: fx.Graph, root: nn.Module) -> tuple[fx.Graph, int, int]:
+class Fold(NamedTuple):
+    graph: fx.Graph      # x -> the prefix's outputs for rotated_copies(x)
+    folded: int          # operations that run folded
+    unstacked: int       # elements per image of the stacked values turned back into 4B
+    modules: frozenset   # modules the fold reads the attributes of (their changes matter)
+
+
+def fold_rotations(graph: fx.Graph, root: nn.Module) -> Fold:
     """`graph` (one placeholder x; nodes annotated by torch.fx's ShapeProp run on
-    `rotated_copies(x)`) -> (a graph computing the same outputs from x itself, how many
-    operations run folded, how many elements per image the stacked values turned back into
-    the 4B batch have). `root` owns the graph's modules and attributes."""
+    `rotated_copies(x)`) -> the `Fold` computing the same outputs from x itself. `root` owns
+    the graph's modules and attributes."""
     nodes = list(graph.nodes)
     if sum(n.op == "placeholder" for n in nodes) != 1:
-        return graph, 0, 0
+        return Fold(graph, 0, 0, frozenset())
     out = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     kind: dict[fx.Node, str] = {}           # folded values: "same" or "stacked"
     plain: dict[fx.Node, fx.Node] = {}      # folded value -> its 4B batch, made once
     folded = unstacked = 0
+    modules: set[str] = set()
 
     def batch(n: fx.Node) -> fx.Node:
         nonlocal unstacked
@@ -241,8 +254,14 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> tuple[fx.Graph, int, int
             continue
         inputs = [a for a in n.all_input_nodes if a in kind]
         rule = _rule(n, root, kind, spatial, scalar_operand) if inputs else None
+        if inputs and n.op == "call_module" and not _hooked(root.get_submodule(n.target)):
+            modules.add(n.target)  # its attributes decided whether and how it folds
         if rule is None:
             env[n] = out.node_copy(n, batch)
+            if _in_place(n, root):  # it changed the 4B copy: later reads must see that
+                for a in inputs:
+                    env[a] = batch(a)
+                    del kind[a]
             continue
         folded += 1
         how, result = rule
@@ -266,7 +285,30 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> tuple[fx.Graph, int, int
                 env[n] = out.call_function(conv_stacked, (src, w, b, s, p, d, mod.groups))
         kind[n] = result
     out.lint()
-    return out, folded, unstacked
+    return Fold(out, folded, unstacked, frozenset(modules))
+
+
+def _hooked(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _in_place(n: fx.Node, root: nn.Module) -> bool:
+    """Whether n may change one of its inputs (inplace=True, x.relu_(), h += 1, h[i] = v,
+    out=...)."""
+    if n.op == "call_module":
+        return bool(getattr(root.get_submodule(n.target), "inplace", False))
+    if n.kwargs.get("inplace") or "out" in n.kwargs:
+        return True
+    if n.op == "call_function":  # F.relu(x, True): a positional inplace
+        name = getattr(n.target, "__name__", "")
+        return (n.target in _IN_PLACE_OPERATORS or any(a is True for a in n.args[1:])
+                or (name.endswith("_") and not name.endswith("__")))
+    return n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
+
+
+def _channels(n: fx.Node) -> int | None:
+    shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 4 else None
 
 
 def _per_image(n: fx.Node) -> int:
@@ -286,7 +328,7 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
     """How node n runs on folded inputs ("copy" / "arith" / "conv", the result's kind), or None
     when it needs the 4B batch."""
     mod = root.get_submodule(n.target) if n.op == "call_module" else None
-    if mod is not None and (mod._forward_hooks or mod._forward_pre_hooks):
+    if mod is not None and _hooked(mod):
         return None  # hooks expect the 4B batch; one may set the weight (old weight_norm)
     first = n.args[0] if n.args else None
     only_first = (isinstance(first, fx.Node) and first in kind
@@ -294,10 +336,11 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
                   and all(a is first or a.op == "get_attr" and a not in kind
                           for a in n.all_input_nodes))
     # element-wise, not in place, one folded tensor and otherwise constants
-    in_place = n.kwargs.get("inplace", False) or any(a is True for a in n.args[1:])
-    if only_first and not in_place and len(n.all_input_nodes) == 1:
+    if _in_place(n, root):
+        return None
+    if only_first and len(n.all_input_nodes) == 1:
         if mod is not None and type(mod) in _ELEMENTWISE_MODULES \
-                and not getattr(mod, "inplace", False) and len(n.args) == 1 and not n.kwargs:
+                and len(n.args) == 1 and not n.kwargs:
             return "copy", kind[first]
         if n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS:
             return "copy", kind[first]
@@ -313,7 +356,21 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
         others = [x for x in (a, b) if not (isinstance(x, fx.Node) and x in kind)]
         if not all(scalar_operand(x) for x in others):
             return None
-        return "arith", "stacked" if any(kind[x] == "stacked" for x in folded) else "same"
+        kinds = [kind[x] for x in folded]
+        if len(folded) == 2 and kinds != ["same", "same"]:
+            # stacked groups line up only with stacked (or repeated "same") values of as many
+            # channels; a one-channel "same" value broadcasts over every group as it is
+            ca, cb = (_channels(x) for x in folded)
+            if ca is None or cb is None:
+                return None
+            if kinds == ["stacked", "stacked"] and ca != cb:
+                return None
+            if "same" in kinds:
+                same_c, stacked_c = (ca, cb) if kinds[0] == "same" else (cb, ca)
+                if same_c not in (1, stacked_c):
+                    return None
+                return ("arith" if same_c == stacked_c else "copy"), "stacked"
+        return "arith", "stacked" if "stacked" in kinds else "same"
     # global pooling to 1x1: the same set of values in any rotation
     if only_first and _global_pool(n, mod):
         return "copy", kind[first]

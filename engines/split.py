@@ -43,7 +43,7 @@ from torch.func import functional_call
 
 from engines.hooks import add_delta, add_to_output
 from engines.model_key import changes_in_forward, model_state
-from engines.rotation_fold import fold_rotations, rotated_copies
+from engines.rotation_fold import Fold, fold_rotations, rotated_copies
 
 __all__ = ["LayerSplit", "tensor_slots"]
 
@@ -238,8 +238,11 @@ class LayerSplit:
                               inj is hits[0], inj.name, originals)
         split.batch_rows, split.leaves = checked.batch_rows, leaves
         if folded is not None:
-            split.rotated = _module(folded, model, probe, originals, "RotatedPrefix")
+            split.rotated = _module(folded.graph, model, probe, originals, "RotatedPrefix")
             split.rotated_shape = tuple(fold_check.shape[1:])
+            # the fold baked in these modules' attributes (stride, padding, inplace, ...):
+            # a change to them must rebuild the split (SplitSlot keys on non-leaf attributes)
+            split.leaves = leaves - folded.modules
         if model_state(model) != untouched:
             raise _SideEffects("the checks on a copy changed the model itself (it reaches its "
                                "state through something deepcopy shares: a weakref, a closure, "
@@ -333,7 +336,7 @@ def _module(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict
     return gm
 
 
-def _checked_fold(prefix: fx.GraphModule, x: torch.Tensor) -> fx.Graph | None:
+def _checked_fold(prefix: fx.GraphModule, x: torch.Tensor) -> Fold | None:
     """`prefix` (on the traced copy) with TTT's rotations folded in (engines/rotation_fold.py),
     checked on x against prefix(rotated copies of x). None when nothing folds, when the fold
     would turn more elements per image back into the 4B batch than an image has (measured:
@@ -343,10 +346,10 @@ def _checked_fold(prefix: fx.GraphModule, x: torch.Tensor) -> fx.Graph | None:
     try:
         with torch.no_grad():
             ShapeProp(prefix).propagate(images)
-            graph, folded, unstacked = fold_rotations(prefix.graph, prefix)
-            if not folded or unstacked > x[0].numel():
+            fold = fold_rotations(prefix.graph, prefix)
+            if not fold.folded or fold.unstacked > x[0].numel():
                 return None  # turning big maps back into 4B costs more than the fold saves
-            want, got = prefix(images), fx.GraphModule(prefix, graph)(x)
+            want, got = prefix(images), fx.GraphModule(prefix, fold.graph)(x)
         close = dict(rtol=1e-4, atol=1e-5, equal_nan=True)
         same = len(want) == len(got) and all(
             torch.allclose(a, b, **close) if isinstance(a, torch.Tensor) else a == b
@@ -355,7 +358,7 @@ def _checked_fold(prefix: fx.GraphModule, x: torch.Tensor) -> fx.Graph | None:
     except Exception as exc:  # noqa: BLE001 - the unfolded prefix is always a correct fallback
         same, why = False, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
     if same:
-        return graph
+        return fold
     warnings.warn(f"fold_rotations: cannot fold the rotations into the model ({why}); running "
                   f"its prefix on the 4B rotated images", RuntimeWarning, stacklevel=4)
     return None

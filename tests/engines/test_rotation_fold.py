@@ -69,11 +69,16 @@ def _build(model: nn.Module, x: torch.Tensor, layer: str = "fc1") -> LayerSplit:
                                 rows_check=(rotated_copies(x[:2]), 2), fold_check=x[:2])
 
 
-def _unfolded_before(split: LayerSplit, op: str) -> None:
-    """The folded prefix turns its values back into the 4B batch before `op` runs."""
+def _unfolded_before(model: nn.Module, x: torch.Tensor, op: str, layer: str = "fc"
+                     ) -> LayerSplit:
+    """The folded prefix turns its values back into the 4B batch before `op` runs, and gives
+    the rotated batch's values."""
+    split = _build(model, x, layer)
     code = split.rotated.code
     back = [code.index(m) for m in ("unstack(", "rotated_copies(") if m in code]
     assert back and min(back) < code.index(op), code
+    torch.testing.assert_close(split.cut_rotated(x)[0], split.prefix(rotated_copies(x))[0])
+    return split
 
 
 def _grads(out: tuple, params: list[torch.Tensor]) -> tuple:
@@ -132,12 +137,9 @@ class _Misaligned(nn.Module):
 @pytest.mark.parametrize("where", ["conv", "pool"])
 def test_a_misaligned_window_grid_is_not_folded(where, batch):
     torch.manual_seed(0)
-    model = _Misaligned(where).eval()
-    x = batch[0]
-    split = _build(model, x, layer="fc")
+    split = _unfolded_before(_Misaligned(where).eval(), batch[0],
+                             "conv2(" if where == "conv" else "max_pool2d(")
     assert "conv_same(" in split.rotated.code
-    _unfolded_before(split, "conv2(" if where == "conv" else "max_pool2d(")
-    torch.testing.assert_close(split.cut_rotated(x)[0], split.prefix(rotated_copies(x))[0])
 
 
 class _InPlace(nn.Module):
@@ -190,11 +192,7 @@ class _Reads(nn.Module):
 @pytest.mark.parametrize("what", ["size", "gain"])
 def test_what_the_fold_cannot_see_through_runs_on_the_4b_batch(what, batch):
     torch.manual_seed(0)
-    model = _Reads(what).eval()
-    x = batch[0]
-    split = _build(model, x, layer="fc")
-    _unfolded_before(split, "size(" if what == "size" else "* gain")
-    torch.testing.assert_close(split.cut_rotated(x)[0], split.prefix(rotated_copies(x))[0])
+    _unfolded_before(_Reads(what).eval(), batch[0], "size(" if what == "size" else "* gain")
 
 
 class _NormedConv(nn.Module):
@@ -228,9 +226,7 @@ class _GroupedFirst(nn.Module):
 def test_a_grouped_conv_on_the_image_is_not_folded(batch):
     torch.manual_seed(0)
     x = torch.cat([batch[0], batch[0].flip(-1)], 1)                 # (B, 2, 28, 28)
-    split = _build(_GroupedFirst().eval(), x, layer="fc")
-    _unfolded_before(split, "conv(")
-    torch.testing.assert_close(split.cut_rotated(x)[0], split.prefix(rotated_copies(x))[0])
+    _unfolded_before(_GroupedFirst().eval(), x, "conv(")
 
 
 class _StdConv(nn.Conv2d):
@@ -258,10 +254,8 @@ class _Odd(nn.Module):
 @pytest.mark.parametrize("what", ["subclass", "rectangular pool"])
 def test_what_is_not_on_the_whitelist_is_not_folded(what, batch):
     torch.manual_seed(0)
-    x = batch[0]
-    split = _build(_Odd(what).eval(), x, layer="fc")
-    _unfolded_before(split, "conv2d(" if what == "subclass" else "max_pool2d(")
-    torch.testing.assert_close(split.cut_rotated(x)[0], split.prefix(rotated_copies(x))[0])
+    _unfolded_before(_Odd(what).eval(), batch[0],
+                     "conv2d(" if what == "subclass" else "max_pool2d(")
 
 
 def test_a_module_with_hooks_is_not_folded(batch):
@@ -357,3 +351,90 @@ def test_the_fold_is_off_when_asked_or_for_random_rotations():
     assert TTTEngine(copy.deepcopy(model), x0)._split.fold
     assert not TTTEngine(copy.deepcopy(model), x0, {"fold_rotations": False})._split.fold
     assert not TTTEngine(copy.deepcopy(model), x0, {"rotations": "rand"})._split.fold
+
+
+# -- found by review (each test fails on c98e480) -------------------------------------------
+class _Changeable(_Global):
+    """A conv and a max-pool module whose attributes a user may change after the first adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(self.pool(torch.relu(self.conv(x))), 1).flatten(1)
+        return self.out(torch.relu(self.fc(h)))
+
+
+@pytest.mark.parametrize("change", [("conv", "padding", (0, 0)), ("conv", "stride", (2, 2)),
+                                    ("conv", "padding_mode", "circular"),
+                                    ("pool", "kernel_size", 3), ("pool", "stride", 3)])
+def test_changing_a_folded_module_after_the_build_rebuilds_the_fold(change, batch):
+    """The fold copies a conv's stride/padding into its own calls and checks pools' grids once:
+    a changed attribute must rebuild it (the old fold gave rotation losses off by ~1e-2)."""
+    x = batch[0]
+    folded, plain = _ttt_pair(lambda: _Changeable().eval(), layer="fc")
+    folded.adapt(x, 1), plain.adapt(x, 1)
+    assert folded._split._split.rotated is not None
+    name, attr, value = change
+    for engine in (folded, plain):
+        setattr(engine.model.get_submodule(name), attr, value)
+    a, b = folded.adapt(x, 2), plain.adapt(x, 2)
+    torch.testing.assert_close(a.losses, b.losses, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+
+
+class _InPlaceAlias(nn.Module):
+    """An in-place relu on a folded value that is read again afterwards: on images >= 0 the
+    relu changes nothing (so a check on them passes), on negative ones it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.conv.weight.abs_()
+            self.conv.bias.fill_(0.1)
+
+    def forward(self, x):
+        h = F.max_pool2d(self.conv(x), 4)       # (4, 7, 7)
+        y = F.relu(h, inplace=True)             # changes h
+        z = h * 2.0                             # reads the changed h
+        return self.out(torch.relu(self.fc(F.adaptive_avg_pool2d(z + y.mean(), 1).flatten(1))))
+
+
+def test_a_value_changed_in_place_is_read_changed_afterwards(batch):
+    x = batch[0]
+    torch.manual_seed(0)
+    split = _build(_InPlaceAlias().eval(), x, layer="fc")  # built on images >= 0
+    assert split.rotated is not None
+    with torch.no_grad():
+        torch.testing.assert_close(split.cut_rotated(-x)[0],
+                                   split.prefix(rotated_copies(-x))[0])  # was off by 0.7
+
+
+class _Broadcast(nn.Module):
+    """A one-channel "same" value (the image) against a stacked C-channel one."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = x - h if self.how == "sub" else h / (1 + x.abs())
+        h = F.adaptive_max_pool2d(-torch.relu(h), 1).flatten(1)
+        return self.out(torch.relu(self.fc(h)))
+
+
+@pytest.mark.parametrize("how", ["sub", "div"])
+def test_a_one_channel_image_broadcasts_against_stacked_maps(how, batch):
+    """The fold tried to repeat the 1-channel value to 4 channels (refused, with a warning and
+    an FX traceback); now it broadcasts over every group; the pooling and neg fold too."""
+    torch.manual_seed(0)
+    code = _unfolded_before(_Broadcast(how).eval(), batch[0], "flatten(").rotated.code
+    assert code.index("adaptive_max_pool2d(") < code.index("unstack(")  # 1x1 maps turned back
