@@ -74,6 +74,12 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (`empty_like` keeps exactly those strides): a gradient can
+    then be laid out like it, which fused optimizers need."""
+    return torch.empty_like(t).stride() == t.stride()
+
+
 def _like(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
     """`grad` with `param`'s strides. autograd.grad, unlike `backward()`, does not lay a
     gradient out like its parameter (e.g. a channels_last 4-D parameter added to activations,
@@ -282,6 +288,8 @@ class Engine(nn.Module):
             if name == "adam":
                 kwargs = {**kwargs, "eps": self.config.adam_eps}
             try:  # the fused kernel: one call per step instead of a Python loop per tensor
+                if not all(_dense(p) for p in params):
+                    raise ValueError("fused Adam pairs elements by memory position")
                 opt = cls(params, lr=self.config.lr, fused=True, **kwargs)
             except (RuntimeError, ValueError):
                 opt = cls(params, lr=self.config.lr, **kwargs)
