@@ -38,9 +38,9 @@ def _freeze(value, objects: list, depth: int = 0):
 def graph_key(model: nn.Module, skip: frozenset = frozenset()) -> tuple[list, list, list]:
     """(structure, attribute objects, attribute values) that a traced graph of `model` depends
     on besides tensor values: module objects and types, parameter/buffer objects and hooks
-    (compared by identity), every other attribute, private ones included, and the plain class
-    attributes of each module's class (torch.fx bakes the ones it reads into the graph; objects
-    by identity, plain values by ==). `skip`: names of modules whose attributes are left out
+    (compared by identity) and their shapes and dtypes, every other attribute, private ones
+    included, and the plain class attributes of each module's class (torch.fx bakes the ones
+    it reads into the graph; objects by identity, plain values by ==). `skip`: names of modules whose attributes are left out
     (and those of their submodules; their structure stays in): modules a graph calls as a
     whole, whose own Python state the graph does not bake in. torch's global module hooks are
     left out: profilers and FlopCounterMode add them to watch."""
@@ -52,6 +52,10 @@ def graph_key(model: nn.Module, skip: frozenset = frozenset()) -> tuple[list, li
         structure += [m, type(m), *m._parameters.values(), *m._buffers.values(),
                       *m._forward_hooks.values(), *m._forward_pre_hooks.values(),
                       *m._backward_hooks.values(), *m._backward_pre_hooks.values()]
+        # a tensor given new data of another shape or dtype stays the same object (`.data =`)
+        values.append((name, tuple((k, tuple(t.shape), t.dtype) for k, t in
+                                   [*m._parameters.items(), *m._buffers.items()]
+                                   if t is not None)))
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         values.append((name, tuple((k, _freeze(v, objects)) for k, v in vars(m).items()

@@ -20,7 +20,14 @@ and turned back into the 4B batch (`unstack`) right before the first operation t
 the whitelist (flatten, linear, batch norm, anything reading the batch size, ...). Same FLOPs,
 same values up to rounding (the conv's sums run in another order, ~1e-6): the gain on CPU is
 that few-channel convolutions and max-pooling vectorise over 4x the channels (seed CNN: a TTT
-step ~15 % faster; `benchmarks/engine_speed.py --set fold_rotations=false` compares).
+step ~15 % faster; `benchmarks/engine_speed.py --set fold_rotations=false` compares). Where
+two entries of a max-pool window are exactly equal, the pooling picks the first in its scan
+order, which differs between a rotated map and the un-rotated one: the value is the same, the
+gradient goes to the other entry (either is a valid subgradient; with integer kernels on binary
+images a review measured conv weight gradients 51 % apart, with the seed CNN on zero, binary or
+clipped images <= 3e-5 after Adam steps). No fold for a prefix with an operation that may
+change a tensor in place (inplace=True, x.relu_(), h[i] = v, out=..., a module with hooks): a
+view or alias of a folded value would be changed in the model but not in the fold.
 
 Whitelist (exact module types; subclasses may change forward): nn.Conv2d (zeros padding,
 square kernel), nn.MaxPool2d/AvgPool2d and F.max_pool2d/F.avg_pool2d (square, no ceil mode, no
@@ -38,7 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fold_rotations", "rotated_copies", "unstack"]
+__all__ = ["Fold", "fold_rotations", "in_place", "rotated_copies", "unstack"]
 
 _CL = torch.channels_last
 
@@ -205,14 +212,15 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> Fold:
     `rotated_copies(x)`) -> the `Fold` computing the same outputs from x itself. `root` owns
     the graph's modules and attributes."""
     nodes = list(graph.nodes)
-    if sum(n.op == "placeholder" for n in nodes) != 1:
+    if sum(n.op == "placeholder" for n in nodes) != 1 or any(in_place(n, root) for n in nodes):
         return Fold(graph, 0, 0, frozenset())
+    # every module's attributes decide what folds, or whether an op is in place: keyed
+    modules = {n.target for n in nodes if n.op == "call_module"}
     out = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     kind: dict[fx.Node, str] = {}           # folded values: "same" or "stacked"
     plain: dict[fx.Node, fx.Node] = {}      # folded value -> its 4B batch, made once
     folded = unstacked = 0
-    modules: set[str] = set()
 
     def batch(n: fx.Node) -> fx.Node:
         nonlocal unstacked
@@ -254,14 +262,8 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> Fold:
             continue
         inputs = [a for a in n.all_input_nodes if a in kind]
         rule = _rule(n, root, kind, spatial, scalar_operand) if inputs else None
-        if inputs and n.op == "call_module" and not _hooked(root.get_submodule(n.target)):
-            modules.add(n.target)  # its attributes decided whether and how it folds
         if rule is None:
             env[n] = out.node_copy(n, batch)
-            if _in_place(n, root):  # it changed the 4B copy: later reads must see that
-                for a in inputs:
-                    env[a] = batch(a)
-                    del kind[a]
             continue
         folded += 1
         how, result = rule
@@ -292,11 +294,12 @@ def _hooked(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
-def _in_place(n: fx.Node, root: nn.Module) -> bool:
+def in_place(n: fx.Node, root: nn.Module) -> bool:
     """Whether n may change one of its inputs (inplace=True, x.relu_(), h += 1, h[i] = v,
-    out=...)."""
+    out=..., a module with hooks, which may change what they are given)."""
     if n.op == "call_module":
-        return bool(getattr(root.get_submodule(n.target), "inplace", False))
+        mod = root.get_submodule(n.target)
+        return _hooked(mod) or bool(getattr(mod, "inplace", False))
     if n.kwargs.get("inplace") or "out" in n.kwargs:
         return True
     if n.op == "call_function":  # F.relu(x, True): a positional inplace
@@ -328,16 +331,12 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
     """How node n runs on folded inputs ("copy" / "arith" / "conv", the result's kind), or None
     when it needs the 4B batch."""
     mod = root.get_submodule(n.target) if n.op == "call_module" else None
-    if mod is not None and _hooked(mod):
-        return None  # hooks expect the 4B batch; one may set the weight (old weight_norm)
     first = n.args[0] if n.args else None
     only_first = (isinstance(first, fx.Node) and first in kind
                   and [a for a in n.all_input_nodes if a in kind] == [first]
                   and all(a is first or a.op == "get_attr" and a not in kind
                           for a in n.all_input_nodes))
-    # element-wise, not in place, one folded tensor and otherwise constants
-    if _in_place(n, root):
-        return None
+    # element-wise: one folded tensor and otherwise constants
     if only_first and len(n.all_input_nodes) == 1:
         if mod is not None and type(mod) in _ELEMENTWISE_MODULES \
                 and len(n.args) == 1 and not n.kwargs:

@@ -43,7 +43,7 @@ from torch.func import functional_call
 
 from engines.hooks import add_delta, add_to_output
 from engines.model_key import changes_in_forward, model_state
-from engines.rotation_fold import Fold, fold_rotations, rotated_copies
+from engines.rotation_fold import Fold, fold_rotations, in_place, rotated_copies
 
 __all__ = ["LayerSplit", "tensor_slots"]
 
@@ -331,7 +331,9 @@ class LayerSplit:
 def _module(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict, name: str
             ) -> fx.GraphModule:
     gm = fx.GraphModule(_root(graph, model, probe, originals), graph, class_name=name)
-    gm.graph.eliminate_dead_code()
+    # what only the other part used goes; an op whose result is unused but that changes a
+    # tensor in place (h.clamp_(max=1), h[h < 0] = 0) stays: torch.fx counts it as dead
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or in_place(n, gm))
     gm.recompile()
     return gm
 

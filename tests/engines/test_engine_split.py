@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engines import IT3Config, TTTConfig
@@ -678,3 +679,35 @@ def test_a_leaf_that_sets_its_own_attributes_keeps_the_split(batch):
                                    rtol=1e-4, atol=1e-5)
         first = first or split._split._split
         assert split._split._split is first   # built once, not at every call
+
+
+class _Clip(nn.Module):
+    """An in-place clip whose result is unused: torch.fx's dead-code pass counted it as dead, so
+    the split dropped it (no change on images in [0, 1], where the split is checked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 5)
+        self.conv2 = nn.Conv2d(8, 8, 5)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.relu(self.conv1(x)), 2)
+        h.clamp_(max=1.0)
+        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        out = self.fc2(torch.relu(self.fc1(h.flatten(1))))
+        out.clamp_(min=-3.0)           # after the layer: in the rest
+        return out
+
+
+@pytest.mark.parametrize("make", ["it3", "ttt"])
+def test_an_in_place_op_with_an_unused_result_stays_in_the_split(make, batch):
+    x = batch[0]
+    pair = (_engines if make == "it3" else _ttt_engines)(lambda: _Clip().eval(), layer="fc1")
+    for engine in pair:
+        engine.adapt(x, 1)                            # built and checked on images in [0, 1]
+    split = pair[0]._split._split
+    assert split is not None and "clamp_" in split.prefix.code and "clamp_" in split.suffix.code
+    a, b = (engine.adapt(x * 8, 2) for engine in pair)  # was off by 1.3 (TTT), 0.2 (IT3)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)

@@ -384,34 +384,47 @@ def test_changing_a_folded_module_after_the_build_rebuilds_the_fold(change, batc
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
 
 
-class _InPlaceAlias(nn.Module):
-    """An in-place relu on a folded value that is read again afterwards: on images >= 0 the
-    relu changes nothing (so a check on them passes), on negative ones it does."""
+class _InPlace2(nn.Module):
+    """A folded value h changed in place, directly or through an alias, and read afterwards: on
+    images >= 0 the relu changes nothing (a check on them passes), on negative ones it does."""
 
-    def __init__(self):
+    def __init__(self, how: str):
         super().__init__()
+        self.how = how
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=how == "module")
         self.fc = nn.Linear(4, 8)
         self.out = nn.Linear(8, 5)
         with torch.no_grad():
             self.conv.weight.abs_()
             self.conv.bias.fill_(0.1)
+        if how == "hook":
+            self.act.register_forward_hook(lambda m, i, o: i[0].clamp_(max=0.5))  # changes h
 
     def forward(self, x):
         h = F.max_pool2d(self.conv(x), 4)       # (4, 7, 7)
-        y = F.relu(h, inplace=True)             # changes h
-        z = h * 2.0                             # reads the changed h
-        return self.out(torch.relu(self.fc(F.adaptive_avg_pool2d(z + y.mean(), 1).flatten(1))))
+        if self.how == "functional":
+            F.relu(h, inplace=True)
+        elif self.how == "view":
+            h[:, :2].relu_()
+        elif self.how == "unused clamp":
+            h.clamp_(min=0.2)
+        else:                                   # an in-place module, a hook changing h
+            self.act(h if self.how == "module" else h.view_as(h))
+        return self.out(torch.relu(self.fc(F.adaptive_avg_pool2d(h * 2.0, 1).flatten(1))))
 
 
-def test_a_value_changed_in_place_is_read_changed_afterwards(batch):
+@pytest.mark.parametrize("how", ["functional", "view", "unused clamp", "module", "hook"])
+def test_a_prefix_that_changes_tensors_in_place_is_not_folded(how, batch):
+    """In-place ops on a folded value or on a view of it (review: folded values read unchanged
+    afterwards, off by 0.1-0.7 on inputs the build check could not see)."""
     x = batch[0]
     torch.manual_seed(0)
-    split = _build(_InPlaceAlias().eval(), x, layer="fc")  # built on images >= 0
-    assert split.rotated is not None
-    with torch.no_grad():
-        torch.testing.assert_close(split.cut_rotated(-x)[0],
-                                   split.prefix(rotated_copies(-x))[0])  # was off by 0.7
+    model = _InPlace2(how).eval()
+    assert _build(model, x, layer="fc").rotated is None
+    folded, plain = _ttt_pair(lambda: _InPlace2(how).eval(), layer="fc")
+    folded.adapt(x, 1), plain.adapt(x, 1)                 # built on images >= 0
+    torch.testing.assert_close(folded.adapt(-x, 2).logits, plain.adapt(-x, 2).logits)
 
 
 class _Broadcast(nn.Module):
@@ -438,3 +451,15 @@ def test_a_one_channel_image_broadcasts_against_stacked_maps(how, batch):
     torch.manual_seed(0)
     code = _unfolded_before(_Broadcast(how).eval(), batch[0], "flatten(").rotated.code
     assert code.index("adaptive_max_pool2d(") < code.index("unstack(")  # 1x1 maps turned back
+
+
+def test_a_scalar_buffer_given_per_channel_data_rebuilds_the_fold(batch):
+    """`buf.data = ...` keeps the buffer object: the key now holds shapes and dtypes (review:
+    the old fold still treated the normalisation's mean as a scalar, logits off by 0.46)."""
+    x = batch[0]
+    folded, plain = _ttt_pair(lambda: build_model("seed_cnn").eval())
+    folded.adapt(x, 1), plain.adapt(x, 1)
+    for engine in (folded, plain):
+        engine.model.normalize.mean.data = torch.linspace(0.0, 0.3, 28).view(1, 1, 1, 28)
+    torch.testing.assert_close(folded.adapt(x, 2).logits, plain.adapt(x, 2).logits,
+                               rtol=1e-4, atol=1e-5)
