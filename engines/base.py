@@ -100,8 +100,9 @@ def _channels_last(tensors: list[torch.Tensor]) -> Iterator[None]:
     moved = []
     with torch.no_grad():
         for t in tensors:
-            if t.dim() == 4:
-                fast = t.data.to(memory_format=torch.channels_last)  # also C=1 (`contiguous` not)
+            if t.dim() == 4 and _dense(t):  # an expanded (stride-0) tensor cannot get its
+                # strides back; `.to` also re-strides C=1 (`contiguous` does not)
+                fast = t.data.to(memory_format=torch.channels_last)
                 if fast.stride() != t.data.stride():
                     moved.append((t, t.data.stride()))
                     t.data = fast
@@ -235,6 +236,11 @@ class Engine(nn.Module):
         if not names:
             raise ValueError(f"adapt_params={kind!r} selects no trainable parameter in "
                              f"{type(self.model).__name__}; choose another adapt_params")
+        for n in names:
+            if any(st == 0 and size > 1 for st, size in zip(params[n].stride(), params[n].shape)):
+                raise ValueError(f"parameter {n} is an expanded view (stride 0), which no "
+                                 f"optimizer can step in place; give it its own memory "
+                                 f"(nn.Parameter(t.clone())) or set requires_grad=False")
         return names
 
     def adapted_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -221,6 +221,40 @@ def test_a_non_dense_parameter_is_stepped_like_a_dense_one(batch):
     torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=1e-6)
 
 
+class _Expanded(nn.Module):
+    """An expanded (stride-0) 4-D parameter, registered before the convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter((torch.rand(1, 4, 1, 1) + 0.5).expand(2, 4, 7, 7))
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 7 * 7, 5)
+
+    def forward(self, x):
+        h = self.conv2(F.max_pool2d(torch.relu(self.conv(x)), 4)) * self.scale[:1]
+        return self.fc(h.flatten(1))
+
+
+def test_channels_last_leaves_every_parameter_its_layout(batch):
+    """Review: re-striding an expanded parameter back failed mid-way, leaving it and every
+    parameter after it channels_last for good."""
+    torch.manual_seed(0)
+    model = _Expanded().eval()
+    model.scale.requires_grad_(False)   # (no optimizer can step a stride-0 tensor)
+    before = {n: p.stride() for n, p in model.named_parameters()}
+    engine = engines.TTTEngine(model, batch[0][:1], TTTConfig(layer="fc"))
+    assert engine._channels_last_ok
+    engine.adapt(batch[0], 1)
+    assert {n: p.stride() for n, p in model.named_parameters()} == before
+
+
+def test_an_expanded_parameter_to_adapt_is_a_clear_error(batch):
+    with pytest.raises(ValueError, match=r"parameter model\.scale is an expanded view "
+                                         r"\(stride 0\).*nn\.Parameter\(t\.clone\(\)\)"):
+        engines.TTTEngine(_Expanded().eval(), batch[0][:1], TTTConfig(layer="fc"))
+
+
 def test_channels_last_check_does_not_trip_on_a_zeros_example():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
