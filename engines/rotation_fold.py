@@ -37,6 +37,7 @@ number or a one-element parameter/buffer, or between two folded values.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import NamedTuple
 
@@ -290,6 +291,17 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> Fold:
     return Fold(out, folded, unstacked, frozenset(modules))
 
 
+def _inplace_flag(n: fx.Node) -> bool:
+    """F.relu(x, True), F.dropout(x, 0.5, False, True): a function's `inplace` parameter given
+    positionally (other positional flags, e.g. torch.sum's keepdim, are not)."""
+    try:
+        names = list(inspect.signature(n.target).parameters)
+    except (TypeError, ValueError):  # builtins without a Python signature
+        return False
+    i = names.index("inplace") if "inplace" in names else -1
+    return 0 <= i < len(n.args) and bool(n.args[i])
+
+
 def _hooked(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks)
 
@@ -302,9 +314,9 @@ def in_place(n: fx.Node, root: nn.Module) -> bool:
         return _hooked(mod) or bool(getattr(mod, "inplace", False))
     if n.kwargs.get("inplace") or "out" in n.kwargs:
         return True
-    if n.op == "call_function":  # F.relu(x, True): a positional inplace
+    if n.op == "call_function":
         name = getattr(n.target, "__name__", "")
-        return (n.target in _IN_PLACE_OPERATORS or any(a is True for a in n.args[1:])
+        return (n.target in _IN_PLACE_OPERATORS or _inplace_flag(n)
                 or (name.endswith("_") and not name.endswith("__")))
     return n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
 

@@ -200,6 +200,10 @@ class LayerSplit:
                 later.add(n)
         if output not in later:
             raise _NoSplit("the model's output does not depend on the layer")
+        after = nodes[nodes.index(inj) + 1:]
+        if any(n not in later and in_place(n, probe) for n in after):
+            # it would run in the prefix, before the rest reads what it changes
+            raise _NoSplit("an in-place op after the layer changes a value from before it")
         # the values the rest reads from before the cut: computed once if they depend on the
         # batch; weight-only values (a parameter read after the layer, w.exp(), ...) are
         # recomputed in the rest, so functional_call's weights (IT3's frozen anchor) reach them
