@@ -315,8 +315,10 @@ def in_place(n: fx.Node, root: nn.Module) -> bool:
     if n.kwargs.get("inplace") or "out" in n.kwargs:
         return True
     if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
+        schema = getattr(n.target, "_schema", None)      # torch.ops.aten.relu_.default
+        name = getattr(n.target, "__name__", "").split(".")[0]
         return (n.target in _IN_PLACE_OPERATORS or _inplace_flag(n)
+                or (schema is not None and schema.is_mutable)
                 or (name.endswith("_") and not name.endswith("__")))
     return n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
 

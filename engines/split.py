@@ -76,12 +76,25 @@ class _SideEffects(_NoSplit):
     """The model changes its own state in forward."""
 
 
+class _Proxy(fx.Proxy):
+    """A traced value that refuses attribute writes: `h.data = h.data.clamp(...)` would set an
+    attribute on the proxy and leave the graph without the clamp."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("node", "tracer"):
+            return super().__setattr__(name, value)
+        raise RuntimeError(f"the model sets {name!r} on a tensor in forward")
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping the chosen layer as one call even if it is a container."""
 
     def __init__(self, layer: str):
         super().__init__()
         self.layer = layer
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # a module with forward hooks stays one call, so its hooks run in the split as well
@@ -124,6 +137,7 @@ class LayerSplit:
     leaves: frozenset = frozenset()      # modules the graph calls as a whole
     rotated: fx.GraphModule | None = None  # x -> prefix(rotated copies of x), folded (fold_check)
     rotated_shape: tuple | None = None     # the image shape (C, H, W) it was built and checked for
+    fresh_cut: bool = False   # the rest changes tensors in place: each run gets copies of cut
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, check_x: torch.Tensor,
@@ -204,6 +218,14 @@ class LayerSplit:
         if any(n not in later and in_place(n, probe) for n in after):
             # it would run in the prefix, before the rest reads what it changes
             raise _NoSplit("an in-place op after the layer changes a value from before it")
+        changing = [i for i, n in enumerate(after) if n in later and in_place(n, probe)]
+        if changing and any(n in data and n not in later for n in after[changing[0]:]):
+            # the prefix would compute it before the rest's in-place op ran
+            raise _NoSplit("a value from before the layer is read after an in-place op")
+        if changing and rows_check is not None:
+            # TTT: the head reads the layer's features of all 4B rows, which an in-place op of
+            # the rest changes in whole forwards (it then runs on the first B rows only)
+            raise _NoSplit("an in-place op after the layer may change the layer's features")
         # the values the rest reads from before the cut: computed once if they depend on the
         # batch; weight-only values (a parameter read after the layer, w.exp(), ...) are
         # recomputed in the rest, so functional_call's weights (IT3's frozen anchor) reach them
@@ -230,6 +252,7 @@ class LayerSplit:
         suf.output(fx.node.map_arg(output.args[0], lambda a: env[a]))
 
         checked = cls._assemble(probe, probe, pre, suf, layer, inj is hits[0], inj.name, {})
+        checked.fresh_cut = bool(changing)
         if not checked._agrees(probe, layer, check_x):
             raise _NoSplit("the split model's output differs from the model's: a forward hook on "
                            "a module torch.fx traces through, or an in-place op on the layer's "
@@ -241,6 +264,7 @@ class LayerSplit:
         split = cls._assemble(model, probe, copy.deepcopy(pre), copy.deepcopy(suf), layer,
                               inj is hits[0], inj.name, originals)
         split.batch_rows, split.leaves = checked.batch_rows, leaves
+        split.fresh_cut = checked.fresh_cut
         if folded is not None:
             split.rotated = _module(folded.graph, model, probe, originals, "RotatedPrefix")
             split.rotated_shape = tuple(fold_check.shape[1:])
@@ -289,6 +313,8 @@ class LayerSplit:
         """The model's output with `delta` added at the layer, from the prefix's `cut`; with
         `params`, the suffix's weights are replaced by those of them it uses (names as in the
         model's state_dict)."""
+        if self.fresh_cut:  # IT3 runs the rest twice on one cut (and keeps the anchor's)
+            cut = tuple(c.clone() if isinstance(c, torch.Tensor) else c for c in cut)
         if params is None:
             return self.suffix(*cut, delta)
         own = {n: params[m] for n, m in self.suffix_names.items() if m in params}

@@ -58,9 +58,10 @@ class SplitSlot:
         # call); after other refusals any change is
         if not same_key(graph_key(model, leaves), self._key, structure_only=self._sticky):
             self._split, self._sticky = LayerSplit.attempt(
-                model, layer, x[:4].detach(), channel_delta=self.channel_delta,
+                # copies: a model that changes its input in place must not change the caller's
+                model, layer, x[:4].detach().clone(), channel_delta=self.channel_delta,
                 rows_check=rows_check() if rows_check is not None else None,
-                fold_check=x[:2].detach() if self.fold else None)
+                fold_check=x[:2].detach().clone() if self.fold else None)
             leaves = self._split.leaves if self._split is not None else frozenset()
             self._key = graph_key(model, leaves)
         self._answer = self._split

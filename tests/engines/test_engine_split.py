@@ -173,13 +173,12 @@ def test_container_layer_and_in_place_ops(inplace, batch):
     x = batch[0]
     torch.manual_seed(0)
     model = _Blocks(inplace).eval()
-    # an in-place op on the layer's output would let one pass change the other's input:
-    # the build-time check sees it and falls back to full forwards
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
+    # an in-place op on the layer's output would let one pass change the other's input: the
+    # rest then gets its own copy of the cut values at every run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         split = LayerSplit.build(model, "features", x[:4], channel_delta=True)
-    assert (split is None) == inplace
-    assert any("in-place" in str(w.message) for w in seen) == inplace
+    assert split is not None and split.fresh_cut == inplace
     shared, full = _engines(lambda: _Blocks(inplace).eval(), layer="features",
                             variant="torch_ttt")
     with warnings.catch_warnings():
@@ -205,12 +204,14 @@ def test_ttt_runs_the_rest_on_the_unrotated_quarter_only(layer, batch):
     torch.testing.assert_close(a.losses, b.losses, rtol=1e-4, atol=1e-6)
     assert split._split._split is not None
     rows = []  # the layer after `layer` sees 4B rows with the whole model, B with the split
-    after = {"fc2": "fc3", "fc1": "fc2", "conv2": "fc1"}[layer]
-    split.model.get_submodule(after).register_forward_hook(
-        lambda _m, inp, _o: rows.append(inp[0].shape[0]))
-    split.adapt(x, 1)  # a new hook: the split is rebuilt (and checked) here
-    rows.clear()
-    split.adapt(x, 1)
+    after = split.model.get_submodule({"fc2": "fc3", "fc1": "fc2", "conv2": "fc1"}[layer])
+    # a global hook: a hook on the module would make the split treat it as changing its input
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, inp, _o: rows.append(inp[0].shape[0]) if m is after else None)
+    try:
+        split.adapt(x, 1)
+    finally:
+        handle.remove()
     assert rows == [len(x), len(x)]   # step 1's quarter, then the final prediction
 
 
@@ -685,8 +686,9 @@ class _Clip(nn.Module):
     """An in-place clip whose result is unused: torch.fx's dead-code pass counted it as dead, so
     the split dropped it (no change on images in [0, 1], where the split is checked)."""
 
-    def __init__(self):
+    def __init__(self, after: bool = True):
         super().__init__()
+        self.after = after
         self.conv1 = nn.Conv2d(1, 8, 5)
         self.conv2 = nn.Conv2d(8, 8, 5)
         self.fc1 = nn.Linear(8 * 4 * 4, 32)
@@ -697,18 +699,21 @@ class _Clip(nn.Module):
         h.clamp_(max=1.0)
         h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
         out = self.fc2(torch.relu(self.fc1(h.flatten(1))))
-        out.clamp_(min=-3.0)           # after the layer: in the rest
+        if self.after:
+            out.clamp_(min=-3.0)       # after the layer: in the rest (TTT: no split then)
         return out
 
 
 @pytest.mark.parametrize("make", ["it3", "ttt"])
 def test_an_in_place_op_with_an_unused_result_stays_in_the_split(make, batch):
     x = batch[0]
-    pair = (_engines if make == "it3" else _ttt_engines)(lambda: _Clip().eval(), layer="fc1")
+    pair = (_engines if make == "it3" else _ttt_engines)(lambda: _Clip(make == "it3").eval(),
+                                                          layer="fc1")
     for engine in pair:
         engine.adapt(x, 1)                            # built and checked on images in [0, 1]
     split = pair[0]._split._split
-    assert split is not None and "clamp_" in split.prefix.code and "clamp_" in split.suffix.code
+    assert split is not None and "clamp_" in split.prefix.code
+    assert ("clamp_" in split.suffix.code) == (make == "it3")
     a, b = (engine.adapt(x * 8, 2) for engine in pair)  # was off by 1.3 (TTT), 0.2 (IT3)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
 
@@ -741,3 +746,56 @@ def test_an_in_place_op_after_the_layer_on_an_earlier_value_refuses_the_split(ma
     pair[1].adapt(x, 1)
     a, b = (engine.adapt(x * 40, 2) for engine in pair)   # was off by 1.6 (TTT), 6.3 (IT3)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+
+
+class _Mutating(nn.Module):
+    """In-place changes around the cut that only act on bright images (the split is checked on
+    dim ones): on the input, on a view of a value from before the layer, on the layer's output,
+    or through `.data`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv0 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        if self.kind == "input":
+            x += (x > 1).float()
+        h0 = self.conv0(x) + 0.0
+        if self.kind == "data":
+            h0.data = h0.data.clamp(max=1.0)
+        y = self.conv1(h0 * 1.0)
+        if self.kind == "view of earlier":
+            a = h0.view_as(y)
+            a.mul_(torch.where(a > 1, 2.0, 1.0))
+        if self.kind == "layer output":
+            y.clamp_(max=0.3)
+        return self.fc(F.max_pool2d(torch.relu(y) + h0, 2).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["input", "view of earlier", "layer output", "data"])
+@pytest.mark.parametrize("make", ["it3", "it3 paper", "ttt"])
+def test_in_place_changes_around_the_cut_match_whole_forwards(kind, make, batch):
+    """Review: IT3's second pass read the first pass's change to a shared cut value (off by
+    0.45, paper variant's anchor 1.7), TTT's head read rows the rest had changed (0.1),
+    `h.data = ...` never entered the graph (1.8-4.5), and the build checks changed the caller's
+    batch through a model that adds to its input (0.08)."""
+    if kind == "input" and make != "ttt":
+        pytest.skip("IT3's own autograd refuses a model that changes its input in place")
+    torch.manual_seed(1)
+    dim, bright = batch[0] * 0.05, torch.rand(8, 1, 28, 28) * 8
+    pair = (_engines if make != "ttt" else _ttt_engines)(
+        lambda: _Mutating(kind).eval(), layer="conv1",
+        **({"variant": "torch_ttt"} if make == "it3" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a refused split says why
+        for inputs in ((bright, dim) if kind == "input" else (dim, bright)):
+            xs = [inputs.clone(), inputs.clone()]
+            a, b = (engine.adapt(xi, 2) for engine, xi in zip(pair, xs))
+            # IT3's shared prefix sums both passes' gradients in another order: on these large
+            # activations Adam's normalised step turns that rounding into up to ~2e-3 by step 2
+            torch.testing.assert_close(a.logits[:2], b.logits[:2], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(xs[0], xs[1])      # the caller's batch alike

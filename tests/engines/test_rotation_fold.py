@@ -409,6 +409,8 @@ class _InPlace2(nn.Module):
             F.relu(h, True)
         elif self.how == "view":
             h[:, :2].relu_()
+        elif self.how == "aten":
+            torch.ops.aten.relu_.default(h[:, :2])
         elif self.how == "unused clamp":
             h.clamp_(min=0.2)
         else:                                   # an in-place module, a hook changing h
@@ -416,8 +418,8 @@ class _InPlace2(nn.Module):
         return self.out(torch.relu(self.fc(F.adaptive_avg_pool2d(h * 2.0, 1).flatten(1))))
 
 
-@pytest.mark.parametrize("how", ["functional", "positional", "view", "unused clamp", "module",
-                                 "hook"])
+@pytest.mark.parametrize("how", ["functional", "positional", "view", "aten", "unused clamp",
+                                 "module", "hook"])
 def test_a_prefix_that_changes_tensors_in_place_is_not_folded(how, batch):
     """In-place ops on a folded value or on a view of it (review: folded values read unchanged
     afterwards, off by 0.1-0.7 on inputs the build check could not see)."""
