@@ -31,6 +31,7 @@ attributes in forward. `engines/split_cache.py` keeps one split per engine up to
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -218,7 +219,9 @@ class LayerSplit:
         if any(n not in later and in_place(n, probe) for n in after):
             # it would run in the prefix, before the rest reads what it changes
             raise _NoSplit("an in-place op after the layer changes a value from before it")
-        changing = [i for i, n in enumerate(after) if n in later and in_place(n, probe)]
+        # in-place ops of the rest on (a view of) a value from the prefix: the cut
+        changing = [i for i, n in enumerate(after) if n in later and in_place(n, probe)
+                    and any(r not in later for r in _alias_roots(n, probe))]
         if changing and any(n in data and n not in later for n in after[changing[0]:]):
             # the prefix would compute it before the rest's in-place op ran
             raise _NoSplit("a value from before the layer is read after an in-place op")
@@ -356,6 +359,47 @@ class LayerSplit:
             except RuntimeError:
                 return False
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "transpose", "permute", "t", "contiguous", "expand", "expand_as", "narrow", "detach",
+    "select", "movedim", "swapaxes", "diagonal", "as_strided", "unfold", "to", "type", "float",
+    "double", "half", "type_as", "split", "chunk", "unbind", "__getitem__"})
+_VIEW_FUNCTIONS = frozenset({
+    operator.getitem, getattr, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+    torch.squeeze, torch.unsqueeze, torch.narrow, torch.t, torch.detach, torch.select,
+    torch.movedim, torch.split, torch.chunk, torch.unbind, torch.as_strided, add_delta})
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _alias_roots(n: fx.Node, root: nn.Module) -> set[fx.Node]:
+    """The nodes whose tensors in-place node n may change: its first input (every input for a
+    module with hooks), followed back through ops that can return a view of (or the same tensor
+    as) their input."""
+    def aliasing(m: fx.Node) -> list[fx.Node]:
+        if m.op == "call_method" and m.target in _VIEW_METHODS \
+                or m.op == "call_function" and m.target in _VIEW_FUNCTIONS:
+            return [a for a in m.args[:1] if isinstance(a, fx.Node)]
+        if m.op == "call_module":
+            mod = root.get_submodule(m.target)
+            if mod._forward_hooks or mod._forward_pre_hooks:
+                return list(m.all_input_nodes)       # a hook may return its input
+            if isinstance(mod, _VIEW_MODULES):
+                return [a for a in m.args[:1] if isinstance(a, fx.Node)]
+        return []
+
+    out = n.kwargs.get("out")
+    todo = [out] if isinstance(out, fx.Node) else (
+        list(n.all_input_nodes) if n.op == "call_module" else
+        [a for a in n.args[:1] if isinstance(a, fx.Node)])
+    seen: set[fx.Node] = set()
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += aliasing(m)
+    return seen
 
 
 def _module(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict, name: str
