@@ -31,7 +31,6 @@ attributes in forward. `engines/split_cache.py` keeps one split per engine up to
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from dataclasses import dataclass
 
@@ -219,16 +218,6 @@ class LayerSplit:
         if any(n not in later and in_place(n, probe) for n in after):
             # it would run in the prefix, before the rest reads what it changes
             raise _NoSplit("an in-place op after the layer changes a value from before it")
-        # in-place ops of the rest on (a view of) a value from the prefix: the cut
-        changing = [i for i, n in enumerate(after) if n in later and in_place(n, probe)
-                    and any(r not in later for r in _alias_roots(n, probe))]
-        if changing and any(n in data and n not in later for n in after[changing[0]:]):
-            # the prefix would compute it before the rest's in-place op ran
-            raise _NoSplit("a value from before the layer is read after an in-place op")
-        if changing and rows_check is not None:
-            # TTT: the head reads the layer's features of all 4B rows, which an in-place op of
-            # the rest changes in whole forwards (it then runs on the first B rows only)
-            raise _NoSplit("an in-place op after the layer may change the layer's features")
         # the values the rest reads from before the cut: computed once if they depend on the
         # batch; weight-only values (a parameter read after the layer, w.exp(), ...) are
         # recomputed in the rest, so functional_call's weights (IT3's frozen anchor) reach them
@@ -255,7 +244,16 @@ class LayerSplit:
         suf.output(fx.node.map_arg(output.args[0], lambda a: env[a]))
 
         checked = cls._assemble(probe, probe, pre, suf, layer, inj is hits[0], inj.name, {})
-        checked.fresh_cut = bool(changing)
+        if checked._changes_cut(check_x):  # the rest changes (a view of) a cut value in place
+            if rows_check is not None:
+                # TTT: the head reads the layer's features of all 4B rows, which whole
+                # forwards' rest changes (the split's rest runs on the first B rows only)
+                raise _NoSplit("the rest of the model changes a value from before it in place")
+            if any(n in data and n not in later for n in after[
+                    min(after.index(n) for n in after if n in later):]):
+                # a value the prefix computes after the layer ran would miss the change
+                raise _NoSplit("a value from before the layer is read after an in-place op")
+            checked.fresh_cut = True
         if not checked._agrees(probe, layer, check_x):
             raise _NoSplit("the split model's output differs from the model's: a forward hook on "
                            "a module torch.fx traces through, or an in-place op on the layer's "
@@ -323,6 +321,24 @@ class LayerSplit:
         own = {n: params[m] for n, m in self.suffix_names.items() if m in params}
         return functional_call(self.suffix, own, (*cut, delta), tie_weights=False)  # all names
 
+    def _changes_cut(self, x: torch.Tensor) -> bool:
+        """Whether the rest changes a cut value (or a view of one) in place: torch's version
+        counter, which views share, counts every in-place op, whether it changed a value on x
+        or not. Copies per run (`fresh_cut`) then keep IT3's two passes apart, unless two cut
+        values share memory (a copy of one would not be seen through the other)."""
+        with torch.no_grad():
+            cut = self.cut(x)
+            tensors = [c for c in cut if isinstance(c, torch.Tensor)]
+            before = [t._version for t in tensors]
+            self.suffix(*cut, None)
+        if all(t._version == v for t, v in zip(tensors, before)):
+            return False
+        memory = [t.untyped_storage().data_ptr() for t in tensors]
+        if len(set(memory)) < len(memory):
+            raise _NoSplit("the rest of the model changes in place a value from before it that "
+                           "another such value views")
+        return True
+
     def _agrees(self, model: nn.Module, layer: str, x: torch.Tensor) -> bool:
         """Split == hooked model on x, without and with a random per-channel delta."""
         with torch.no_grad():
@@ -359,47 +375,6 @@ class LayerSplit:
             except RuntimeError:
                 return False
             return torch.allclose(part, model(x)[:n], rtol=1e-4, atol=1e-5, equal_nan=True)
-
-
-_VIEW_METHODS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
-    "transpose", "permute", "t", "contiguous", "expand", "expand_as", "narrow", "detach",
-    "select", "movedim", "swapaxes", "diagonal", "as_strided", "unfold", "to", "type", "float",
-    "double", "half", "type_as", "split", "chunk", "unbind", "__getitem__"})
-_VIEW_FUNCTIONS = frozenset({
-    operator.getitem, getattr, torch.flatten, torch.reshape, torch.transpose, torch.permute,
-    torch.squeeze, torch.unsqueeze, torch.narrow, torch.t, torch.detach, torch.select,
-    torch.movedim, torch.split, torch.chunk, torch.unbind, torch.as_strided, add_delta})
-_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
-
-
-def _alias_roots(n: fx.Node, root: nn.Module) -> set[fx.Node]:
-    """The nodes whose tensors in-place node n may change: its first input (every input for a
-    module with hooks), followed back through ops that can return a view of (or the same tensor
-    as) their input."""
-    def aliasing(m: fx.Node) -> list[fx.Node]:
-        if m.op == "call_method" and m.target in _VIEW_METHODS \
-                or m.op == "call_function" and m.target in _VIEW_FUNCTIONS:
-            return [a for a in m.args[:1] if isinstance(a, fx.Node)]
-        if m.op == "call_module":
-            mod = root.get_submodule(m.target)
-            if mod._forward_hooks or mod._forward_pre_hooks:
-                return list(m.all_input_nodes)       # a hook may return its input
-            if isinstance(mod, _VIEW_MODULES):
-                return [a for a in m.args[:1] if isinstance(a, fx.Node)]
-        return []
-
-    out = n.kwargs.get("out")
-    todo = [out] if isinstance(out, fx.Node) else (
-        list(n.all_input_nodes) if n.op == "call_module" else
-        [a for a in n.args[:1] if isinstance(a, fx.Node)])
-    seen: set[fx.Node] = set()
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo += aliasing(m)
-    return seen
 
 
 def _module(graph: fx.Graph, model: nn.Module, probe: nn.Module, originals: dict, name: str

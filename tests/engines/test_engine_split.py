@@ -765,22 +765,36 @@ class _Mutating(nn.Module):
         h0 = self.conv0(x) + 0.0
         if self.kind == "data":
             h0.data = h0.data.clamp(max=1.0)
+        v = h0.flatten(1)                          # a cut value viewing another
         y = self.conv1(h0 * 1.0)
         if self.kind == "view of earlier":
             a = h0.view_as(y)
             a.mul_(torch.where(a > 1, 2.0, 1.0))
         if self.kind == "layer output":
             y.clamp_(max=0.3)
-        return self.fc(F.max_pool2d(torch.relu(y) + h0, 2).flatten(1))
+        if self.kind == "dropout alias":           # eval dropout returns its input
+            F.dropout(y, 0.5, training=False).mul_(torch.where(y > 1, 2.0, 1.0))
+        if self.kind == "keyword view":
+            torch.transpose(input=y, dim0=2, dim1=3).clamp_(max=0.3)
+        if self.kind == "foreach":
+            torch._foreach_mul_([y], [torch.where(y > 1, 2.0, 1.0)])
+        z = torch.relu(y) + h0
+        if self.kind == "view of earlier":               # the rest reads v after the change
+            z = (z.flatten(1) + v).view_as(z)
+        return self.fc(F.max_pool2d(z, 2).flatten(1))
 
 
-@pytest.mark.parametrize("kind", ["input", "view of earlier", "layer output", "data"])
+@pytest.mark.parametrize("kind", ["input", "view of earlier", "layer output", "data",
+                                  "dropout alias", "keyword view", "foreach"])
 @pytest.mark.parametrize("make", ["it3", "it3 paper", "ttt"])
 def test_in_place_changes_around_the_cut_match_whole_forwards(kind, make, batch):
     """Review: IT3's second pass read the first pass's change to a shared cut value (off by
     0.45, paper variant's anchor 1.7), TTT's head read rows the rest had changed (0.1),
-    `h.data = ...` never entered the graph (1.8-4.5), and the build checks changed the caller's
-    batch through a model that adds to its input (0.08)."""
+    `h.data = ...` never entered the graph (1.8-4.5), the build checks changed the caller's
+    batch through a model that adds to its input (0.08), a list of aliasing ops missed eval
+    dropout, keyword arguments and _foreach ops (0.2), and a copied cut value no longer
+    viewed the copy of the value it viewed (2.7). Now the rest is run once on the check batch
+    and torch's version counters (shared by views) show whether it changes a cut value."""
     if kind == "input" and make != "ttt":
         pytest.skip("IT3's own autograd refuses a model that changes its input in place")
     torch.manual_seed(1)
