@@ -22,6 +22,7 @@ __all__ = [
     "capture_output",
     "dry_run",
     "find_module",
+    "has_forward_hooks",
     "layer_names",
 ]
 
@@ -60,6 +61,11 @@ def capture_output(module: nn.Module) -> Iterator[_Store]:
         yield store
     finally:
         handle.remove()
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Forward or forward-pre hooks on the module itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def add_delta(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:

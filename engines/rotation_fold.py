@@ -46,6 +46,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from engines.hooks import has_forward_hooks
+
 __all__ = ["Fold", "fold_rotations", "in_place", "rotated_copies", "unstack"]
 
 _CL = torch.channels_last
@@ -234,25 +236,6 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> Fold:
                 unstacked += _per_image(n)
         return plain[n]
 
-    def spatial(n: fx.Node) -> int | None:
-        """The square spatial size of the 4B value n had when the graph was annotated."""
-        meta = n.meta.get("tensor_meta")
-        shape = getattr(meta, "shape", None)
-        if shape is None or len(shape) != 4 or shape[-1] != shape[-2]:
-            return None
-        return int(shape[-1])
-
-    def scalar_operand(a) -> bool:
-        if isinstance(a, (int, float)) and not isinstance(a, bool):
-            return True
-        if isinstance(a, fx.Node) and a.op == "get_attr" and a not in kind:
-            try:
-                t = _attr(root, a)
-            except AttributeError:
-                return False
-            return isinstance(t, torch.Tensor) and t.numel() == 1
-        return False
-
     for n in nodes:
         if n.op == "placeholder":
             env[n] = out.node_copy(n)
@@ -262,7 +245,7 @@ def fold_rotations(graph: fx.Graph, root: nn.Module) -> Fold:
             out.output(fx.node.map_arg(n.args[0], batch))
             continue
         inputs = [a for a in n.all_input_nodes if a in kind]
-        rule = _rule(n, root, kind, spatial, scalar_operand) if inputs else None
+        rule = _rule(n, root, kind) if inputs else None
         if rule is None:
             env[n] = out.node_copy(n, batch)
             continue
@@ -302,16 +285,12 @@ def _inplace_flag(n: fx.Node) -> bool:
     return 0 <= i < len(n.args) and bool(n.args[i])
 
 
-def _hooked(mod: nn.Module) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks)
-
-
 def in_place(n: fx.Node, root: nn.Module) -> bool:
     """Whether n may change one of its inputs (inplace=True, x.relu_(), h += 1, h[i] = v,
     out=..., a module with hooks, which may change what they are given)."""
     if n.op == "call_module":
         mod = root.get_submodule(n.target)
-        return _hooked(mod) or bool(getattr(mod, "inplace", False))
+        return has_forward_hooks(mod) or bool(getattr(mod, "inplace", False))
     if n.kwargs.get("inplace") or "out" in n.kwargs:
         return True
     if n.op == "call_function":
@@ -323,14 +302,39 @@ def in_place(n: fx.Node, root: nn.Module) -> bool:
     return n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
 
 
+def _shape(n: fx.Node) -> torch.Size | None:
+    """The shape of n's (4B) value when the graph was annotated (ShapeProp)."""
+    return getattr(n.meta.get("tensor_meta"), "shape", None)
+
+
+def _spatial(n: fx.Node) -> int | None:
+    """n's square spatial size, or None."""
+    shape = _shape(n)
+    return int(shape[-1]) if shape is not None and len(shape) == 4 and \
+        shape[-1] == shape[-2] else None
+
+
 def _channels(n: fx.Node) -> int | None:
-    shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+    shape = _shape(n)
     return int(shape[1]) if shape is not None and len(shape) == 4 else None
 
 
 def _per_image(n: fx.Node) -> int:
-    shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+    shape = _shape(n)
     return int(torch.Size(shape[1:]).numel()) if shape else 0
+
+
+def _scalar_operand(a, root: nn.Module, kind: dict) -> bool:
+    """A number, or a one-element parameter/buffer: the same for every rotation."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return True
+    if isinstance(a, fx.Node) and a.op == "get_attr" and a not in kind:
+        try:
+            t = _attr(root, a)
+        except AttributeError:
+            return False
+        return isinstance(t, torch.Tensor) and t.numel() == 1
+    return False
 
 
 def _attr(root: nn.Module, node: fx.Node):
@@ -340,8 +344,7 @@ def _attr(root: nn.Module, node: fx.Node):
     return obj
 
 
-def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
-          ) -> tuple[str, str] | None:
+def _rule(n: fx.Node, root: nn.Module, kind: dict) -> tuple[str, str] | None:
     """How node n runs on folded inputs ("copy" / "arith" / "conv", the result's kind), or None
     when it needs the 4B batch."""
     mod = root.get_submodule(n.target) if n.op == "call_module" else None
@@ -367,7 +370,7 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
         a, b = n.args
         folded = [x for x in (a, b) if isinstance(x, fx.Node) and x in kind]
         others = [x for x in (a, b) if not (isinstance(x, fx.Node) and x in kind)]
-        if not all(scalar_operand(x) for x in others):
+        if not all(_scalar_operand(x, root, kind) for x in others):
             return None
         kinds = [kind[x] for x in folded]
         if len(folded) == 2 and kinds != ["same", "same"]:
@@ -390,7 +393,7 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
     # square 2-D pooling with a symmetric window grid: per channel, so on either kind as is
     if only_first and (mod is not None or n.op == "call_function"):
         pool = _pool_args(n, mod)
-        size = spatial(first)
+        size = _spatial(first)
         if pool is not None and size is not None and _aligned(size, *pool):
             return "copy", kind[first]
     # a plain 2-D convolution with a symmetric grid
@@ -398,7 +401,7 @@ def _rule(n: fx.Node, root: nn.Module, kind: dict, spatial, scalar_operand
             and not n.kwargs and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
         k = _square(mod.kernel_size)
         s, p, d = _square(mod.stride), _square(mod.padding), _square(mod.dilation)
-        size = spatial(first)
+        size = _spatial(first)
         if None in (k, s, p, d, size) or not _aligned(size, k, s, p, d):
             return None
         if kind[first] == "same" and mod.groups != 1:

@@ -41,7 +41,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
 from torch.func import functional_call
 
-from engines.hooks import add_delta, add_to_output
+from engines.hooks import add_delta, add_to_output, has_forward_hooks
 from engines.model_key import changes_in_forward, model_state
 from engines.rotation_fold import Fold, fold_rotations, in_place, rotated_copies
 
@@ -98,14 +98,14 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # a module with forward hooks stays one call, so its hooks run in the split as well
-        return (qualname == self.layer or bool(m._forward_hooks or m._forward_pre_hooks)
+        return (qualname == self.layer or has_forward_hooks(m)
                 or super().is_leaf_module(m, qualname))
 
 
 def _hook_problem(model: nn.Module) -> str | None:
     """Hooks a split cannot honour: on the model itself (it is never called as a whole) and
     backward hooks anywhere (the passes' gradients flow differently through a split)."""
-    if model._forward_hooks or model._forward_pre_hooks:
+    if has_forward_hooks(model):
         return "forward hooks on the model itself"
     for name, m in model.named_modules():
         if m._backward_hooks or m._backward_pre_hooks:

@@ -38,9 +38,12 @@ def rotate_batch(x: torch.Tensor, labels: torch.Tensor | None = None
             rows = labels == k
             images[rows] = torch.rot90(x[rows], k, dims=(-2, -1))
         return images, labels
-    images = rotated_copies(x)                                                  # (4B, C, H, W)
-    labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])    # (4B,)
-    return images, labels
+    return rotated_copies(x), _rotation_labels(x)                     # (4B, C, H, W), (4B,)
+
+
+def _rotation_labels(x: torch.Tensor) -> torch.Tensor:
+    """(4B,) = [0]*B + [1]*B + [2]*B + [3]*B: the angles of `rotated_copies(x)`."""
+    return torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
 
 
 def rotation_head(feature_shape: torch.Size) -> nn.Module:
@@ -101,10 +104,9 @@ class TTTEngine(Engine):
         if split is None:
             logits, rotation_loss = self._rotation_loss(*rotate_batch(x))  # logits (4B, C)
             return logits[: x.shape[0]], rotation_loss
-        labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
         cut = split.cut_rotated(x)                                     # cut[0]: the features
         logits = split.run(split.rows(cut, x.shape[0]), None)          # (B, C)
-        return logits, F.cross_entropy(self.head(cut[0]), labels)
+        return logits, F.cross_entropy(self.head(cut[0]), _rotation_labels(x))
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +122,7 @@ class TTTEngine(Engine):
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.rotations == "all":
             return self._rotation_forward(x, self._split_for(
-                x, rows_check=lambda: (rotate_batch(x[:2])[0], min(2, x.shape[0]))))
+                x, rows_check=lambda: (rotated_copies(x[:2]), min(2, x.shape[0]))))
         with torch.no_grad():
             logits = self.model(x)                                     # (B, num_classes)
         labels = torch.randint(4, (x.shape[0],), generator=self._angles).to(x.device)

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines import IT3Config, TTTConfig
+from engine_helpers import engine_pair
+
 from engines.hooks import add_to_output
-from engines.it3 import IT3Engine
-from engines.ttt import TTTEngine
 from engines.split import LayerSplit
 from pipeline.models import build_model
 
@@ -76,13 +75,8 @@ class _Dropout(_Tiny):
 
 
 def _engines(model_fn, **config):
-    """Two engines on identical models, sharing the prefix or not."""
-    out = []
-    for share in (True, False):
-        torch.manual_seed(0)
-        out.append(IT3Engine(model_fn(), torch.zeros(1, 1, 28, 28),
-                             IT3Config(split_model=share, **config)))
-    return out
+    """Two IT3 engines on identical models, sharing the prefix or not."""
+    return engine_pair("it3", model_fn, "split_model", **config)
 
 
 def test_untraceable_model_falls_back_to_full_forwards(batch):
@@ -187,12 +181,7 @@ def test_container_layer_and_in_place_ops(inplace, batch):
 
 
 def _ttt_engines(model_fn, **config):
-    out = []
-    for split in (True, False):
-        torch.manual_seed(0)
-        out.append(TTTEngine(model_fn(), torch.zeros(1, 1, 28, 28),
-                             TTTConfig(split_model=split, **config)))
-    return out
+    return engine_pair("ttt", model_fn, "split_model", **config)
 
 
 @pytest.mark.parametrize("layer", ["fc2", "fc1", "conv2"])

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines import TTTConfig
+from engine_helpers import engine_pair
+
 from engines.rotation_fold import rotated_copies, unstack
 from engines.split import LayerSplit
 from engines.ttt import TTTEngine
@@ -288,12 +289,7 @@ def test_unstack_gradient_keeps_the_layout():
 
 
 def _ttt_pair(model_fn, **config):
-    out = []
-    for fold in (True, False):
-        torch.manual_seed(0)
-        out.append(TTTEngine(model_fn(), torch.zeros(1, 1, 28, 28),
-                             TTTConfig(fold_rotations=fold, **config)))
-    return out
+    return engine_pair("ttt", model_fn, "fold_rotations", **config)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
