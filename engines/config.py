@@ -66,6 +66,7 @@ class EngineConfig:
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         "adapt_params": ADAPT_PARAMS, "optimizer": OPTIMIZERS, "mode": MODES}
+    requires_layer: ClassVar[bool] = True  # False: a method with no auxiliary part
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -87,7 +88,7 @@ class EngineConfig:
                 and self.adam_eps > 0):
             raise ValueError(f"{name}: lr, train_lr, adam_eps must be > 0 and "
                              f"aux_weight >= 0")
-        if not self.layer:
+        if not self.layer and self.requires_layer:
             raise ValueError(f"{name}.layer is empty; name the layer to attach to, e.g. 'fc2'")
 
     def to_dict(self) -> dict[str, Any]:
