@@ -1,7 +1,7 @@
 """Test-time adaptation engines, pure PyTorch: `get_engine(name)` for name in `list_engines()` —
-"ttt", "it3" (joint training with an auxiliary part) and the fully test-time methods "norm",
-"tent", "eata", "sar", "memo", "cotta", "lame" (any source model; `needs_joint_training`
-False).
+"ttt", "it3" (joint training with an auxiliary part), the fully test-time methods "norm",
+"tent", "eata", "sar", "memo", "cotta", "lame" and the unadapted "source" (any source model;
+`needs_joint_training` False).
 
 Registration is explicit: each engine module is imported here, and its `@register_engine`
 decorator adds it to the registry.
@@ -18,6 +18,7 @@ from engines.lame import LAMEConfig, LAMEEngine
 from engines.memo import MEMOConfig, MEMOEngine
 from engines.norm import NormConfig, NormEngine
 from engines.sar import SARConfig, SAREngine
+from engines.source import SourceConfig, SourceEngine
 from engines.tent import TentConfig, TentEngine
 from engines.tta import TTAEngine, batch_statistics, softmax_entropy
 from engines.ttt import TTTEngine, rotate_batch
@@ -40,6 +41,8 @@ __all__ = [
     "NormEngine",
     "SARConfig",
     "SAREngine",
+    "SourceConfig",
+    "SourceEngine",
     "TTAConfig",
     "TTAEngine",
     "TTTConfig",

@@ -13,8 +13,8 @@ of an online run (the teacher carries state).
 State (online: carried from batch to batch until `reset()`): the student's weights, the teacher
 (`method_state.teacher__*`, one buffer per model parameter) and the step counter that seeds the
 augmentations and the restore masks. `anchor__*` buffers hold the source weights (the restore
-target and the confidence check) — taken when the engine is built, so build it after loading
-the checkpoint into the model.
+target and the confidence check) — taken when the engine is built: build it after loading
+the checkpoint into the model, or call `set_source()` after loading.
 
 Defaults (`CoTTAConfig`): EMA 0.999 (official `mt_alpha`, Döbler M_TEACHER.MOMENTUM), rst 0.01
 (official CIFAR `rst_m`; ImageNet 0.001), 32 augmentations (official `N = 32`, Döbler
@@ -84,6 +84,17 @@ class CoTTAEngine(TTAEngine):
             key = n.replace(".", "__")
             self.method_state.register_buffer(f"teacher__{key}", p.detach().clone())
             self.anchor.register_buffer(f"anchor__{key}", p.detach().clone())
+
+    def set_source(self) -> None:
+        """Teacher and anchor := the model's current weights (e.g. after loading a checkpoint
+        into `engine.model`); the step counter restarts."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                key = n.replace(".", "__")
+                getattr(self.method_state, f"teacher__{key}").copy_(p)
+                getattr(self.anchor, f"anchor__{key}").copy_(p)
+            self.method_state.step.zero_()
+        self._origin = None
 
     def _weights(self, holder: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         return {n: getattr(holder, f"{prefix}__{n.replace('.', '__')}") for n in self._names}

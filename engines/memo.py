@@ -78,6 +78,10 @@ class MEMOEngine(TTAEngine):
         return AdaptResult(logits=torch.cat([r.logits for r in runs], 1),
                            losses=torch.stack([r.losses for r in runs]).mean(0))
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample on its own (BatchNorm mixes its own statistics with the prior)."""
+        return torch.cat([super(MEMOEngine, self).predict(x[i:i + 1]) for i in range(len(x))])
+
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             logits = self.model(x)                                     # (1, C)

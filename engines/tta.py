@@ -96,6 +96,10 @@ class TTAEngine(Engine):
                          f"(ttt-pipe train --method source) and adapt it with --method "
                          f"{self.name}")
 
+    def set_source(self) -> None:
+        """Re-read what the method keeps of the source model (CoTTA's teacher and anchor) from
+        `self.model`: call it after loading weights into the model of a built engine."""
+
     def _norm(self):
         return batch_statistics(self.model, self.config.bn_prior)
 

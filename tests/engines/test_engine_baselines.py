@@ -237,3 +237,26 @@ def test_config_errors_are_one_line():
         with pytest.raises(ValueError) as e:
             bad()
         assert "\n" not in str(e.value)
+
+
+def test_source_engine_is_the_model_as_trained():
+    engine = make_tiny_engine("source").train()  # even in train mode: the running statistics
+    x = rgb_batch(8, seed=10, shift=0.3)
+    result = engine.adapt(x, steps=2)
+    engine.model.eval()
+    with torch.no_grad():
+        source = engine.model(x)
+    for k in range(3):  # channels_last convs inside adapt() round differently
+        torch.testing.assert_close(result.logits[k], source, atol=1e-5, rtol=1e-5)
+
+
+def test_cotta_set_source_after_loading_weights():
+    engine = make_tiny_engine("cotta", mode="online")
+    torch.manual_seed(42)
+    trained = TinyNet("batch")
+    engine.model.load_state_dict(trained.state_dict())
+    engine.set_source()
+    x = rgb_batch(8, seed=11, shift=0.2)
+    with torch.no_grad():
+        expected = _source_with_batch_stats(trained)(x)
+    torch.testing.assert_close(engine.predict(x), expected, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,8 @@ JOINT = [n for n in ENGINES if engines.get_engine(n).needs_joint_training]
 
 def test_registry_lists_the_methods():
     assert ENGINES == sorted(ENGINES)
-    assert {"ttt", "it3", "norm", "tent", "eata", "sar", "memo", "cotta", "lame"} <= set(ENGINES)
+    assert {"ttt", "it3", "source", "norm", "tent", "eata", "sar", "memo", "cotta",
+            "lame"} <= set(ENGINES)
 
 
 def test_unknown_method_names_the_valid_ones():
@@ -43,8 +44,8 @@ def _documented(engine: engines.Engine) -> set[str]:
 
 
 def _inert(name: str, norm: str) -> bool:
-    """BN-adapt on a model without BatchNorm is the source model, by definition."""
-    return name == "norm" and norm == "group"
+    """The source engine, and BN-adapt on a model without BatchNorm, are the source model."""
+    return name == "source" or (name == "norm" and norm == "group")
 
 
 @pytest.mark.parametrize("norm", ["batch", "group"])
@@ -103,8 +104,16 @@ class TestContract:
             engine.adapt(rgb_batch(8, seed=seed, shift=0.2), steps=2, lr=1e-2)
         changed = _changed(before, _state(engine))
         assert changed <= _documented(engine), changed - _documented(engine)
-        assert all(k.startswith("model.") or k.startswith("buffer:") or name in JOINT
-                   for k in changed)
+
+    def test_adapt_under_an_outer_inference_mode(self, name, norm):
+        engine = make_tiny_engine(name, norm)
+        x = rgb_batch(8, seed=6, shift=0.2)
+        reference = engine.adapt(x, steps=1, lr=1e-2, mode="episodic")
+        with torch.inference_mode():
+            result = engine.adapt(x, steps=1, lr=1e-2, mode="episodic")
+            predicted = engine.predict(x)
+        assert torch.equal(result.logits, reference.logits)
+        assert predicted.shape == (8, 10)
 
     def test_same_seed_same_predictions_and_global_rng_untouched(self, name, norm):
         x = rgb_batch(8, seed=4, shift=0.2)
