@@ -35,9 +35,10 @@ def _bn_forward(m: nn.modules.batchnorm._BatchNorm, prior: float):
     dims: list[int] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if prior == 0.0 or m.running_mean is None:  # the test batch's statistics (Tent)
+        single = x.numel() == x.shape[1] and m.running_mean is not None  # 1 value per channel
+        if (prior == 0.0 and not single) or m.running_mean is None:  # the test batch (Tent)
             return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
-        if prior == 1.0:                            # the source statistics
+        if prior == 1.0 or single:                  # the source statistics
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
                                 0.0, m.eps)
         dims[:] = [0, *range(2, x.dim())]
@@ -54,7 +55,8 @@ def _bn_forward(m: nn.modules.batchnorm._BatchNorm, prior: float):
 def batch_statistics(model: nn.Module, prior: float = 0.0) -> Iterator[None]:
     """Inside the block every BatchNorm of `model` normalises with (1 - prior) * the batch's
     + prior * the running statistics, in train and eval mode alike, and never updates its
-    running statistics. Re-entrant; the modules' own `forward` is back on exit."""
+    running statistics; a layer that sees one value per channel (BatchNorm1d on one sample)
+    uses its running statistics. Re-entrant; the modules' own `forward` is back on exit."""
     patched = []
     for m in model.modules():
         if isinstance(m, _BN) and "forward" not in m.__dict__:

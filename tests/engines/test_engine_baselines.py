@@ -260,3 +260,16 @@ def test_cotta_set_source_after_loading_weights():
     with torch.no_grad():
         expected = _source_with_batch_stats(trained)(x)
     torch.testing.assert_close(engine.predict(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batchnorm1d_on_one_sample_falls_back_to_running_statistics():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8), nn.BatchNorm1d(8),
+                          nn.Linear(8, 10)).eval()
+    x = rgb_batch(1, seed=12)
+    with torch.no_grad():
+        source = model(x)
+        for prior in (0.0, 0.5):
+            with batch_statistics(model, prior):
+                torch.testing.assert_close(model(x), source)
+        with batch_statistics(model):
+            assert not torch.allclose(model(rgb_batch(4, seed=12))[:1], source)
