@@ -273,3 +273,21 @@ def test_batchnorm1d_on_one_sample_falls_back_to_running_statistics():
                 torch.testing.assert_close(model(x), source)
         with batch_statistics(model):
             assert not torch.allclose(model(rgb_batch(4, seed=12))[:1], source)
+
+
+def test_sar_step_is_sharpness_aware():
+    x = rgb_batch(8, seed=13, shift=0.2)
+    flat = make_tiny_engine("sar", "group", mode="online", rho=0.0)
+    params = [p for _, p in flat.adapted_parameters()]
+    ent = softmax_entropy(flat.model(x))
+    keep = ent < flat.e0
+    assert keep.any()
+    grads = torch.autograd.grad(ent[keep].mean(), params)
+    expected = [p.detach() - 0.01 * g for p, g in zip(params, grads)]  # SGD's first step
+    flat.adapt(x, steps=1, lr=0.01)
+    for p, e in zip(params, expected):  # rho 0: a plain step on the reliable samples
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
+    sam = make_tiny_engine("sar", "group", mode="online")
+    sam.adapt(x, steps=1, lr=0.01)
+    assert any(not torch.allclose(p, e, atol=1e-6) for (_, p), e in
+               zip(sam.adapted_parameters(), expected))
