@@ -115,6 +115,16 @@ class TTAEngine(Engine):
         with self._norm():
             return super().adapt(x, steps, lr, mode=mode, optimizer=optimizer)
 
+    def adapt_episodes(self, xs: torch.Tensor, steps: int | None = None,
+                       lr: float | None = None, *, optimizer: str | None = None
+                       ) -> AdaptResult:
+        """G episodic problems xs (G, B, ...): logits (K+1, G, B, C), losses (K, G), the API of
+        `Engine.adapt_episodes` (engines/batched.py), run one by one — these methods' steps
+        (test-batch BN statistics, filters, teachers, own `_step`) are not vmapped."""
+        runs = [self.adapt(x, steps, lr, mode="episodic", optimizer=optimizer) for x in xs]
+        return AdaptResult(logits=torch.stack([r.logits for r in runs], 1),
+                           losses=torch.stack([r.losses for r in runs], 1))
+
     def _generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator for the current step's random draws, seeded with (config.seed, the
         step count in `method_state.step` + offset): a batch's draws depend on the seed and on

@@ -291,3 +291,15 @@ def test_sar_step_is_sharpness_aware():
     sam.adapt(x, steps=1, lr=0.01)
     assert any(not torch.allclose(p, e, atol=1e-6) for (_, p), e in
                zip(sam.adapted_parameters(), expected))
+
+
+@pytest.mark.parametrize("name", ["tent", "sar", "lame"])
+def test_adapt_episodes_equals_episodic_adapts(name):
+    engine = make_tiny_engine(name)
+    xs = torch.stack([rgb_batch(8, seed=s, shift=0.2) for s in (14, 15)])
+    result = engine.adapt_episodes(xs, steps=2, lr=1e-2)
+    assert result.logits.shape == (3, 2, 8, 10) and result.losses.shape == (2, 2)
+    for g in range(2):
+        one = engine.adapt(xs[g], steps=2, lr=1e-2, mode="episodic")
+        assert torch.equal(result.logits[:, g], one.logits)
+        assert torch.equal(result.losses[:, g], one.losses)
