@@ -7,7 +7,7 @@ Registration is explicit: each engine module is imported here, and its `@registe
 decorator adds it to the registry.
 """
 
-from engines.base import (AdaptResult, Engine, config_from_dict, get_engine, list_engines,
+from engines.base import (AdaptResult, Engine, config_from_dict, entropy_gate, get_engine, list_engines,
                           register_engine)
 from engines.config import EngineConfig, IT3Config, TTAConfig, TTTConfig
 from engines.cotta import CoTTAConfig, CoTTAEngine
@@ -51,6 +51,7 @@ __all__ = [
     "TentEngine",
     "batch_statistics",
     "config_from_dict",
+    "entropy_gate",
     "find_module",
     "get_engine",
     "layer_names",

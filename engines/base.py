@@ -26,8 +26,8 @@ from engines.hooks import DryRun, dry_run, find_module
 from engines.split import LayerSplit
 from engines.split_cache import SplitSlot
 
-__all__ = ["AdaptResult", "Engine", "config_from_dict", "get_engine", "list_engines",
-           "register_engine"]
+__all__ = ["AdaptResult", "Engine", "config_from_dict", "entropy_gate", "get_engine",
+           "list_engines", "register_engine"]
 
 _ENGINES: dict[str, type[Engine]] = {}
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -69,6 +69,15 @@ class AdaptResult:
 
     logits: torch.Tensor
     losses: torch.Tensor
+
+
+def entropy_gate(logits: torch.Tensor) -> torch.Tensor:
+    """Anytime logits (K+1, B, C) -> the same, with step k's row of sample b replaced by step
+    0's wherever step k's prediction is not less uncertain (entropy) than step 0's."""
+    logp = logits.float().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)                        # (K+1, B)
+    keep = entropy < entropy[:1]                                  # step 0 never "keeps": itself
+    return torch.where(keep[..., None], logits, logits[:1])
 
 
 def _truthy(value: Any) -> bool:
@@ -372,7 +381,10 @@ class Engine(nn.Module):
                     if opt is not None:
                         opt.state.clear()
         losses_t = torch.stack(losses) if losses else logits[0].new_zeros(0)
-        return AdaptResult(logits=torch.stack(logits), losses=losses_t)
+        stacked = torch.stack(logits)
+        if self.config.gate == "entropy":
+            stacked = entropy_gate(stacked)
+        return AdaptResult(logits=stacked, losses=losses_t)
 
     def _step(self, x: torch.Tensor, params: list[nn.Parameter],
               opt: torch.optim.Optimizer | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["ADAPT_PARAMS", "MODES", "OPTIMIZERS", "EngineConfig", "IT3Config", "TTAConfig",
+__all__ = ["ADAPT_PARAMS", "GATES", "MODES", "OPTIMIZERS", "EngineConfig", "IT3Config", "TTAConfig",
            "TTTConfig"]
 
 ADAPT_PARAMS = ("all", "encoder", "model", "norm")
 OPTIMIZERS = ("adam", "sgd")
 MODES = ("episodic", "online")
+GATES = ("none", "entropy")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class EngineConfig:
         the split would change — untraceable, hooks on the model or backward hooks, state
         changed in forward, a rest that reads the batch size (TTT) — run whole forwards (the
         refusals with a RuntimeWarning).
+    gate: "none" (the prediction after step k is the adapted model's) or "entropy": per
+        sample, step k's prediction is kept only if its entropy is lower than at step 0, else
+        the unadapted prediction stands. No labels are used; it depends on steps 0 and k only,
+        so the anytime contract holds. Costs nothing (the logits exist). Measured on TTT
+        (benchmarks/README.md, "Where TTT loses"): it removes the motion-blur/scale/translate
+        losses at the price of part of the noise gains.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
@@ -61,12 +68,14 @@ class EngineConfig:
     seed: int = 0
     channels_last: bool = True
     split_model: bool = True
+    gate: str = "none"
     train_epochs: int = 1
     train_batch_size: int = 64
     train_lr: float = 1e-3
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "adapt_params": ADAPT_PARAMS, "optimizer": OPTIMIZERS, "mode": MODES}
+        "adapt_params": ADAPT_PARAMS, "optimizer": OPTIMIZERS, "mode": MODES,
+        "gate": GATES}
     requires_layer: ClassVar[bool] = True  # False: a method with no auxiliary part
 
     def __post_init__(self) -> None:
