@@ -38,6 +38,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "build_engine_from_checkpoint",
+    "checkpoint_image_shape",
 ]
 
 FORMAT_VERSION = 1
@@ -65,6 +66,25 @@ class Checkpoint:
     @property
     def dataset(self) -> str:
         return self.manifest["dataset"]["name"]
+
+
+def checkpoint_image_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """The (C, H, W) the checkpoint's model takes: the manifest's ``dataset.image_shape``;
+    manifests written before that key existed are of a registered dataset, whose spec says."""
+    shape = ckpt.manifest["dataset"].get("image_shape")
+    if shape is None:
+        from pipeline.datasets import get_dataset
+
+        try:
+            shape = get_dataset(ckpt.dataset).image_shape
+        except TTTPipeError:
+            raise TTTPipeError(f"checkpoint {ckpt.uri} has no dataset.image_shape in its manifest "
+                               f"and {ckpt.dataset!r} is not a known dataset; retrain it") from None
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(isinstance(v, int) and v > 0 for v in shape)):
+        raise TTTPipeError(f"checkpoint {ckpt.uri} has an invalid dataset.image_shape {shape!r}; "
+                           "retrain it")
+    return tuple(int(v) for v in shape)
 
 
 def _utc_now() -> str:
@@ -211,8 +231,7 @@ def build_engine_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = 
     except (KeyError, ValueError) as exc:
         msg = exc.args[0] if exc.args else exc
         raise TTTPipeError(f"checkpoint {ckpt.uri}: {msg}") from None
-    shape = tuple(m["dataset"].get("image_shape", (1, 28, 28)))
-    example = torch.zeros(1, *shape)
+    example = torch.zeros(1, *checkpoint_image_shape(ckpt))
     engine = engine_cls(model, example, config)
     try:
         engine.load_state_dict(ckpt.state_dict)
