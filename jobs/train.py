@@ -174,9 +174,11 @@ class Trainer:
         if n == 0:
             raise TTTPipeError(f"the {spec.dataset} train split is empty; pass the full files with --data-dir")
         ds = split.spec
-        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, 1, 28, 28) pixel units
+        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, C, H, W) pixel units
         self.y = torch.from_numpy(split.labels[:n]).to(self.device)            # (N,) int64
-        self.model_kwargs = {"mean": float(ds.mean), "std": float(ds.std), "num_classes": int(ds.num_classes)}
+        # one channel: scalars, as the seed nets and existing manifests have them
+        mean, std = (ds.mean[0], ds.std[0]) if len(ds.mean) == 1 else (list(ds.mean), list(ds.std))
+        self.model_kwargs = {"mean": mean, "std": std, "num_classes": int(ds.num_classes)}
         self.dataset_info = {"name": ds.name, **self.model_kwargs, "image_shape": list(ds.image_shape)}
         torch.manual_seed(spec.seed)  # the model's initial weights
         model = build_model(spec.model, **self.model_kwargs)
