@@ -159,7 +159,8 @@ def test_make_shards_layout_and_contents(idx_dir, tmp_path):
     clean = read_shard(str(out / "identity-s0-00000.parquet"))
     noisy = read_shard(str(out / "gaussian_noise-s5-00002.parquet"))
     assert clean.sample_ids.tolist() == list(range(12)) and noisy.sample_ids.tolist() == list(range(24, 30))
-    assert clean.images.min() >= 0 and clean.images.max() <= 1
+    assert clean.images.dtype == np.uint8 and clean.metadata["image_dtype"] == "uint8"
+    assert noisy.images.dtype == np.float32 and noisy.metadata["suite"] == "mnist-c"
     assert noisy.metadata["seed"] == 3 and noisy.metadata["std"] == [0.3081]
     assert noisy.images.min() < 0  # unclipped Gaussian noise kept exactly
 
@@ -200,23 +201,24 @@ def test_make_shards_validates_before_writing(idx_dir, tmp_path, kwargs, match):
 
 def test_failure_midway_removes_what_was_written(idx_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = shard_maker.corrupt
+    real = shard_maker.corrupt_batch
     calls = []
 
-    def flaky(images, name, *args):
+    def flaky(images, name, *args, **kwargs):
         calls.append(name)
         if len(calls) == 4:
             raise TTTPipeError("disk on fire")
-        return real(images, name, *args)
+        return real(images, name, *args, **kwargs)
 
-    monkeypatch.setattr(shard_maker, "corrupt", flaky)
+    monkeypatch.setattr(shard_maker, "corrupt_batch", flaky)
     with pytest.raises(TTTPipeError, match="disk on fire"):
         make_shards("mnist", str(out), "fog,rotate", "1,2", data_dir=idx_dir / "mnist",
                     shard_size=16)
     assert len(calls) == 4 and not out.exists()
     # NaN from a corruption: rejected before the write, earlier files removed too
-    monkeypatch.setattr(shard_maker, "corrupt",
-                        lambda x, name, *a: x * np.nan if name == "rotate" else x)
+    monkeypatch.setattr(shard_maker, "corrupt_batch",
+                        lambda x, name, *a, **k: x * np.float32(np.nan) if name == "rotate"
+                        else x.astype(np.float32))
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(TTTPipeError, match="NaN"):
