@@ -133,8 +133,8 @@ def test_successful_download_is_used(nowhere, monkeypatch):
 
 
 def test_bad_names():
-    with pytest.raises(TTTPipeError, match="unknown dataset 'cifar'; choose from: "
-                                           "fashion-mnist, mnist"):
+    with pytest.raises(TTTPipeError, match="unknown dataset 'cifar'; choose from: cifar10, "
+                                           "cifar100, fashion-mnist, imagenet, mnist, folder:PATH"):
         load_split("cifar", "test")
     with pytest.raises(TTTPipeError, match="unknown split"):
         load_split("mnist", "val")
