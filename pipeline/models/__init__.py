@@ -9,7 +9,7 @@ dataset; `default_layer(name, method)` the layer each engine attaches to by defa
 from __future__ import annotations
 
 # The zoo's modules register their models on import (explicit, in the zoo table's order).
-from pipeline.models import seed  # noqa: F401
+from pipeline.models import seed, resnet_cifar, wide_resnet, torchvision_resnet  # noqa: F401
 from pipeline.models.kwargs import (IMAGENET_MEAN, IMAGENET_STD, NORMALIZE_CHOICES, model_kwargs_for,
                                     normalize_label, parse_normalize, resolve_normalization)
 from pipeline.models.normalize import Normalize
