@@ -29,7 +29,7 @@ from jobs.cluster import connect
 from jobs.pool import actor_env
 from pipeline.errors import TTTPipeError
 
-__all__ = ["run_tasks", "run_corrupt"]
+__all__ = ["run_tasks", "run_corrupt", "run_import"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,25 @@ def run_corrupt(plan, *, address: str | None = None, cpus_per_task: float = 1.0,
                       cpus_per_task=cpus_per_task, progress=progress)
     except BaseException:
         remove_written(plan, [])  # e.g. no cluster: the (empty) folder, if this run made it
+        raise
+    t2 = time.perf_counter()
+    return {"summary": plan.summary(), "connect_s": t1 - t0, "write_s": t2 - t1}
+
+
+def run_import(plan, *, address: str | None = None, cpus_per_task: float = 1.0,
+               progress: Progress | None = None) -> dict:
+    """Write every shard of a `pipeline.shard_import.ImportPlan` on Ray; timings and summary."""
+    from pipeline.shard_import import write_import_task
+    from pipeline.shard_maker import remove_written
+
+    t0 = time.perf_counter()
+    try:
+        with connect(address):
+            t1 = time.perf_counter()
+            run_tasks(write_import_task, plan, plan.tasks, remove=remove_written,
+                      cpus_per_task=cpus_per_task, progress=progress)
+    except BaseException:
+        remove_written(plan, [])
         raise
     t2 = time.perf_counter()
     return {"summary": plan.summary(), "connect_s": t1 - t0, "write_s": t2 - t1}
