@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import DatasetName
+from jobs.commands import DATASET_HELP, check_dataset
 from jobs.console import cli_errors, err_console
 from pipeline.errors import TTTPipeError
 
@@ -73,8 +73,9 @@ def _config_diff(method: str, stored: dict, wanted: dict) -> list[str]:
 
 @cli_errors
 def command(
-    dataset: Annotated[DatasetName, typer.Option(
-        help="Dataset: train split for training, test split for the shards.")] = "fashion-mnist",
+    dataset: Annotated[str, typer.Option(
+        help=f"{DATASET_HELP} Train split for training, test split for the shards.",
+        callback=check_dataset)] = "fashion-mnist",
     method: Annotated[RunMethod, typer.Option(
         help="Method to train and adapt with; 'both' runs TTT and IT3 and compares them.")] = "ttt",
     out: Annotated[str, typer.Option(
@@ -122,7 +123,7 @@ def command(
     # Check every argument before the first (slow) stage starts.
     parse_corruptions(corruptions)
     parse_severities(severities)
-    specs = {m: resolve_spec(m, dataset.value, storage.join(out, "checkpoints", m), epochs=epochs,
+    specs = {m: resolve_spec(m, dataset, storage.join(out, "checkpoints", m), epochs=epochs,
                              limit=train_limit, seed=seed, data_dir=data) for m in methods}
     shards = storage.join(out, "shards")
     with connect(address):  # one Ray for every stage
@@ -134,7 +135,7 @@ def command(
                 train_summary(spec.out, train_with_progress(spec, address))
         err_console.print(f"[2/4] corrupt: {corruptions} at severities {severities}",
                           highlight=False, soft_wrap=True)
-        made = make_shards(dataset.value, shards, corruptions, severities, data_dir=data,
+        made = make_shards(dataset, shards, corruptions, severities, data_dir=data,
                            limit=limit, seed=seed)
         err_console.print(f"      {len(made.shards)} shards, {made.rows:,} rows in {shards}",
                           highlight=False)
