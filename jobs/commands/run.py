@@ -39,12 +39,14 @@ def reusable_checkpoint(uri: str, spec) -> bool:
     none; TTTPipeError if there is a different one (we never overwrite a user's checkpoint)."""
     from pipeline import storage
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.datasets import get_dataset
 
     if not storage.exists(storage.join(uri, "manifest.json")):
         return False
     manifest = load_checkpoint(uri, expect_method=spec.method).manifest  # sha-verified
     training = manifest["training"]
-    wanted = {"method": spec.method, "dataset": spec.dataset, "model": spec.model,
+    # the identity (folder:PATH -> folder:<dirname>-<hash>), as train.py writes it
+    wanted = {"method": spec.method, "dataset": get_dataset(spec.dataset).name, "model": spec.model,
               **{k: getattr(spec, k) for k in _TRAINING_KEYS}}
     found = {"method": manifest["method"]["name"], "dataset": manifest["dataset"]["name"],
              "model": manifest["model"]["name"], **{k: training.get(k) for k in _TRAINING_KEYS}}
