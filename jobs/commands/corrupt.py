@@ -8,14 +8,14 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import DatasetName, command_argv
+from jobs.commands import DATASET_HELP, check_dataset, command_argv
 from jobs.console import cli_errors, console, progress
 from pipeline.corruptions import list_corruptions
 from pipeline.corruptions.suites import suite_names
 from pipeline.datasets import CACHE_ROOT
 from pipeline.shard_maker import DEFAULT_SHARD_SIZE
 
-__all__ = ["command", "DatasetName", "print_summary"]
+__all__ = ["command", "print_summary"]
 
 
 def print_summary(summary, seconds: float) -> None:
@@ -28,8 +28,8 @@ def print_summary(summary, seconds: float) -> None:
 
 @cli_errors
 def command(
-    dataset: Annotated[DatasetName, typer.Option(
-        help="Dataset whose test split is corrupted.", case_sensitive=False,
+    dataset: Annotated[str, typer.Option(
+        help=f"{DATASET_HELP} Its test split is corrupted.", callback=check_dataset,
         show_default=False)],
     out: Annotated[str, typer.Option(
         help="Folder for the shards (local path or s3://, gs://, file:// URI); created if "
@@ -47,9 +47,12 @@ def command(
         "--identity/--no-identity",
         help="Also write the clean baseline (corruption 'identity', severity 0) once.")] = True,
     data_dir: Annotated[Path | None, typer.Option(
-        help="Folder with the dataset's files (IDX files for mnist/fashion-mnist, a <dataset>/ "
-             "subfolder, or torchvision's layout). Default: $TTT_PIPE_DATA, then "
-             f"/usr/share/datasets/<dataset>, then {CACHE_ROOT}.",
+        help="Folder with the dataset's files: mnist/fashion-mnist the four IDX files "
+             "(train/t10k-images-idx3-ubyte[.gz], -labels-idx1-ubyte[.gz]), a <dataset>/ "
+             "subfolder, or torchvision's MNIST/raw layout; cifar10/100 cifar-10-batches-bin/ "
+             "or -py/ (cifar-100-binary/, cifar-100-python/); imagenet train/ and val/. "
+             "Default: $TTT_PIPE_DATA, then /usr/share/datasets/<dataset> (IDX; apt-get "
+             f"install dataset-fashion-mnist), then {CACHE_ROOT}.",
         show_default=False)] = None,
     download: Annotated[bool | None, typer.Option(
         "--download/--no-download",
@@ -64,6 +67,9 @@ def command(
     seed: Annotated[int, typer.Option(
         min=0, help="Seed of the random corruptions; same arguments, byte-identical shards.",
     )] = 0,
+    image_size: Annotated[int | None, typer.Option(
+        min=1, help="Image size of imagenet / folder:PATH data (default 224: Resize(256) + "
+                    "CenterCrop(224) as ImageNet's).", show_default=False)] = None,
     cpus_per_task: Annotated[float, typer.Option(
         min=0.01, help="CPUs each Ray task (one shard file) reserves; 0.5 runs two per core.",
     )] = 1.0,
@@ -83,19 +89,20 @@ def command(
     from jobs.corrupt import run_corrupt
     from pipeline.shard_maker import plan_make
 
-    form = getattr(dataset, "value", dataset)
+    form = dataset
     if is_job_address(address):
         argv = command_argv("corrupt", dataset=form, out=out, corruptions=corruptions,
                             severities=severities, data_dir=data_dir, download=None,
                             shard_size=shard_size, limit=limit, seed=seed,
-                            cpus_per_task=cpus_per_task)
+                            image_size=image_size, cpus_per_task=cpus_per_task)
         argv += ["--identity" if identity else "--no-identity"]
         if download is not None:
             argv += ["--download" if download else "--no-download"]
         raise typer.Exit(code=submit_job(address, argv))
     start = time.perf_counter()
     plan = plan_make(form, out, corruptions, severities, data_dir=data_dir, identity=identity,
-                     shard_size=shard_size, limit=limit, seed=seed, download=download)
+                     shard_size=shard_size, limit=limit, seed=seed, download=download,
+                     image_size=image_size)
     with progress() as bar:
         task = bar.add_task("corrupt", total=len(plan.tasks))
 

@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import base
-from pipeline.datasets.base import DatasetSpec, Split, check_split, download_allowed, one_line, search_roots
+from pipeline.datasets.base import (DatasetSpec, Split, check_split, download_allowed, one_line,
+                                    search_roots)
 from pipeline.errors import TTTPipeError
 
 __all__ = ["SPECS", "CifarUnpickler", "load", "find_data_dir", "read_python_batch",

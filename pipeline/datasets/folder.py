@@ -41,7 +41,7 @@ from pipeline.errors import TTTPipeError
 
 __all__ = ["IMG_EXTENSIONS", "DEFAULT_IMAGE_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
            "folder_spec", "imagenet_spec", "imagenet_wnids", "class_names", "folder_root",
-           "split_dir", "list_samples", "decode_image", "load", "iterate", "split_length"]
+           "split_dir", "list_samples", "split_samples", "decode_image", "load", "iterate", "split_length"]
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,9 @@ def _resize_center_crop(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
-def _samples(spec: DatasetSpec, split: str, data_dir) -> tuple[Path, list[Path], np.ndarray]:
+def split_samples(spec: DatasetSpec, split: str, data_dir=None,
+                  ) -> tuple[Path, list[Path], np.ndarray]:
+    """(split folder, image paths in ImageFolder order, int64 labels) -- no image decoded."""
     folder = split_dir(folder_root(spec, data_dir), split)
     paths, labels = list_samples(folder, spec.classes, check_imagenet=spec.name == "imagenet",
                                  what=spec.name)
@@ -209,7 +211,7 @@ def _samples(spec: DatasetSpec, split: str, data_dir) -> tuple[Path, list[Path],
 
 def split_length(spec: DatasetSpec, split: str, data_dir=None) -> int:
     """How many images the split holds (lists files, decodes none)."""
-    return len(_samples(spec, split, data_dir)[1])
+    return len(split_samples(spec, split, data_dir)[1])
 
 
 def iterate(spec: DatasetSpec, split: str, data_dir=None, *, batch: int = 256,
@@ -217,7 +219,7 @@ def iterate(spec: DatasetSpec, split: str, data_dir=None, *, batch: int = 256,
             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (sample_ids, labels, uint8 images (n, 3, S, S)) of at most ``batch`` images;
     memory stays at one batch. ``rows`` selects a slice of the split's samples."""
-    _, paths, labels = _samples(spec, split, data_dir)
+    _, paths, labels = split_samples(spec, split, data_dir)
     ids = np.arange(len(paths), dtype=np.int64)[rows or slice(None)]
     size = spec.image_shape[1]
     for start in range(0, len(ids), batch):
@@ -230,7 +232,7 @@ def iterate(spec: DatasetSpec, split: str, data_dir=None, *, batch: int = 256,
 
 def load(spec: DatasetSpec, split: str, data_dir=None, download: bool | None = None) -> Split:
     """The whole split in memory (small folders; use :func:`iterate` for big ones)."""
-    folder, paths, labels = _samples(spec, split, data_dir)
+    folder, paths, labels = split_samples(spec, split, data_dir)
     size = spec.image_shape[1]
     images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):

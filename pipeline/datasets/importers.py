@@ -270,7 +270,7 @@ def _key(relative: str) -> tuple[str, str]:
 def _clean_index(spec: DatasetSpec, data_dir) -> dict[tuple[str, str], int] | None:
     """(class, stem) -> index in the clean test split, or None when it is not available."""
     try:
-        folder, paths, _ = image_folder._samples(spec, "test", data_dir)
+        folder, paths, _ = image_folder.split_samples(spec, "test", data_dir)
     except TTTPipeError as exc:
         log.warning("clean %s test split not available (%s); ImageNet-C sample ids are the "
                     "index in each corrupted folder's sorted order", spec.name, exc)
