@@ -91,12 +91,15 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
     """Fill in the method's defaults (its config class, the seed tutorials) and check every value."""
     import engines
     from pipeline.datasets import get_dataset
-    from pipeline.models import build_model, list_models
+    from pipeline.models import build_model, list_models, model_kwargs_for
+    from pipeline.models.registry import default_layer
 
-    get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
+    ds = get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
     model = model or DEFAULT_MODELS.get(method, "")
     if model not in list_models():
         raise TTTPipeError(f"unknown model {model!r}; choose from: {', '.join(list_models())}")
+    model_kwargs_for(model, ds)  # a model that cannot take this data fails before Ray
+    layer = layer or default_layer(model, method)
     checks = [(epochs, "--epochs", 1), (batch_size, "--batch-size", 1), (limit, "--limit", 1)]
     for value, flag, low in checks:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -164,7 +167,7 @@ class Trainer:
     def setup(self) -> dict:
         import engines
         from pipeline.datasets import load_split, to_float
-        from pipeline.models import build_model
+        from pipeline.models import build_model, model_kwargs_for
 
         spec = self.spec
         torch.set_num_threads(self.threads)
@@ -178,8 +181,10 @@ class Trainer:
         self.y = torch.from_numpy(split.labels[:n]).to(self.device)            # (N,) int64
         # one channel: scalars, as the seed nets and existing manifests have them
         mean, std = (ds.mean[0], ds.std[0]) if len(ds.mean) == 1 else (list(ds.mean), list(ds.std))
-        self.model_kwargs = {"mean": mean, "std": std, "num_classes": int(ds.num_classes)}
-        self.dataset_info = {"name": ds.name, **self.model_kwargs, "image_shape": list(ds.image_shape)}
+        # the model's kwargs for this data (in_channels, image_size where it takes them)
+        self.model_kwargs = model_kwargs_for(spec.model, ds)
+        self.dataset_info = {"name": ds.name, "mean": mean, "std": std,
+                             "num_classes": int(ds.num_classes), "image_shape": list(ds.image_shape)}
         torch.manual_seed(spec.seed)  # the model's initial weights
         model = build_model(spec.model, **self.model_kwargs)
         engine_cls = engines.get_engine(spec.method)
