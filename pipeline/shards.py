@@ -26,6 +26,7 @@ Making a whole set of shards from a dataset is :func:`pipeline.shard_maker.make_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -69,6 +70,11 @@ _CONTINUOUS_OPTIONS = {"use_byte_stream_split": ["image.list.element"],
 
 def shard_schema(image_shape: Sequence[int], image_dtype: str = "float32") -> pa.Schema:
     """The Arrow schema of a shard of ``image_shape`` (C, H, W) images of ``image_dtype``."""
+    return _shard_schema(tuple(int(v) for v in image_shape), image_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_schema(image_shape: tuple[int, ...], image_dtype: str) -> pa.Schema:
     size = int(np.prod(image_shape))
     value = {"uint8": pa.uint8(), "float32": pa.float32()}[image_dtype]
     return pa.schema([
@@ -311,11 +317,13 @@ def read_shard_footer(uri: str) -> ShardFooter:
 
 
 def _column_stats(footer: pq.FileMetaData) -> dict[str, dict]:
-    """{column: {"nulls": total or 0, "min", "max" over row groups or None}} (top-level
-    columns; the image column's leaf is reported under ``image``)."""
-    out: dict[str, dict] = {}
-    names = [footer.schema.column(i).path.split(".")[0] for i in range(footer.num_columns)]
-    for j, column in enumerate(names):
+    """{column: {"nulls": total or 0, "min", "max" over row groups or None}} of the
+    non-pixel columns (the schema was checked before: the leaf order is known)."""
+    out: dict[str, dict] = {"image": {"nulls": 0, "min": None, "max": None}}
+    # leaf columns in schema order: sample_id, label, image.list.element, corruption, severity, shard
+    for j, column in enumerate(("sample_id", "label", None, "corruption", "severity", "shard")):
+        if column is None:
+            continue  # the pixels' statistics are not needed
         nulls, lo, hi, known = 0, None, None, footer.num_row_groups > 0
         for g in range(footer.num_row_groups):
             s = footer.row_group(g).column(j).statistics
@@ -328,9 +336,7 @@ def _column_stats(footer: pq.FileMetaData) -> dict[str, dict]:
                 continue
             lo = s.min if lo is None else min(lo, s.min)
             hi = s.max if hi is None else max(hi, s.max)
-        if column != "image" or not out.get(column):
-            out[column] = {"nulls": nulls if column != "image" else 0,
-                           "min": lo if known else None, "max": hi if known else None}
+        out[column] = {"nulls": nulls, "min": lo if known else None, "max": hi if known else None}
     return out
 
 
@@ -446,26 +452,45 @@ def _check_schema(schema: pa.Schema, rows: int, uri: str) -> dict:
 
 def _decode_metadata(schema: pa.Schema, uri: str) -> dict:
     raw = schema.metadata or {}
+    items = tuple(sorted((k, v) for k, v in raw.items() if k.startswith(_PREFIX_BYTES)))
+    try:
+        meta = _decode_items(items)
+    except _MetadataError as exc:
+        raise TTTPipeError(f"shard '{uri}' {exc.args[0]}; {_FIX}") from None
+    return {k: list(v) if isinstance(v, list) else v for k, v in meta.items()}
+
+
+_PREFIX_BYTES = META_PREFIX.encode()
+
+
+class _MetadataError(Exception):
+    """What is wrong with a shard's metadata (the caller adds the shard's uri)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_items(items: tuple[tuple[bytes, bytes], ...]) -> dict:
+    """Decoded and checked ``ttt_pipe.*`` metadata, version 2 form. Cached: the shards of one
+    set share their metadata, so thousands of footers cost one JSON decode."""
+    raw = dict(items)
 
     def get(key: str):
         value = raw.get((META_PREFIX + key).encode())
         if value is None:
-            raise TTTPipeError(f"shard '{uri}' lacks metadata {META_PREFIX}{key}; {_FIX}")
+            raise _MetadataError(f"lacks metadata {META_PREFIX}{key}")
         try:
             return json.loads(value)
         except ValueError:
-            raise TTTPipeError(f"shard '{uri}' has unreadable metadata {META_PREFIX}{key}; "
-                               f"{_FIX}") from None
+            raise _MetadataError(f"has unreadable metadata {META_PREFIX}{key}") from None
 
     version = get("schema_version")
     if version not in READABLE_VERSIONS:
-        raise TTTPipeError(f"shard '{uri}' has schema version {version}, this ttt-pipe reads "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}; {_FIX}")
+        raise _MetadataError(f"has schema version {version}, this ttt-pipe reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
     if version == 1:
         meta = {key: get(key) for key in _V1_KEYS}
         if meta["image_shape"] != list(_V1_SHAPE):
-            raise TTTPipeError(f"shard '{uri}' (schema v1) holds images of shape "
-                               f"{meta['image_shape']}, v1 knew only {list(_V1_SHAPE)}; {_FIX}")
+            raise _MetadataError(f"(schema v1) holds images of shape {meta['image_shape']}, "
+                                 f"v1 knew only {list(_V1_SHAPE)}")
         meta.update(image_dtype="float32", suite="mnist-c", mean=[float(meta["mean"])],
                     std=[float(meta["std"])], labelled=True, shuffle_seed=None, source="corrupt")
         return {key: meta[key] for key in METADATA_KEYS}
@@ -473,15 +498,13 @@ def _decode_metadata(schema: pa.Schema, uri: str) -> dict:
     shape = meta["image_shape"]
     if (not isinstance(shape, list) or len(shape) != 3 or
             not all(isinstance(v, int) and v > 0 for v in shape) or shape[0] not in (1, 3)):
-        raise TTTPipeError(f"shard '{uri}' has image shape {shape!r}, expected [C, H, W] with "
-                           f"C 1 or 3; {_FIX}")
+        raise _MetadataError(f"has image shape {shape!r}, expected [C, H, W] with C 1 or 3")
     if meta["image_dtype"] not in IMAGE_DTYPES:
-        raise TTTPipeError(f"shard '{uri}' has image dtype {meta['image_dtype']!r}, expected one "
-                           f"of {', '.join(IMAGE_DTYPES)}; {_FIX}")
+        raise _MetadataError(f"has image dtype {meta['image_dtype']!r}, expected one of "
+                             f"{', '.join(IMAGE_DTYPES)}")
     for key in ("mean", "std"):
         if not isinstance(meta[key], list) or len(meta[key]) != shape[0]:
-            raise TTTPipeError(f"shard '{uri}' has {key} {meta[key]!r}, expected {shape[0]} "
-                               f"per-channel values; {_FIX}")
+            raise _MetadataError(f"has {key} {meta[key]!r}, expected {shape[0]} per-channel values")
     return meta
 
 
