@@ -20,7 +20,7 @@ from pipeline.corruptions.imagenet_c.filters import (border_index, filter2d, gau
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["gaussian_blur", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "disk",
-           "shuffle_permutation", "motion_offsets", "clipped_zoom"]
+           "shuffle_permutation", "motion_offsets", "motion_blur_at", "clipped_zoom"]
 
 
 def _scale(x: torch.Tensor) -> float:
@@ -142,6 +142,11 @@ def motion_offsets(radius: int, angle_deg: float) -> tuple[np.ndarray, np.ndarra
 def motion_blur(x, rngs, *, radius, sigma):
     s = _scale(x)
     radius, sigma = max(1, int(round(radius * s))), sigma * s
+    return motion_blur_at(x, [r.uniform(-45, 45) for r in rngs], radius, sigma)
+
+
+def motion_blur_at(x: torch.Tensor, angles, radius: int, sigma: float) -> torch.Tensor:
+    """imagecorruptions' `_motion_blur` over a batch, one angle (degrees) per sample."""
     height, width = x.shape[-2:]
     taps = np.arange(2 * radius + 1)
     weights = np.exp(-taps ** 2 / (2 * sigma ** 2)) / (np.sqrt(2 * np.pi) * sigma)
@@ -151,8 +156,8 @@ def motion_blur(x, rngs, *, radius, sigma):
     xp = x.index_select(-2, border_index(height, r, r, "nearest"))
     xp = xp.index_select(-1, border_index(width, r, r, "nearest"))
     out = torch.zeros_like(x)
-    for k, rng in enumerate(rngs):
-        dy, dx = motion_offsets(radius, rng.uniform(-45, 45))
+    for k, angle in enumerate(angles):
+        dy, dx = motion_offsets(radius, angle)
         for i in range(len(taps)):
             if abs(dy[i]) >= height or abs(dx[i]) >= width:  # the reference stops here
                 break
@@ -182,6 +187,7 @@ def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
           random=False)
 def zoom_blur(x, rngs, *, stop, step):
     factors = np.arange(1, stop, step)
+    x = x.contiguous(memory_format=torch.channels_last)  # bilinear resize is fastest NHWC on CPU
     out = torch.zeros_like(x)
     for z in factors:
         out += clipped_zoom(x, float(z))

@@ -95,21 +95,21 @@ def affine_matrix(height: int, width: int, jitter: np.ndarray) -> np.ndarray:
 
 
 def elastic_warp(x: torch.Tensor, matrices: np.ndarray, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """cv2.warpAffine(x, M, BORDER_REFLECT_101, bilinear at 1/32 pixel as OpenCV) per sample,
-    then map_coordinates(order=1, mode='reflect') at (row + dy, col + dx)."""
+    """cv2.warpAffine(x, M, bilinear, BORDER_REFLECT_101) per sample (OpenCV 5 interpolates
+    float images at full precision: matches to 1e-5), then map_coordinates(order=1,
+    mode='reflect') at (row + dy, col + dx)."""
     n, _, h, w = x.shape
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                                torch.arange(w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                                torch.arange(w, dtype=torch.float32), indexing="ij")
     inv = []
     for m in matrices:  # dst(x, y) = src(M^-1 (x, y))
         full = np.vstack([m, [0.0, 0.0, 1.0]])
         inv.append(np.linalg.inv(full)[:2])
-    inv = torch.from_numpy(np.stack(inv))  # (N, 2, 3)
+    inv = torch.from_numpy(np.stack(inv).astype(np.float32))  # (N, 2, 3)
     sx = inv[:, 0, 0, None, None] * cols + inv[:, 0, 1, None, None] * rows + inv[:, 0, 2, None, None]
     sy = inv[:, 1, 0, None, None] * cols + inv[:, 1, 1, None, None] * rows + inv[:, 1, 2, None, None]
-    sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32  # OpenCV's INTER_BITS = 5
     warped = bilinear(x, sy, sx, "reflect101")
-    return bilinear(warped, rows[None] + dy.to(torch.float64), cols[None] + dx.to(torch.float64), "reflect")
+    return bilinear(warped, rows[None] + dy, cols[None] + dx, "reflect")
 
 
 _S224, _S32 = 244, 32  # make_imagenet_c.py writes 244 where it means 224 ("nothing is incorrect")

@@ -65,6 +65,9 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return k / k.sum()
 
 
+_SLICE_TAPS = 15  # up to this many taps: shifted slices; longer: matrix products
+
+
 @lru_cache(maxsize=128)
 def _filter_matrix(n: int, kernel: tuple[float, ...], mode: str) -> torch.Tensor:
     r = len(kernel) // 2
@@ -83,8 +86,21 @@ def filter_matrix(n: int, kernel: np.ndarray, mode: str) -> torch.Tensor:
 def separable_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str) -> torch.Tensor:
     """Correlate the last two axes of `x` (..., H, W) with kh (rows) then kw (columns).
 
-    One banded (n x n) matrix product per axis: exact for any kernel length and border mode,
-    and on CPU faster than conv2d over single-channel planes (see the benchmark notes)."""
+    Short kernels: a sum of shifted slices of the padded image. Long ones: one banded (n x n)
+    matrix product per axis (exact for any length and border). Both beat conv2d over
+    single-channel planes on CPU by 5-10x."""
+    if max(len(kh), len(kw)) <= _SLICE_TAPS:
+        h, w = x.shape[-2:]
+        rh, rw = len(kh) // 2, len(kw) // 2
+        xp = pad(x, (rh, rh), (0, 0), mode)
+        y = xp[..., 0:h, :] * float(kh[0])
+        for t in range(1, len(kh)):
+            y.add_(xp[..., t:t + h, :], alpha=float(kh[t]))
+        yp = pad(y, (0, 0), (rw, rw), mode)
+        z = yp[..., 0:w] * float(kw[0])
+        for t in range(1, len(kw)):
+            z.add_(yp[..., t:t + w], alpha=float(kw[t]))
+        return z
     mh = filter_matrix(x.shape[-2], kh, mode).to(x.dtype)
     mw = filter_matrix(x.shape[-1], kw, mode).to(x.dtype)
     return mh @ x @ mw.T
@@ -138,28 +154,19 @@ def filter2d(x: torch.Tensor, kernel: np.ndarray, mode: str = "reflect101") -> t
 
 def bilinear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str) -> torch.Tensor:
     """Sample x (N, C, H, W) at float coordinates rows, cols (N, H', W') by bilinear
-    interpolation (scipy map_coordinates order=1); neighbours outside the image come from
-    `mode`'s extension ("reflect": symmetric, "reflect101": mirror)."""
-    n, c, h, w = x.shape
-    rows, cols = rows.numpy(), cols.numpy()
-    r0, c0 = np.floor(rows), np.floor(cols)
-    fr = (rows - r0).astype(np.float32).reshape(n, -1, 1)  # (N, H'W', 1)
-    fc = (cols - c0).astype(np.float32).reshape(n, -1, 1)
-    r0, c0 = r0.astype(np.int64).reshape(n, -1), c0.astype(np.int64).reshape(n, -1)
-    pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c).numpy()  # channels last: one row a pixel
-    first = np.arange(n)[:, None] * (h * w)
+    interpolation (scipy map_coordinates order=1) on the image extended by `mode`
+    ("reflect": symmetric, scipy's reflect; "reflect101": mirror, OpenCV's REFLECT_101).
 
-    def fold(i, size):
-        if mode == "reflect":
-            i = np.mod(i, 2 * size)
-            return np.where(i >= size, 2 * size - 1 - i, i)
-        i = np.mod(i, 2 * size - 2) if size > 1 else np.zeros_like(i)
-        return np.where(i >= size, 2 * size - 2 - i, i)
-
-    rows0, rows1 = first + fold(r0, h) * w, first + fold(r0 + 1, h) * w
-    cols0, cols1 = fold(c0, w), fold(c0 + 1, w)
-    # numpy fancy indexing: several times faster than torch's advanced indexing on CPU
-    top = pixels[rows0 + cols0] * (1 - fc) + pixels[rows0 + cols1] * fc  # (N, H'W', C)
-    bottom = pixels[rows1 + cols0] * (1 - fc) + pixels[rows1 + cols1] * fc
-    out = top * (1 - fr) + bottom * fr
-    return torch.from_numpy(out).reshape(n, *rows.shape[1:], c).permute(0, 3, 1, 2).contiguous()
+    grid_sample's reflection padding folds the coordinate back into the image first; for a
+    piecewise-linear extension that is the same value. align_corners picks the mirror line:
+    False reflects about -0.5 and n - 0.5 (symmetric), True about 0 and n - 1 (mirror)."""
+    h, w = x.shape[-2:]
+    corners = mode == "reflect101"
+    if mode not in ("reflect", "reflect101"):
+        raise ValueError(f"unknown border mode {mode!r}")
+    if corners:
+        gx, gy = cols * (2.0 / max(w - 1, 1)) - 1, rows * (2.0 / max(h - 1, 1)) - 1
+    else:
+        gx, gy = (2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1
+    grid = torch.stack([gx, gy], -1).to(x.dtype)  # (N, H', W', 2) as (x, y)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=corners)

@@ -57,7 +57,7 @@ def poisson_table(c: float) -> tuple[torch.Tensor, torch.Tensor]:
     cdf[:, -1] = 1.0
     edges = np.arange(_GUIDE) / _GUIDE
     guide = np.stack([np.searchsorted(row, edges, side="right") for row in cdf])
-    return torch.from_numpy(cdf), torch.from_numpy(guide.astype(np.int64))
+    return torch.from_numpy(cdf), torch.from_numpy(guide.astype(np.int32))
 
 
 def poisson_counts(level: np.ndarray, u: np.ndarray, c: float) -> np.ndarray:
@@ -68,7 +68,7 @@ def poisson_counts(level: np.ndarray, u: np.ndarray, c: float) -> np.ndarray:
     top = cdf.shape[1]
     flat_cdf, flat_guide = cdf.numpy().reshape(-1), guide.numpy().reshape(-1)
     row = level * top
-    j = flat_guide[level * _GUIDE + (u * _GUIDE).astype(np.int64)]
+    j = flat_guide[((level + u) * _GUIDE).astype(np.int32)]  # bucket of u in level's row
     active = np.flatnonzero(flat_cdf[row + j] <= u)  # the few that must walk further
     while active.size:
         j.flat[active] += 1
@@ -81,7 +81,7 @@ def poisson_counts(level: np.ndarray, u: np.ndarray, c: float) -> np.ndarray:
           cifar=tuple({"c": c} for c in (500, 250, 100, 75, 50)),
           imagenet=tuple({"c": c} for c in (60, 25, 12, 5, 3)))
 def shot_noise(x, rngs, *, c):
-    level = torch.round(x * 255.0).to(torch.int64).numpy()  # x is uint8 / 255
+    level = torch.round(x * 255.0).to(torch.int32).numpy()  # x is uint8 / 255
     u = _rand(x, rngs, torch.float64).numpy()
     return torch.from_numpy(poisson_counts(level, u, c)).to(torch.float32) / float(c)
 
