@@ -20,7 +20,7 @@ from pipeline.corruptions.imagenet_c.filters import (border_index, filter2d, gau
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["gaussian_blur", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "disk",
-           "shuffle_permutation", "motion_offsets", "clipped_zoom"]
+           "shuffle_permutation", "motion_offsets", "motion_blur_at", "clipped_zoom"]
 
 
 def _scale(x: torch.Tensor) -> float:
@@ -66,40 +66,37 @@ def defocus_blur(x, rngs, *, radius, alias_blur):
 
 
 def shuffle_permutation(height: int, width: int, delta: int, offsets: np.ndarray) -> torch.Tensor:
-    """Where each pixel comes from after the reference's sequential local swaps.
+    """Where each pixel comes from after the reference's sequential local "swaps".
 
     The reference visits h = H-d .. d+1 and, inside, w = W-d .. d+1 (descending), `iterations`
-    times, and swaps pixel (h, w) with (h + dy, w + dx), dx, dy in [-d, d). `offsets` holds those
-    draws, (N, iterations, H - 2d, W - 2d, 2) as (dx, dy). Swaps only touch rows and columns
-    within [-d, d) of their own, so swap (a, b) (a-th row and b-th column visited) can run at
-    time 2d·a + b together with every other swap of that time: they touch disjoint pixels, and
-    any two swaps that could touch a common pixel keep their order. Result: (N, H*W) indices,
-    flat_out = flat_in[perm], exactly the sequential result.
+    times, and runs `x[h, w], x[h', w'] = x[h', w'], x[h, w]` with h' = h + dy, w' = w + dx,
+    dx, dy in [-d, d). On (H, W, 3) arrays both sides are views, so this is a copy, not a
+    swap: x[h, w] = x[h', w'] and (h', w') keeps its value (checked against imagecorruptions'
+    numba kernel, and so are ImageNet-C's released files). `offsets` holds the draws,
+    (N, iterations, H - 2d, W - 2d, 2) as (dx, dy). A step only touches rows and columns
+    within [-d, d) of its own, so step (a, b) (a-th row, b-th column visited) can run at time
+    2d·a + b together with every other step of that time: they touch disjoint pixels, and any
+    two steps that could touch a common pixel keep their order. Result: (N, H*W) source
+    indices, flat_out = flat_in[perm], exactly the sequential result.
     """
     n, iterations, rows, cols, _ = offsets.shape
-    perm = torch.arange(height * width).repeat(n, 1)
-    if rows <= 0 or cols <= 0:
-        return perm
-    d = delta
-    h = height - d - np.arange(rows)
-    w = width - d - np.arange(cols)
-    a_idx, b_idx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    order = np.argsort((2 * d * a_idx + b_idx).ravel(), kind="stable")
-    times = (2 * d * a_idx + b_idx).ravel()[order]
-    bounds = np.flatnonzero(np.diff(times)) + 1
-    groups = np.split(order, bounds)  # flat (a, b) indices that run together
-    base = torch.from_numpy((h[:, None] * width + w[None, :]).ravel())  # (rows*cols,)
-    dxy = torch.from_numpy(offsets.reshape(n, iterations, rows * cols, 2).astype(np.int64))
-    target = base + dxy[..., 1] * width + dxy[..., 0]  # (N, iterations, rows*cols)
-    for it in range(iterations):
-        for g in groups:
-            gi = torch.from_numpy(g)
-            p = base[gi].expand(n, -1)
-            q = target[:, it, gi]
-            vp, vq = perm.gather(1, p), perm.gather(1, q)
-            perm.scatter_(1, p, vq)
-            perm.scatter_(1, q, vp)
-    return perm
+    size = height * width
+    perm = np.arange(n * size, dtype=np.int64)  # all samples in one flat array
+    if rows > 0 and cols > 0:
+        d = delta
+        a, b = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        times = (2 * d * a + b).ravel()
+        order = np.argsort(times, kind="stable")
+        bounds = np.r_[0, np.flatnonzero(np.diff(times[order])) + 1, len(order)]
+        h, w = height - d - a.ravel()[order], width - d - b.ravel()[order]
+        base = (h * width + w)[:, None] + np.arange(n)[None, :] * size  # (rows*cols, N) time-major
+        # offsets[n, it, a, b] -> (it, time-ordered step, N)
+        dxy = offsets.reshape(n, iterations, rows * cols, 2).transpose(1, 2, 0, 3)[:, order]
+        for it in range(iterations):
+            q = base + dxy[it, :, :, 1].astype(np.int64) * width + dxy[it, :, :, 0]
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                perm[base[lo:hi]] = perm[q[lo:hi]]
+    return torch.from_numpy((perm.reshape(n, size) - np.arange(n)[:, None] * size))
 
 
 def _glass_params(x, sigma, max_delta):
@@ -107,7 +104,7 @@ def _glass_params(x, sigma, max_delta):
     return sigma * s, max(1, int(round(max_delta * s)))
 
 
-@register("glass_blur", "blur, quantise to uint8, swap pixels locally (distance < d, k sweeps), blur",
+@register("glass_blur", "blur, quantise to uint8, copy each pixel from a random neighbour (offsets in [-d, d), k sweeps), blur",
           cifar=tuple({"sigma": s, "max_delta": d, "iterations": k}
                       for s, d, k in ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2),
                                       (0.4, 1, 2))),
@@ -119,9 +116,11 @@ def glass_blur(x, rngs, *, sigma, max_delta, iterations):
     n, c, height, width = x.shape
     y = torch.floor(gaussian_filter(x, sigma).clamp(0, 1) * 255.0) / 255.0  # np.uint8(... * 255)
     rows, cols = max(height - 2 * d, 0), max(width - 2 * d, 0)
-    offsets = np.stack([r.integers(-d, d, size=(iterations, rows, cols, 2)) for r in rngs])
+    offsets = np.stack([r.integers(-d, d, size=(iterations, rows, cols, 2), dtype=np.int8)
+                        for r in rngs])
     perm = shuffle_permutation(height, width, d, offsets)  # (N, H*W)
-    y = y.reshape(n, c, -1).gather(2, perm[:, None, :].expand(n, c, -1)).reshape(x.shape)
+    flat = y.reshape(n, c, -1).numpy()
+    y = torch.from_numpy(np.take_along_axis(flat, perm.numpy()[:, None, :], axis=2)).reshape(x.shape)
     return gaussian_filter(y, sigma)
 
 
@@ -143,6 +142,11 @@ def motion_offsets(radius: int, angle_deg: float) -> tuple[np.ndarray, np.ndarra
 def motion_blur(x, rngs, *, radius, sigma):
     s = _scale(x)
     radius, sigma = max(1, int(round(radius * s))), sigma * s
+    return motion_blur_at(x, [r.uniform(-45, 45) for r in rngs], radius, sigma)
+
+
+def motion_blur_at(x: torch.Tensor, angles, radius: int, sigma: float) -> torch.Tensor:
+    """imagecorruptions' `_motion_blur` over a batch, one angle (degrees) per sample."""
     height, width = x.shape[-2:]
     taps = np.arange(2 * radius + 1)
     weights = np.exp(-taps ** 2 / (2 * sigma ** 2)) / (np.sqrt(2 * np.pi) * sigma)
@@ -152,8 +156,8 @@ def motion_blur(x, rngs, *, radius, sigma):
     xp = x.index_select(-2, border_index(height, r, r, "nearest"))
     xp = xp.index_select(-1, border_index(width, r, r, "nearest"))
     out = torch.zeros_like(x)
-    for k, rng in enumerate(rngs):
-        dy, dx = motion_offsets(radius, rng.uniform(-45, 45))
+    for k, angle in enumerate(angles):
+        dy, dx = motion_offsets(radius, angle)
         for i in range(len(taps)):
             if abs(dy[i]) >= height or abs(dx[i]) >= width:  # the reference stops here
                 break
@@ -183,6 +187,7 @@ def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
           random=False)
 def zoom_blur(x, rngs, *, stop, step):
     factors = np.arange(1, stop, step)
+    x = x.contiguous(memory_format=torch.channels_last)  # bilinear resize is fastest NHWC on CPU
     out = torch.zeros_like(x)
     for z in factors:
         out += clipped_zoom(x, float(z))

@@ -50,8 +50,8 @@ def quantise(y: torch.Tensor) -> np.ndarray:
     The 1e-3 guards values that are exact integers in the reference (uint8 round trips such as
     jpeg, pixelate) against float32 rounding just below the integer.
     """
-    z = torch.floor(y.clamp(0.0, 1.0) * 255.0 + 1e-3).clamp_(0.0, 255.0)
-    return z.to(torch.uint8).numpy()
+    # clamp(y * 255 + 1e-3, 0, 255) then truncation = floor(clip(y, 0, 1) * 255 + 1e-3)
+    return (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
 
 
 def _check(images, sample_ids, seed) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,10 @@ def corrupt(images: np.ndarray, name: str, severity: int, sample_ids, seed: int)
     out = np.empty(x.shape, dtype=np.uint8)
     for start in range(0, len(x), _CHUNK):
         part = slice(start, start + _CHUNK)
-        batch = torch.from_numpy(x[part]).to(torch.float32) / 255.0  # (n, 3, H, W)
         rngs = sample_rngs(seed, name, severity, ids[part]) if entry.random else []
+        if getattr(entry.fn, "uint8_native", False):  # uint8 tensors in and out (Pillow's)
+            out[part] = entry.fn(torch.from_numpy(x[part]), rngs, **params).numpy()
+            continue
+        batch = torch.from_numpy(x[part]).to(torch.float32).div_(255.0)  # (n, 3, H, W)
         out[part] = quantise(entry.fn(batch, rngs, **params))
     return out

@@ -17,7 +17,7 @@ from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter, p
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
-           "jpeg_compression", "rgb_to_hsv", "hsv_to_rgb", "affine_matrix", "elastic_warp"]
+           "jpeg_compression", "uint8_native", "rgb_to_hsv", "hsv_to_rgb", "affine_matrix", "elastic_warp"]
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,11 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
           cifar=tuple({"c": c} for c in (0.05, 0.1, 0.15, 0.2, 0.3)),
           imagenet=tuple({"c": c} for c in (0.1, 0.2, 0.3, 0.4, 0.5)), random=False)
 def brightness(x, rngs, *, c):
-    hsv = rgb_to_hsv(x)
-    hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
-    return hsv_to_rgb(hsv)
+    # At fixed hue and saturation every RGB channel is linear in V, so the HSV round trip is
+    # a per-pixel scale by V'/V (black pixels, hue 0 and saturation 0, become grey V').
+    v = x.amax(1, keepdim=True)
+    v_new = (v + c).clamp_(0, 1)
+    return torch.where(v > 0, x * (v_new / torch.where(v > 0, v, torch.ones_like(v))), v_new)
 
 
 @register("saturate", "HSV saturation * a + b (clipped to [0, 1])",
@@ -60,9 +62,17 @@ def brightness(x, rngs, *, c):
           imagenet=tuple({"a": a, "b": b} for a, b in ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2))),
           random=False)
 def saturate(x, rngs, *, a, b):
-    hsv = rgb_to_hsv(x)
-    hsv[:, 1] = (hsv[:, 1] * a + b).clamp(0, 1)
-    return hsv_to_rgb(hsv)
+    # At fixed hue and value a channel is V (1 - w S) with w in [0, 1] set by the hue, so with
+    # S = delta / V the HSV round trip is ch' = V - (V - ch) * S' V / delta. Grey pixels
+    # (delta 0) have hue 0 in skimage: (V, V (1 - S'), V (1 - S')).
+    v = x.amax(1, keepdim=True)
+    delta = v - x.amin(1, keepdim=True)
+    grey = delta == 0
+    s = delta / torch.where(v > 0, v, torch.ones_like(v))
+    s_new = (s * a + b).clamp_(0, 1)
+    coloured = v - (v - x) * (s_new * v / torch.where(grey, torch.ones_like(delta), delta))
+    grey_rgb = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], 1)
+    return torch.where(grey, grey_rgb, coloured)
 
 
 @register("contrast", "(x - channel mean) * c + channel mean, per image",
@@ -85,21 +95,21 @@ def affine_matrix(height: int, width: int, jitter: np.ndarray) -> np.ndarray:
 
 
 def elastic_warp(x: torch.Tensor, matrices: np.ndarray, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """cv2.warpAffine(x, M, BORDER_REFLECT_101, bilinear at 1/32 pixel as OpenCV) per sample,
-    then map_coordinates(order=1, mode='reflect') at (row + dy, col + dx)."""
+    """cv2.warpAffine(x, M, bilinear, BORDER_REFLECT_101) per sample (OpenCV 5 interpolates
+    float images at full precision: matches to 1e-5), then map_coordinates(order=1,
+    mode='reflect') at (row + dy, col + dx)."""
     n, _, h, w = x.shape
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                                torch.arange(w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                                torch.arange(w, dtype=torch.float32), indexing="ij")
     inv = []
     for m in matrices:  # dst(x, y) = src(M^-1 (x, y))
         full = np.vstack([m, [0.0, 0.0, 1.0]])
         inv.append(np.linalg.inv(full)[:2])
-    inv = torch.from_numpy(np.stack(inv))  # (N, 2, 3)
+    inv = torch.from_numpy(np.stack(inv).astype(np.float32))  # (N, 2, 3)
     sx = inv[:, 0, 0, None, None] * cols + inv[:, 0, 1, None, None] * rows + inv[:, 0, 2, None, None]
     sy = inv[:, 1, 0, None, None] * cols + inv[:, 1, 1, None, None] * rows + inv[:, 1, 2, None, None]
-    sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32  # OpenCV's INTER_BITS = 5
     warped = bilinear(x, sy, sx, "reflect101")
-    return bilinear(warped, rows[None] + dy.to(torch.float64), cols[None] + dx.to(torch.float64), "reflect")
+    return bilinear(warped, rows[None] + dy, cols[None] + dx, "reflect")
 
 
 _S224, _S32 = 244, 32  # make_imagenet_c.py writes 244 where it means 224 ("nothing is incorrect")
@@ -120,26 +130,39 @@ def elastic_transform(x, rngs, *, alpha, sigma, affine):
     jitter = np.stack([r.uniform(-affine, affine, size=(3, 2)).astype(np.float32) for r in rngs])
     matrices = np.stack([affine_matrix(h, w, j.astype(np.float64)) for j in jitter])
     gens = torch_generators(rngs)
-    noise = per_sample(gens, lambda g: torch.rand(2, h, w, generator=g, dtype=torch.float64) * 2 - 1)
-    field = (gaussian_filter(noise, sigma, mode="reflect", truncate=3) * alpha).to(torch.float32)
+    noise = per_sample(gens, lambda g: torch.rand(2, h, w, generator=g) * 2 - 1)
+    field = gaussian_filter(noise, sigma, mode="reflect", truncate=3) * alpha
     return elastic_warp(x, matrices, field[:, 0], field[:, 1])
 
 
+def uint8_native(fn):
+    """Mark `fn` as taking and returning uint8 (N, 3, H, W) tensors: `corrupt` then skips the
+    float round trip (the reference's Pillow corruptions are uint8 to uint8 too)."""
+    fn.uint8_native = True
+    return fn
+
+
 def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
-    """Apply `fn(PIL RGB image) -> PIL image` to every image, one thread per core."""
-    u8 = torch.round(x * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3)
+    """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread."""
+    hwc = x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3)
 
     def one(img):
-        return np.asarray(fn(Image.fromarray(img, "RGB")).convert("RGB"))
+        im = fn(Image.fromarray(img, "RGB"))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        out = np.stack(list(pool.map(one, u8)))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    workers = max(1, min(torch.get_num_threads(), len(hwc)))
+    if workers == 1:
+        out = np.stack([one(img) for img in hwc])
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            out = np.stack(list(pool.map(one, hwc)))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
 @register("pixelate", "Pillow BOX resize to c x the size, then BOX back (make_*_c.py)",
           cifar=tuple({"c": c} for c in (0.95, 0.9, 0.85, 0.75, 0.65)),
           imagenet=tuple({"c": c} for c in (0.6, 0.5, 0.4, 0.3, 0.25)), random=False)
+@uint8_native
 def pixelate(x, rngs, *, c):
     h, w = x.shape[-2:]
     small = (max(1, int(w * c)), max(1, int(h * c)))
@@ -149,6 +172,7 @@ def pixelate(x, rngs, *, c):
 @register("jpeg_compression", "Pillow JPEG encode at quality q, decode",
           cifar=tuple({"quality": q} for q in (80, 65, 58, 50, 40)),
           imagenet=tuple({"quality": q} for q in (25, 18, 15, 10, 7)), random=False)
+@uint8_native
 def jpeg_compression(x, rngs, *, quality):
     def one(im):
         buf = io.BytesIO()

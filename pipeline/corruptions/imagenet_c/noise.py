@@ -2,7 +2,7 @@
 
 Each sample draws from a torch generator seeded by its own numpy generator. Shot noise draws
 Poisson counts by inverting the CDF: the input is uint8 / 255, so only 256 rates x * c exist and
-their CDFs are tabulated once (exact Poisson up to float64 rounding of the CDF).
+their CDFs are tabulated once, with a guide table (exact Poisson up to float64 rounding).
 """
 
 from __future__ import annotations
@@ -13,52 +13,77 @@ import numpy as np
 import torch
 from scipy import stats
 
-from pipeline.corruptions.imagenet_c.filters import per_sample, torch_generators
+from pipeline.corruptions.imagenet_c.filters import torch_generators
 from pipeline.corruptions.imagenet_c.registry import register
 
-__all__ = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "poisson_table"]
+__all__ = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "poisson_table", "poisson_counts"]
 
 
 def _randn(x: torch.Tensor, rngs) -> torch.Tensor:
-    return per_sample(torch_generators(rngs), lambda g: torch.randn(x.shape[1:], generator=g))
+    out = torch.empty(x.shape)
+    for i, g in enumerate(torch_generators(rngs)):
+        torch.randn(x.shape[1:], generator=g, out=out[i])
+    return out
 
 
 def _rand(x: torch.Tensor, rngs, dtype=torch.float32) -> torch.Tensor:
-    return per_sample(torch_generators(rngs),
-                      lambda g: torch.rand(x.shape[1:], generator=g, dtype=dtype))
+    out = torch.empty(x.shape, dtype=dtype)
+    for i, g in enumerate(torch_generators(rngs)):
+        torch.rand(x.shape[1:], generator=g, dtype=dtype, out=out[i])
+    return out
 
 
 @register("gaussian_noise", "x + N(0, c²) per pixel and channel",
           cifar=tuple({"c": c} for c in (0.04, 0.06, 0.08, 0.09, 0.10)),
           imagenet=tuple({"c": c} for c in (0.08, 0.12, 0.18, 0.26, 0.38)))
 def gaussian_noise(x, rngs, *, c):
-    return x + c * _randn(x, rngs)
+    return _randn(x, rngs).mul_(c).add_(x)
+
+
+_GUIDE = 1024  # guide-table buckets per rate
 
 
 @lru_cache(maxsize=64)
 def poisson_table(c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 256 CDFs of Poisson(k / 255 * c), k = 0..255, as one sorted float64 sequence.
+    """CDFs of Poisson(k / 255 * c), k = 0..255, and a guide table for inverting them.
 
-    Entry j of level k is k + P(count <= j) (kept below k + 1), so for u in [0, 1)
-    searchsorted(seq, k + u, right=True) - start[k] is the count with that CDF value.
+    cdf (256, top) float64; guide (256, _GUIDE) int64: guide[k, b] is the smallest count j
+    with cdf[k, j] > b / _GUIDE, so the count for a uniform u in bucket b is found by walking
+    up from guide[k, b] while cdf[k, j] <= u (Chen & Asau's guided inversion; exact).
     """
     lam = np.arange(256, dtype=np.float64) / 255.0 * c
     top = int(c + 12 * np.sqrt(c) + 20)  # P(count >= top) < 1e-20 for every rate <= c
     cdf = stats.poisson.cdf(np.arange(top)[None, :], lam[:, None])  # (256, top)
-    cdf = np.minimum(cdf, np.nextafter(1.0, 0.0))
-    seq = (np.arange(256)[:, None] + cdf).ravel()
-    return torch.from_numpy(seq), torch.arange(256, dtype=torch.int64) * top
+    cdf[:, -1] = 1.0
+    edges = np.arange(_GUIDE) / _GUIDE
+    guide = np.stack([np.searchsorted(row, edges, side="right") for row in cdf])
+    return torch.from_numpy(cdf), torch.from_numpy(guide.astype(np.int32))
+
+
+def poisson_counts(level: np.ndarray, u: np.ndarray, c: float) -> np.ndarray:
+    """Poisson(level / 255 * c) counts by inversion of u (float64 uniforms in [0, 1)).
+
+    numpy fancy indexing: several times faster than torch's advanced indexing on CPU."""
+    cdf, guide = poisson_table(float(c))
+    top = cdf.shape[1]
+    flat_cdf, flat_guide = cdf.numpy().reshape(-1), guide.numpy().reshape(-1)
+    row = level * top
+    j = flat_guide[((level + u) * _GUIDE).astype(np.int32)]  # bucket of u in level's row
+    active = np.flatnonzero(flat_cdf[row + j] <= u)  # the few that must walk further
+    while active.size:
+        j.flat[active] += 1
+        still = flat_cdf[row.flat[active] + j.flat[active]] <= u.flat[active]
+        active = active[still]
+    return j
 
 
 @register("shot_noise", "Poisson(x * c) / c per pixel and channel",
           cifar=tuple({"c": c} for c in (500, 250, 100, 75, 50)),
           imagenet=tuple({"c": c} for c in (60, 25, 12, 5, 3)))
 def shot_noise(x, rngs, *, c):
-    seq, start = poisson_table(float(c))
-    level = torch.round(x * 255.0).to(torch.int64)  # x is uint8 / 255
-    u = _rand(x, rngs, torch.float64)
-    counts = torch.searchsorted(seq, level.to(torch.float64) + u, right=True) - start[level]
-    return counts.to(torch.float32) / float(c)
+    level = torch.round(x * 255.0).to(torch.int32).numpy()  # x is uint8 / 255
+    u = _rand(x, rngs, torch.float64).numpy()
+    return torch.from_numpy(poisson_counts(level, u, c)).to(torch.float32) / float(c)
 
 
 @register("impulse_noise", "salt & pepper: a fraction c of values set to 0 or 1 (half each)",
@@ -74,4 +99,4 @@ def impulse_noise(x, rngs, *, c):
           cifar=tuple({"c": c} for c in (0.06, 0.1, 0.12, 0.16, 0.2)),
           imagenet=tuple({"c": c} for c in (0.15, 0.2, 0.35, 0.45, 0.6)))
 def speckle_noise(x, rngs, *, c):
-    return x + x * (c * _randn(x, rngs))
+    return _randn(x, rngs).mul_(c).add_(1.0).mul_(x)
