@@ -187,7 +187,7 @@ class Trainer:
         if n == 0:
             raise TTTPipeError(f"the {spec.dataset} train split is empty; pass the full files with --data-dir")
         ds = split.spec
-        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, 1, 28, 28) pixel units
+        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, C, H, W) pixel units
         self.y = torch.from_numpy(split.labels[:n]).to(self.device)            # (N,) int64
         self.model_spec = resolve_model_spec(spec.model, ds, normalize=spec.normalize,
                                              model_kwargs=spec.model_kwargs)

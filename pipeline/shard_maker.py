@@ -87,7 +87,7 @@ def make_shards(dataset: str, out: str, corruptions: str | Iterable[str] = "all"
     names = [shard_name(c, s, i) for c, s in pairs for i in range(len(chunks))]
     created_out = _prepare_out(out, {name + SUFFIX for name in names})
 
-    images = to_float(split.images[:n])  # (n, 1, 28, 28) pixel units
+    images = to_float(split.images[:n])  # (n, C, H, W) pixel units
     sample_ids = np.arange(n, dtype=np.int64)
     spec = split.spec
     written: list[str] = []
@@ -96,12 +96,12 @@ def make_shards(dataset: str, out: str, corruptions: str | Iterable[str] = "all"
         for corruption, severity in pairs:
             for index, (lo, hi) in enumerate(chunks):
                 ids = sample_ids[lo:hi]
-                x = corrupt(images[lo:hi], corruption, severity, ids, seed, spec.std)
+                x = corrupt(images[lo:hi], corruption, severity, ids, seed, spec.std[0])
                 uri = storage.join(out, shard_name(corruption, severity, index) + SUFFIX)
                 written.append(uri)  # before writing: a failed write is cleaned up too
                 write_shard(uri, ids, split.labels[lo:hi], x, corruption=corruption,
-                            severity=severity, dataset=spec.name, mean=spec.mean,
-                            std=spec.std, seed=int(seed))
+                            severity=severity, dataset=spec.name, mean=spec.mean[0],
+                            std=spec.std[0], seed=int(seed))
                 if progress is not None:
                     progress(len(written), total, uri)
     except BaseException:

@@ -8,20 +8,20 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import DatasetName
+from jobs.commands import DATASET_HELP, check_dataset
 from jobs.console import cli_errors, console, progress
 from pipeline.corruptions import list_corruptions
 from pipeline.datasets import CACHE_ROOT
 from pipeline.shard_maker import DEFAULT_SHARD_SIZE, make_shards
 
-__all__ = ["command", "DatasetName"]
+__all__ = ["command"]
 
 
 
 @cli_errors
 def command(
-    dataset: Annotated[DatasetName, typer.Option(
-        help="Dataset whose test split is corrupted.", case_sensitive=False,
+    dataset: Annotated[str, typer.Option(
+        help=f"{DATASET_HELP} Its test split is corrupted.", callback=check_dataset,
         show_default=False)],
     out: Annotated[str, typer.Option(
         help="Folder for the shards (local path or s3://, gs://, file:// URI); created if "
@@ -37,10 +37,12 @@ def command(
         "--identity/--no-identity",
         help="Also write the clean baseline (corruption 'identity', severity 0) once.")] = True,
     data_dir: Annotated[Path | None, typer.Option(
-        help="Folder with the four IDX files (train/t10k-images-idx3-ubyte[.gz], "
-             "-labels-idx1-ubyte[.gz]), a <dataset>/ subfolder, or torchvision's "
-             "MNIST/raw layout. Default: $TTT_PIPE_DATA, then /usr/share/datasets/<dataset> "
-             f"(apt-get install dataset-fashion-mnist), then {CACHE_ROOT}.",
+        help="Folder with the dataset's files: mnist/fashion-mnist the four IDX files "
+             "(train/t10k-images-idx3-ubyte[.gz], -labels-idx1-ubyte[.gz]), a <dataset>/ "
+             "subfolder, or torchvision's MNIST/raw layout; cifar10/100 cifar-10-batches-bin/ "
+             "or -py/ (cifar-100-binary/, cifar-100-python/); imagenet train/ and val/. "
+             "Default: $TTT_PIPE_DATA, then /usr/share/datasets/<dataset> (IDX; apt-get "
+             f"install dataset-fashion-mnist), then {CACHE_ROOT}.",
         show_default=False)] = None,
     download: Annotated[bool | None, typer.Option(
         "--download/--no-download",
@@ -69,7 +71,7 @@ def command(
         def advance(done: int, total: int, uri: str) -> None:
             bar.update(task, completed=done, total=total)
 
-        summary = make_shards(dataset.value, out, corruptions, severities,
+        summary = make_shards(dataset, out, corruptions, severities,
                               data_dir=data_dir, identity=identity, shard_size=shard_size,
                               limit=limit, seed=seed, download=download, progress=advance)
     seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import DatasetName
+from jobs.commands import DATASET_HELP, check_dataset
 from jobs.console import cli_errors, err_console
 from pipeline.errors import TTTPipeError
 
@@ -39,12 +39,14 @@ def reusable_checkpoint(uri: str, spec) -> bool:
     none; TTTPipeError if there is a different one (we never overwrite a user's checkpoint)."""
     from pipeline import storage
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.datasets import get_dataset
 
     if not storage.exists(storage.join(uri, "manifest.json")):
         return False
     manifest = load_checkpoint(uri, expect_method=spec.method).manifest  # sha-verified
     training = manifest["training"]
-    wanted = {"method": spec.method, "dataset": spec.dataset, "model": spec.model,
+    # the identity (folder:PATH -> folder:<dirname>-<hash>), as train.py writes it
+    wanted = {"method": spec.method, "dataset": get_dataset(spec.dataset).name, "model": spec.model,
               **{k: getattr(spec, k) for k in _TRAINING_KEYS}}
     found = {"method": manifest["method"]["name"], "dataset": manifest["dataset"]["name"],
              "model": manifest["model"]["name"], **{k: training.get(k) for k in _TRAINING_KEYS}}
@@ -73,8 +75,9 @@ def _config_diff(method: str, stored: dict, wanted: dict) -> list[str]:
 
 @cli_errors
 def command(
-    dataset: Annotated[DatasetName, typer.Option(
-        help="Dataset: train split for training, test split for the shards.")] = "fashion-mnist",
+    dataset: Annotated[str, typer.Option(
+        help=f"{DATASET_HELP} Train split for training, test split for the shards.",
+        callback=check_dataset)] = "fashion-mnist",
     method: Annotated[RunMethod, typer.Option(
         help="Method to train and adapt with; 'both' runs TTT and IT3 and compares them.")] = "ttt",
     out: Annotated[str, typer.Option(
@@ -122,7 +125,7 @@ def command(
     # Check every argument before the first (slow) stage starts.
     parse_corruptions(corruptions)
     parse_severities(severities)
-    specs = {m: resolve_spec(m, dataset.value, storage.join(out, "checkpoints", m), epochs=epochs,
+    specs = {m: resolve_spec(m, dataset, storage.join(out, "checkpoints", m), epochs=epochs,
                              limit=train_limit, seed=seed, data_dir=data) for m in methods}
     shards = storage.join(out, "shards")
     with connect(address):  # one Ray for every stage
@@ -134,7 +137,7 @@ def command(
                 train_summary(spec.out, train_with_progress(spec, address))
         err_console.print(f"[2/4] corrupt: {corruptions} at severities {severities}",
                           highlight=False, soft_wrap=True)
-        made = make_shards(dataset.value, shards, corruptions, severities, data_dir=data,
+        made = make_shards(dataset, shards, corruptions, severities, data_dir=data,
                            limit=limit, seed=seed)
         err_console.print(f"      {len(made.shards)} shards, {made.rows:,} rows in {shards}",
                           highlight=False)

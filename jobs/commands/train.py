@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from jobs.commands import DatasetName, command_argv
+from jobs.commands import DATASET_HELP, check_dataset, command_argv
 from jobs.console import cli_errors, console, err_console, progress
 
 
@@ -21,7 +21,8 @@ class Method(str, Enum):
 @cli_errors
 def command(
     method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
-    dataset: DatasetName = typer.Option(..., help="Dataset whose train split is used."),
+    dataset: str = typer.Option(..., help=f"{DATASET_HELP} Its train split is used.",
+                                callback=check_dataset),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
                                       "on a cluster, storage every node can read)."),
     data_dir: Path = typer.Option(None, help="Folder with the dataset's IDX files (default: search)."),
@@ -55,7 +56,7 @@ def command(
     from jobs.cluster import is_job_address, submit_job
     from jobs.train import resolve_spec
 
-    spec = resolve_spec(method.value, dataset.value, out, model=model, epochs=epochs,
+    spec = resolve_spec(method.value, dataset, out, model=model, epochs=epochs,
                         batch_size=batch_size, lr=lr, aux_weight=aux_weight, layer=layer,
                         limit=limit, seed=seed, data_dir=None if data_dir is None else str(data_dir),
                         gpus=gpus, cpus=cpus, model_kwargs=model_kwargs, normalize=normalize,

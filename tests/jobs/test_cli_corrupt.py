@@ -23,7 +23,8 @@ def test_help_lists_options_and_corruptions():
     for option in ("--dataset", "--data-dir", "--corruptions", "--severities", "--shard-size",
                    "--limit", "--seed", "--out", "--identity", "--download"):
         assert option in result.output
-    for name in ("gaussian_noise", "fog", "identity", "fashion-mnist", "mnist"):
+    for name in ("gaussian_noise", "fog", "identity", "fashion-mnist", "mnist", "cifar10",
+                 "cifar100", "imagenet", "folder:PATH"):
         assert name in result.output
 
 
@@ -48,7 +49,8 @@ def test_default_severities_and_no_identity(idx_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "cifar"], "'cifar' is not one of"),
+    (["--dataset", "cifar"], "unknown dataset 'cifar'; choose from: cifar10"),
+    (["--dataset", "folder:/nonexistent/pets"], "is not a folder"),
     (["--corruptions", "blurr"], "unknown corruption 'blurr'"),
     (["--corruptions", "fog,", "--severities", "6"], "severity 6 is out of range"),
     (["--severities", "0"], "severity 0 is out of range"),
