@@ -53,7 +53,8 @@ import pyarrow.parquet as pq
 from jobs.pool import PoolPlan, plan_pool, run_pool
 from jobs.shard_worker import MODES, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
-from pipeline.checkpoint import Checkpoint, checkpoint_image_shape, load_checkpoint
+from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
+from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
 from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, accuracy_table,
                               predictions_uri, shard_name)
@@ -85,6 +86,7 @@ class AdaptRequest:
     seed: int = 0
     address: str | None = None
     method: str | None = None
+    trust_model: str | None = None  # comma list of modules a model import path may come from
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     _check_numbers(req)
     req = dataclasses.replace(req, **{k: _absolute(getattr(req, k)) for k in ("checkpoint", "shards", "out")})
     ckpt = load_checkpoint(req.checkpoint, expect_method=req.method)
+    check_adaptable(ckpt, req.trust_model)  # a source model or an untrusted import path: fail here
     try:
         settings = _settings(req, ckpt)
     except (TypeError, ValueError) as exc:
@@ -326,7 +329,8 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
             _start_results(plan)
             try:
                 pool = run_pool(plan.checkpoint, plan.settings, pool_plan, tasks,
-                                on_done=on_shard_done, kill_marker=os.environ.get(KILL_ENV))
+                                on_done=on_shard_done, kill_marker=os.environ.get(KILL_ENV),
+                                trusted=trusted_modules(req.trust_model))
             finally:
                 _remove_stale_temps(req.out)
             summaries = pool["shards"]

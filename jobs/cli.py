@@ -7,7 +7,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from jobs.commands import adapt, corrupt, import_corrupted, report, run, train
+from jobs.commands import adapt, corrupt, import_corrupted, import_model, report, run, train
 from jobs.console import fail
 
 __all__ = ["app", "main"]
@@ -48,6 +48,7 @@ app.command("import-corrupted")(import_corrupted.command)
 app.command("adapt")(adapt.command)
 app.command("report")(report.command)
 app.command("run")(run.command)
+app.command("import-model")(import_model.command)
 
 
 def main() -> None:

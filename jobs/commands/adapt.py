@@ -98,6 +98,9 @@ def command(
     method: Annotated[str | None, typer.Option(
         help="Expected method (ttt, it3): fail if the checkpoint was trained for another.",
         show_default=False)] = None,
+    trust_model: Annotated[str | None, typer.Option(
+        help="Comma list of modules the checkpoint's model import path may come from "
+        "(also $TTT_PIPE_TRUSTED_MODULES); zoo models need none.", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster: auto, host:port, ray://host:10001, or http://head:8265 to submit a "
         "job [default: a local Ray for this command]", show_default=False)] = None,
@@ -111,12 +114,12 @@ def command(
         argv = command_argv("adapt", checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                          batch_size=batch_size, mode=mode, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
-                         method=method)
+                         method=method, trust_model=trust_model)
         raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
     request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                            batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
-                           address=address, method=method)
+                           address=address, method=method, trust_model=trust_model)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
     skipped = len(plan.shards) - len(outcome.shard_summaries)

@@ -74,7 +74,7 @@ def resolve_normalization(normalize: Any, spec) -> tuple[float | list[float], fl
         if len(values) not in (1, channels):
             raise TTTPipeError(
                 f"--normalize {normalize_label(normalize)}: {len(values)} {what} values for "
-                f"{channels}-channel images of {spec.name}; give 1 or {channels}")
+                f"{channels}-channel images of {spec.name}; give {'1' if channels == 1 else f'1 or {channels}'}")
     return _plain(mean_t), _plain(std_t)
 
 
@@ -87,14 +87,14 @@ def model_kwargs_for(name: str, spec, normalize: Any = None) -> dict[str, Any]:
     A model made for 3 channels on other data -> one-line error.
     """
     entry = get_entry(name)
-    mean, std = resolve_normalization(entry.normalize if normalize is None else normalize, spec)
     channels, height, width = (int(v) for v in spec.image_shape)
+    if "in_channels" not in entry.shape_kwargs and channels != 3:
+        raise TTTPipeError(f"model {name!r} takes RGB images ({entry.inputs}); {spec.name} has "
+                           f"{channels} channel(s): use seed_cnn, seed_rescnn or seed_cnn_bn")
+    mean, std = resolve_normalization(entry.normalize if normalize is None else normalize, spec)
     kwargs: dict[str, Any] = {"mean": mean, "std": std, "num_classes": int(spec.num_classes)}
     if "in_channels" in entry.shape_kwargs:
         kwargs["in_channels"] = channels
-    elif channels != 3:
-        raise TTTPipeError(f"model {name!r} takes RGB images ({entry.inputs}); {spec.name} has "
-                           f"{channels} channel(s): use seed_cnn, seed_rescnn or seed_cnn_bn")
     if "image_size" in entry.shape_kwargs:
         kwargs["image_size"] = [height, width]
     return kwargs
