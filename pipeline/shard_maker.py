@@ -31,7 +31,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.corruptions import parse_severities
 from pipeline.corruptions.suites import corrupt_batch, parse_corruptions, suite_for
-from pipeline.datasets import DatasetSpec, get_dataset, iter_split, load_split
+from pipeline.datasets import DatasetSpec, get_dataset, iter_split, split_length
 from pipeline.errors import TTTPipeError
 from pipeline.shards import SUFFIX, shard_name, write_shard
 
@@ -232,9 +232,9 @@ def _read_rows(plan: MakePlan, lo: int, hi: int):
 
 
 def _split_length(spec: DatasetSpec, data_dir: str | None, download: bool | None) -> int:
-    """The test split's size (also checks the files are there). Reads the split once in
-    the planning process; the datasets' readers have no cheaper count yet."""
-    return len(load_split(spec, "test", data_dir=data_dir, download=download))
+    """The test split's size (also checks the files are there): image folders are listed,
+    not decoded; the small datasets (IDX, CIFAR) are read once in the planning process."""
+    return split_length(spec, "test", data_dir=data_dir, download=download)
 
 
 def _check_positive(name: str, value) -> None:

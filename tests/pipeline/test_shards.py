@@ -382,3 +382,27 @@ def test_uint8_224_shard_is_about_its_payload_size(tmp_path):
                       dataset="imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                       seed=0)
     assert os.path.getsize(uri) < 1.1 * noise.nbytes, (os.path.getsize(uri), noise.nbytes)
+
+
+def test_make_shards_of_an_image_folder_rgb(tmp_path):
+    """An ImageFolder tree at --image-size 32: the imagenet-c suite, uint8 shards, the folder's
+    identity (name + class-list hash) in the metadata, labels from the class folders."""
+    from rgb_helpers import write_folder
+
+    from pipeline.datasets import get_dataset
+
+    root = write_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=(3, 2))
+    spec = get_dataset(f"folder:{root}", image_size=32)
+    summary = make_shards(f"folder:{root}", str(tmp_path / "out"), "contrast,gaussian_noise", "2",
+                          shard_size=3, image_size=32, seed=1)
+    assert summary.suite == "imagenet-c" and summary.samples == 5 and len(summary.shards) == 6
+    shard = read_shard(str(tmp_path / "out" / "contrast-s2-00001.parquet"))
+    assert shard.images.dtype == np.uint8 and shard.images.shape == (2, 3, 32, 32)
+    assert shard.metadata["dataset"] == spec.name and spec.name.startswith("folder:pets-")
+    assert shard.metadata["suite"] == "imagenet-c" and len(shard.metadata["std"]) == 3
+    clean = np.concatenate([read_shard(str(tmp_path / "out" / f"identity-s0-0000{i}.parquet")).labels
+                            for i in range(2)])
+    assert sorted(clean.tolist()) == [0, 0, 0, 1, 1]
+    with pytest.raises(TTTPipeError, match="needs RGB|grayscale"):
+        make_shards("mnist", str(tmp_path / "bad"), "jpeg_compression", "1")
+    assert not (tmp_path / "bad").exists()
