@@ -41,6 +41,10 @@ def accuracy_rich_table(accuracy, title: str = "Accuracy (%) before and after ad
     for name in ("corruption", "severity", "n", "acc@0", f"acc@{last}", "gain"):
         table.add_column(name, justify="left" if name == "corruption" else "right")
     for (method, corruption, severity), steps in sorted(by_key.items()):
+        if steps[0]["accuracy"] is None or steps[last]["accuracy"] is None:  # unlabelled data
+            cells = [corruption, str(severity), str(steps[0]["n"]), "no labels", "no labels", ""]
+            table.add_row(*([method] if len(methods) > 1 else []), *cells)
+            continue
         a0, ak = steps[0]["accuracy"] * 100, steps[last]["accuracy"] * 100
         gain = ak - a0
         style = "green" if gain > 0 else ("red" if gain < 0 else "")

@@ -43,7 +43,7 @@ def _shard_uris(shard_dir: Path) -> list[str]:
 def test_predict_shard_rows_batches_and_baseline(ttt_checkpoint, shard_dir):
     ckpt = load_checkpoint(ttt_checkpoint)
     engine = build_engine_from_checkpoint(ckpt)
-    shard = read_shard(_shard_uris(shard_dir)[-1])  # gaussian_noise
+    shard = read_shard(_shard_uris(shard_dir)[-1])  # identity (stored uint8)
     settings = _settings(ttt_checkpoint)
     table = predict_shard(engine, shard, settings)
     assert table.schema.equals(PREDICTION_SCHEMA)
@@ -56,7 +56,7 @@ def test_predict_shard_rows_batches_and_baseline(ttt_checkpoint, shard_dir):
     assert max(rows["batch"]) == (n - 1) // BATCH
     # step 0 is the unadapted model
     with torch.no_grad():
-        base = engine.predict(torch.tensor(shard.images)).argmax(1).numpy()
+        base = engine.predict(torch.tensor(shard.pixels())).argmax(1).numpy()
     step0 = {sid: p for sid, p, s in zip(rows["sample_id"], rows["pred"], rows["step"]) if s == 0}
     assert [step0[sid] for sid in shard.sample_ids.tolist()] == base.tolist()
     losses = np.array(rows["loss"])

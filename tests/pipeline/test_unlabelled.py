@@ -99,3 +99,15 @@ def test_sample_grid_shows_rgb(tmp_path):
     # strongly red pixels are present (a grayscale rendering would have r == g == b)
     assert ((rgb[:, 0] > 200) & (rgb[:, 1] < 60) & (rgb[:, 2] < 60)).sum() > 100
     json.dumps(grid.notes)
+
+
+def test_adapt_table_says_no_labels(tmp_path):
+    from rich.console import Console
+
+    from jobs.commands.adapt import accuracy_rich_table
+
+    shards = write_shards(tmp_path / "shards")
+    none = _unlabelled_predictions(read_results(write_results(tmp_path / "a", shards)).predictions)
+    console = Console(width=200, record=True)
+    console.print(accuracy_rich_table(accuracy_table(none)))
+    assert "no labels" in console.export_text()
