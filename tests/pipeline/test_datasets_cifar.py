@@ -33,12 +33,13 @@ def test_specs():
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-@pytest.mark.parametrize("version", ["python2", "python4", "binary"])
+@pytest.mark.parametrize("version", ["cpickle", "python2", "python4", "binary"])
 def test_reads_both_versions(tmp_path, name, version):
     if version == "binary":
         write_cifar_binary(tmp_path, name, n_train=10, n_test=6)
     else:
-        write_cifar_python(tmp_path, name, n_train=10, n_test=6, protocol=int(version[-1]))
+        protocol = None if version == "cpickle" else int(version[-1])  # cpickle: as the official files
+        write_cifar_python(tmp_path, name, n_train=10, n_test=6, protocol=protocol)
     k = get_dataset(name).num_classes
     test, train = load_split(name, "test", data_dir=tmp_path), load_split(name, "train", data_dir=tmp_path)
     x, y = cifar_arrays(6, k, seed=1)
