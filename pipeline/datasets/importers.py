@@ -32,6 +32,7 @@ holds the same samples.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable
@@ -78,6 +79,16 @@ class ImportUnit:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def part(self, rows: slice) -> ImportUnit:
+        """The unit cut to ``rows`` of its row order (one shard's worth): what a worker task
+        needs, small to send -- an ImageNet-C part keeps only its own file names."""
+        ids, labels, where = self.sample_ids[rows], self.labels[rows], self.rows[rows]
+        files = self.files
+        if files:
+            files = tuple(files[k] for k in where)
+            where = np.arange(len(files), dtype=np.int64)
+        return dataclasses.replace(self, sample_ids=ids, labels=labels, rows=where, files=files)
 
 
 def parse_selection(corruptions: str | Iterable[str]) -> list[str]:

@@ -44,6 +44,8 @@ def test_cifar_c_units_and_rows(tmp_path):
         ids2, y2, x2 = read_unit(u, slice(2, 5))  # a chunk of the unit's row order
         np.testing.assert_array_equal(ids2, ids[2:5])
         np.testing.assert_array_equal(x2, x[2:5])
+        for got, want in zip(read_unit(u.part(slice(2, 5))), (ids2, y2, x2)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_cifar_c_limit_is_seeded_subset_and_same_across_units(tmp_path):
@@ -171,6 +173,10 @@ def test_imagenet_c_ids_from_clean_val(tmp_path):
         assert set(labels) == {1, 5}
     np.testing.assert_array_equal(units[0].sample_ids, units[1].sample_ids)
     assert units[0].files is units[1].files  # one copy of equal file lists
+    part = units[1].part(slice(1, 3))  # a shard's worth: only its own files travel
+    assert len(part) == 2 and len(part.files) == 2
+    for got, want in zip(read_unit(part), read_unit(units[1], slice(1, 3))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_imagenet_c_without_clean_split_numbers_in_sorted_order(tmp_path, monkeypatch):
