@@ -153,3 +153,19 @@ def test_meta_must_name_the_dataset(tmp_path):
     (folder / "batches.meta.txt").write_text("a\nb\n")
     with pytest.raises(TTTPipeError, match="lists 2 classes .* not cifar10's 10"):
         load_split("cifar10", "test", data_dir=tmp_path)
+
+
+def test_failed_download_leaves_no_new_folder(nowhere, monkeypatch):
+    import torchvision.datasets
+
+    def failing(root, train, download):  # torchvision makes root, then fails to fetch
+        os.makedirs(root, exist_ok=True)
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\n<urlopen error offline>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", failing)
+    monkeypatch.delenv("TTT_PIPE_OFFLINE", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(TTTPipeError, match=r"download failed \(<urlopen error offline>\)") as err:
+        load_split("cifar10", "test")
+    assert "\n" not in str(err.value)
+    assert not (nowhere / "cache").exists()
