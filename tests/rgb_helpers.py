@@ -17,8 +17,9 @@ def cifar_arrays(n: int, num_classes: int = 10, seed: int = 0):
 
 
 def write_cifar_python(root: Path, name: str = "cifar10", n_train: int = 10, n_test: int = 6,
-                       protocol: int = 2, seed: int = 0) -> Path:
-    """The python version: cifar-10-batches-py/ (5 train batches) or cifar-100-python/."""
+                       protocol: int | None = None, seed: int = 0) -> Path:
+    """The python version: cifar-10-batches-py/ (5 train batches) or cifar-100-python/;
+    ``protocol=None``: written as Python 2's cPickle wrote the official files."""
     from pipeline.datasets.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 
     c100 = name == "cifar100"
@@ -38,8 +39,11 @@ def write_cifar_python(root: Path, name: str = "cifar10", n_train: int = 10, n_t
         return d
 
     def dump(obj, file):
-        with open(folder / file, "wb") as f:
-            pickle.dump(obj, f, protocol=protocol)
+        if protocol is None:
+            (folder / file).write_bytes(python2_pickle(obj))
+        else:
+            with open(folder / file, "wb") as f:
+                pickle.dump(obj, f, protocol=protocol)
 
     if c100:
         dump(batch(tr_x, tr_y, "training batch 1 of 1"), "train")
@@ -51,7 +55,7 @@ def write_cifar_python(root: Path, name: str = "cifar10", n_train: int = 10, n_t
         for i, idx in enumerate(parts, start=1):
             dump(batch(tr_x[idx], tr_y[idx], f"training batch {i} of 5"), f"data_batch_{i}")
         dump(batch(te_x, te_y, "testing batch 1 of 1"), "test_batch")
-        dump({"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": 10000,
+        dump({"num_cases_per_batch": 10000, "label_names": list(CIFAR10_CLASSES),
               "num_vis": 3072}, "batches.meta")
     return folder
 
@@ -109,3 +113,36 @@ def write_folder(root: Path, classes=("cat", "dog"), per_class=(3, 2), splits=("
                 write_image(root / split / name / f"img_{k}{ext}",
                             (size[0] + 3 * k, size[1] + c), seed=seed + 100 * s + 10 * c + k)
     return root
+
+
+def python2_pickle(obj: dict) -> bytes:
+    """``obj`` (str keys; uint8 2-D arrays, lists of ints, str values) pickled the way
+    Python 2's cPickle wrote the official CIFAR python batches (protocol 2, strings as
+    SHORT_BINSTRING/BINSTRING, arrays via numpy.core.multiarray._reconstruct)."""
+    import struct
+
+    def string(s) -> bytes:
+        raw = s if isinstance(s, bytes) else s.encode("latin1")
+        return (b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + struct.pack("<i", len(raw))) + raw
+
+    def integer(i: int) -> bytes:
+        return b"J" + struct.pack("<i", i)
+
+    def value(v) -> bytes:
+        if isinstance(v, np.ndarray):
+            assert v.dtype == np.uint8 and v.ndim == 2
+            dtype = (b"cnumpy\ndtype\n" + string("u1") + integer(0) + integer(1) + b"\x87R"
+                     + b"(" + integer(3) + string("|") + b"NNN" + integer(-1) + integer(-1)
+                     + integer(0) + b"tb")
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0)
+                    + b"\x85" + string("b") + b"\x87R(" + integer(1) + integer(v.shape[0])
+                    + integer(v.shape[1]) + b"\x86" + dtype + b"\x89"
+                    + string(np.ascontiguousarray(v).tobytes()) + b"tb")
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e" if v else b"]"
+        if isinstance(v, int):
+            return integer(v)
+        return string(v)
+
+    body = b"".join(string(k) + value(v) for k, v in obj.items())
+    return b"\x80\x02}(" + body + b"u."

@@ -25,7 +25,7 @@ def command(
                                 callback=check_dataset),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
                                       "on a cluster, storage every node can read)."),
-    data_dir: Path = typer.Option(None, help="Folder with the dataset's IDX files (default: search)."),
+    data_dir: Path = typer.Option(None, help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help')."),
     model: str = typer.Option(None, help="Zoo model (seed_cnn, seed_rescnn, seed_cnn_bn, resnet26, wrn28_10, "
                                          "resnet18, resnet50; default: seed_cnn for ttt, seed_rescnn for "
                                          "it3) or your own package.module:factory (installed on every node)."),

@@ -133,8 +133,10 @@ def torchvision_download(cls_name: str, root: Path) -> str | None:
         for folder in reversed(new_folders):  # leave no empty folders behind
             try:
                 folder.rmdir()
+            except FileNotFoundError:
+                continue  # never made (CIFAR has no <Cls>/raw)
             except OSError:
-                break
+                break  # not empty: keep it and its parents
         return one_line(exc)
     finally:
         socket.setdefaulttimeout(previous)

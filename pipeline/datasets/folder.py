@@ -6,7 +6,10 @@ depth below a class folder, files with torchvision's image extensions (``.jpg .j
 is ``val/`` if present, else ``test/``.
 
 - Classes: the sorted subfolder names of ``train/`` (of ``val/``/``test/`` when there is no
-  ``train/``); the other split's folders must be among them. ImageNet's classes are the
+  ``train/``); the other split's folders must be among them. A ``val/``/``test/`` folder of
+  images without class folders (a deployment stream) is an unlabelled test split: sorted
+  files, labels None (not for ImageNet, whose flat ILSVRC2012 val/ must be sorted into wnid
+  folders first). ImageNet's classes are the
   1000 sorted wnids shipped in ``imagenet_wnids.txt`` (readable names: :func:`class_names`),
   and a subfolder that is not one of them is an error.
 - Sample ids: the index in the split's sorted (class, path) order -- torchvision's
@@ -137,10 +140,19 @@ def split_dir(root: Path, split: str, required: bool = True) -> Path | None:
 
 
 def list_samples(folder: Path, classes: tuple[str, ...], *, check_imagenet: bool = False,
-                 what: str = "") -> tuple[list[Path], np.ndarray]:
+                 what: str = "", unlabelled_ok: bool = False,
+                 ) -> tuple[list[Path], np.ndarray | None]:
     """The image files under ``folder/<class>/`` in ImageFolder order, and their labels
-    (indices into ``classes``). Every class folder must hold at least one image."""
+    (indices into ``classes``). Every class folder must hold at least one image.
+
+    ``unlabelled_ok``: a folder without subfolders holding images directly is an unlabelled
+    split -- its sorted files and labels None."""
     found = _class_folders(folder)
+    if not found and unlabelled_ok:
+        files = _images_under(folder)
+        if files:
+            log.info("%s holds %d images and no class folders: unlabelled", folder, len(files))
+            return files, None
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in found if c not in index]
     if unknown:
@@ -149,8 +161,10 @@ def list_samples(folder: Path, classes: tuple[str, ...], *, check_imagenet: bool
                            f"{kind} (e.g. '{unknown[0]}'); remove them or use the matching "
                            "dataset")
     if not found:
-        raise TTTPipeError(f"{folder} has no class subfolders; put each class's images in "
-                           f"{folder}/<class>/")
+        loose = " (images directly in it are an unlabelled test split only for folder:PATH)" \
+            if check_imagenet and _images_under(folder) else ""
+        raise TTTPipeError(f"{folder} has no class subfolders{loose}; put each class's images "
+                           f"in {folder}/<class>/")
     paths: list[Path] = []
     labels: list[int] = []
     for name in found:
@@ -201,11 +215,13 @@ def _resize_center_crop(img, size: int):
 
 
 def split_samples(spec: DatasetSpec, split: str, data_dir=None,
-                  ) -> tuple[Path, list[Path], np.ndarray]:
-    """(split folder, image paths in ImageFolder order, int64 labels) -- no image decoded."""
+                  ) -> tuple[Path, list[Path], np.ndarray | None]:
+    """(split folder, image paths in ImageFolder order, int64 labels or None) -- no image
+    decoded. A folder:PATH test split of images without class folders is unlabelled."""
     folder = split_dir(folder_root(spec, data_dir), split)
-    paths, labels = list_samples(folder, spec.classes, check_imagenet=spec.name == "imagenet",
-                                 what=spec.name)
+    is_imagenet = spec.name == "imagenet"
+    paths, labels = list_samples(folder, spec.classes, check_imagenet=is_imagenet,
+                                 what=spec.name, unlabelled_ok=split == "test" and not is_imagenet)
     return folder, paths, labels
 
 
@@ -216,8 +232,8 @@ def split_length(spec: DatasetSpec, split: str, data_dir=None) -> int:
 
 def iterate(spec: DatasetSpec, split: str, data_dir=None, *, batch: int = 256,
             rows: slice | None = None,
-            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (sample_ids, labels, uint8 images (n, 3, S, S)) of at most ``batch`` images;
+            ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+    """Yield (sample_ids, labels or None, uint8 images (n, 3, S, S)) of at most ``batch`` images;
     memory stays at one batch. ``rows`` selects a slice of the split's samples."""
     _, paths, labels = split_samples(spec, split, data_dir)
     ids = np.arange(len(paths), dtype=np.int64)[rows or slice(None)]
@@ -227,7 +243,7 @@ def iterate(spec: DatasetSpec, split: str, data_dir=None, *, batch: int = 256,
         images = np.empty((len(chunk), 3, size, size), dtype=np.uint8)
         for i, k in enumerate(chunk):
             images[i] = decode_image(paths[k], size)
-        yield chunk, labels[chunk], images
+        yield chunk, None if labels is None else labels[chunk], images
 
 
 def load(spec: DatasetSpec, split: str, data_dir=None, download: bool | None = None) -> Split:

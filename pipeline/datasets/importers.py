@@ -18,10 +18,11 @@ Layouts:
   (``imagenet``: the 1000 sorted wnids; ``folder:PATH``: its class folders). Sample id: the
   index in the clean ``val/`` split of the file with the same class folder and file stem
   (ImageNet-C keeps the ``ILSVRC2012_val_XXXXXXXX`` names) when the clean split is found and
-  every file of the unit has a match (``id_source="clean-test"``); when the clean split is not
-  available, the index in the unit's own sorted (class, file) order
+  every file of the unit has a match (``id_source="clean-test"``); otherwise (no clean split,
+  or a file without a namesake) the index in the unit's own sorted (class, file) order
   (``id_source="corrupted-order"``, the same as the clean index when the unit holds the whole
-  val set). Some but not all files matching is an error.
+  val set; a warning says how many files had no namesake). The rule is per unit, never per
+  file, so ids within a shard never collide.
 
 Row order inside a unit is ``np.random.default_rng(seed).permutation(n)`` (recorded as
 ``shuffle_seed``: ImageNet-C's folders are sorted by class, and class-sorted batches are a
@@ -32,6 +33,7 @@ holds the same samples.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable
@@ -78,6 +80,16 @@ class ImportUnit:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def part(self, rows: slice) -> ImportUnit:
+        """The unit cut to ``rows`` of its row order (one shard's worth): what a worker task
+        needs, small to send -- an ImageNet-C part keeps only its own file names."""
+        ids, labels, where = self.sample_ids[rows], self.labels[rows], self.rows[rows]
+        files = self.files
+        if files:
+            files = tuple(files[k] for k in where)
+            where = np.arange(len(files), dtype=np.int64)
+        return dataclasses.replace(self, sample_ids=ids, labels=labels, rows=where, files=files)
 
 
 def parse_selection(corruptions: str | Iterable[str]) -> list[str]:
@@ -285,6 +297,7 @@ def _sample_ids(files: tuple[str, ...], folder: Path, clean) -> tuple[np.ndarray
     if (ids >= 0).all():
         return ids, "clean-test"
     first = files[int(np.argmin(ids >= 0))]
-    raise TTTPipeError(f"{folder / first} has no file of the same name in the clean test "
-                       f"split ({(ids < 0).sum()} of {len(files)} unmatched); pass the matching "
-                       "--data-dir, or none to number the corrupted files in order")
+    log.warning("%s: %d of %d files have no namesake in the clean test split (e.g. %s); its "
+                "sample ids are the index in its own sorted order", folder, (ids < 0).sum(),
+                len(files), first)
+    return np.arange(len(files), dtype=np.int64), "corrupted-order"

@@ -33,12 +33,13 @@ def test_specs():
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-@pytest.mark.parametrize("version", ["python2", "python4", "binary"])
+@pytest.mark.parametrize("version", ["cpickle", "python2", "python4", "binary"])
 def test_reads_both_versions(tmp_path, name, version):
     if version == "binary":
         write_cifar_binary(tmp_path, name, n_train=10, n_test=6)
     else:
-        write_cifar_python(tmp_path, name, n_train=10, n_test=6, protocol=int(version[-1]))
+        protocol = None if version == "cpickle" else int(version[-1])  # cpickle: as the official files
+        write_cifar_python(tmp_path, name, n_train=10, n_test=6, protocol=protocol)
     k = get_dataset(name).num_classes
     test, train = load_split(name, "test", data_dir=tmp_path), load_split(name, "train", data_dir=tmp_path)
     x, y = cifar_arrays(6, k, seed=1)
@@ -152,3 +153,19 @@ def test_meta_must_name_the_dataset(tmp_path):
     (folder / "batches.meta.txt").write_text("a\nb\n")
     with pytest.raises(TTTPipeError, match="lists 2 classes .* not cifar10's 10"):
         load_split("cifar10", "test", data_dir=tmp_path)
+
+
+def test_failed_download_leaves_no_new_folder(nowhere, monkeypatch):
+    import torchvision.datasets
+
+    def failing(root, train, download):  # torchvision makes root, then fails to fetch
+        os.makedirs(root, exist_ok=True)
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\n<urlopen error offline>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", failing)
+    monkeypatch.delenv("TTT_PIPE_OFFLINE", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(TTTPipeError, match=r"download failed \(<urlopen error offline>\)") as err:
+        load_split("cifar10", "test")
+    assert "\n" not in str(err.value)
+    assert not (nowhere / "cache").exists()

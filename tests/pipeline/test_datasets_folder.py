@@ -167,3 +167,29 @@ def test_bad_forms():
         get_dataset("folder:")
     with pytest.raises(TTTPipeError, match="--image-size must be an integer"):
         get_dataset("imagenet", image_size=0)
+
+
+def test_flat_test_folder_is_an_unlabelled_split(tmp_path):
+    root = write_folder(tmp_path / "cam", classes=("car", "person"), per_class=1, splits=("train",))
+    for k in (2, 0, 1):
+        write_image(root / "test" / f"frame_{k}.jpg", (40, 30), seed=k)
+    spec = get_dataset(f"folder:{root}", image_size=16)
+    assert spec.classes == ("car", "person")
+    data = load_split(spec, "test")
+    assert data.labels is None and len(data) == 3 and data.images.shape == (3, 3, 16, 16)
+    batches = list(iter_split(spec, "test", batch=2))
+    assert [b[1] for b in batches] == [None, None] and list(batches[1][0]) == [2]
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), data.images)
+    assert split_length(spec, "test") == 3
+    for k in range(3):  # the sorted file order: frame_0, frame_1, frame_2
+        np.testing.assert_array_equal(data.images[k], decode_image(root / "test" / f"frame_{k}.jpg", 16))
+    flat = tmp_path / "flat"  # a train split is never unlabelled: its folders are the classes
+    write_image(flat / "train" / "a.jpg", (20, 20))
+    with pytest.raises(TTTPipeError, match="train has no class subfolders"):
+        get_dataset(f"folder:{flat}")
+
+
+def test_flat_imagenet_val_is_refused(tmp_path):
+    write_image(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", (30, 30))
+    with pytest.raises(TTTPipeError, match="val has no class subfolders .*only for folder:PATH"):
+        load_split("imagenet", "test", data_dir=tmp_path, image_size=16)

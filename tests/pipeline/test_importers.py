@@ -44,6 +44,8 @@ def test_cifar_c_units_and_rows(tmp_path):
         ids2, y2, x2 = read_unit(u, slice(2, 5))  # a chunk of the unit's row order
         np.testing.assert_array_equal(ids2, ids[2:5])
         np.testing.assert_array_equal(x2, x[2:5])
+        for got, want in zip(read_unit(u.part(slice(2, 5))), (ids2, y2, x2)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_cifar_c_limit_is_seeded_subset_and_same_across_units(tmp_path):
@@ -171,6 +173,10 @@ def test_imagenet_c_ids_from_clean_val(tmp_path):
         assert set(labels) == {1, 5}
     np.testing.assert_array_equal(units[0].sample_ids, units[1].sample_ids)
     assert units[0].files is units[1].files  # one copy of equal file lists
+    part = units[1].part(slice(1, 3))  # a shard's worth: only its own files travel
+    assert len(part) == 2 and len(part.files) == 2
+    for got, want in zip(read_unit(part), read_unit(units[1], slice(1, 3))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_imagenet_c_without_clean_split_numbers_in_sorted_order(tmp_path, monkeypatch):
@@ -197,14 +203,24 @@ def test_imagenet_c_for_a_folder_dataset(tmp_path):
     assert unit.id_source == "clean-test" and list(unit.sample_ids) == [1] and list(unit.labels) == [1]
 
 
-@pytest.mark.parametrize("case", ["unknown_wnid", "size", "severity", "corrupt", "partial", "no_dirs"])
+def test_imagenet_c_names_without_namesake_fall_back_to_corrupted_order(tmp_path, caplog):
+    src = tmp_path / "src"
+    write_imagenet_c(src, (WNIDS[0],), levels=(1,), per_class=2)
+    write_image(tmp_path / "clean" / "val" / WNIDS[0] / "ILSVRC2012_val_00000000.JPEG", (30, 30))
+    write_image(tmp_path / "clean" / "val" / WNIDS[0] / "other.JPEG", (30, 30))
+    spec = get_dataset("imagenet", image_size=24)
+    (unit,) = plan_import("imagenet-c", src, spec, "fog", 1, data_dir=tmp_path / "clean")
+    assert unit.id_source == "corrupted-order" and sorted(unit.sample_ids) == [0, 1]
+    assert "1 of 2 files have no namesake" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["unknown_wnid", "size", "severity", "corrupt", "no_dirs"])
 def test_imagenet_c_errors_are_one_line(tmp_path, case):
     src = tmp_path / "src"
     write_imagenet_c(src, (WNIDS[0],), levels=(1,), per_class=2)
     spec, data_dir, severities = get_dataset("imagenet", image_size=24), None, "1"
     match = {"unknown_wnid": "not among ImageNet wnids .*n00000001", "size": "is 24x24, not 32x32",
              "severity": "has no severity folder 2/", "corrupt": "cannot decode image .*broken.JPEG",
-             "partial": "has no file of the same name in the clean test split \\(1 of 2 unmatched\\)",
              "no_dirs": "holds no imagenet-c <corruption>/ folders"}[case]
     if case == "unknown_wnid":
         write_image(src / "fog" / "1" / "n00000001" / "a.JPEG", (24, 24))
@@ -214,9 +230,6 @@ def test_imagenet_c_errors_are_one_line(tmp_path, case):
         severities = "1,2"
     elif case == "corrupt":
         (src / "fog" / "1" / WNIDS[0] / "broken.JPEG").write_bytes(b"\xff\xd8garbage")
-    elif case == "partial":
-        write_image(tmp_path / "clean" / "val" / WNIDS[0] / "ILSVRC2012_val_00000000.JPEG", (30, 30))
-        data_dir = tmp_path / "clean"
     elif case == "no_dirs":
         src = tmp_path / "empty"
         src.mkdir()
