@@ -285,3 +285,12 @@ def test_sample_ids_and_seed_checked():
     with pytest.raises(TTTPipeError, match="seed"):
         imagenet_c.corrupt(x, "contrast", 1, [0, 1], seed=-1)
     assert math.isclose(imagenet_c.size_scale(32, 32), 1.0)
+
+
+def test_docs_show_the_constant_tables():
+    from pathlib import Path
+
+    from pipeline.corruptions.imagenet_c.markdown import rgb_markdown_table
+    doc = Path(__file__).resolve().parents[2] / "docs" / "corruptions.md"
+    assert rgb_markdown_table() in doc.read_text(), (
+        "docs/corruptions.md is stale: paste `python -m pipeline.corruptions --markdown-rgb`")
