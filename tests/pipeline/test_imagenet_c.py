@@ -285,3 +285,25 @@ def test_sample_ids_and_seed_checked():
     with pytest.raises(TTTPipeError, match="seed"):
         imagenet_c.corrupt(x, "contrast", 1, [0, 1], seed=-1)
     assert math.isclose(imagenet_c.size_scale(32, 32), 1.0)
+
+
+def test_docs_show_the_constant_tables():
+    from pathlib import Path
+
+    from pipeline.corruptions.imagenet_c.markdown import rgb_markdown_table
+    doc = Path(__file__).resolve().parents[2] / "docs" / "corruptions.md"
+    assert rgb_markdown_table() in doc.read_text(), (
+        "docs/corruptions.md is stale: paste `python -m pipeline.corruptions --markdown-rgb`")
+
+
+@pytest.mark.parametrize("h, w", [(40, 56), (100, 90), (224, 224)])
+def test_pixelate_is_pillow_box_box(h, w):
+    """make_*_c.py's BOX down, BOX up (NEAREST is used only where it gives the same pixels)."""
+    from PIL import Image
+    x = _images(1, h, w)
+    table = imagenet_c.RGB_CORRUPTIONS["pixelate"]
+    for s in range(1, 6):
+        c = getattr(table, imagenet_c.table_for(h, w))[s - 1]["c"]
+        im = Image.fromarray(x[0].transpose(1, 2, 0).copy())
+        want = np.asarray(im.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX))
+        assert np.array_equal(imagenet_c.corrupt(x, "pixelate", s, [0], 0)[0], want.transpose(2, 0, 1))

@@ -10,7 +10,7 @@ imagecorruptions' order (no directory scanning). docs/corruptions.md describes e
 from __future__ import annotations
 
 # Registration happens on import, family by family (no directory scanning).
-from pipeline.corruptions.imagenet_c import blur, digital, noise  # noqa: F401
+from pipeline.corruptions.imagenet_c import blur, digital, noise, weather  # noqa: F401
 from pipeline.corruptions.imagenet_c.core import (ALL, CIFAR_MAX_SIDE, COMMON, VALIDATION, corrupt,
                                                   size_scale, table_for)
 from pipeline.corruptions.imagenet_c.registry import RGB_CORRUPTIONS, RGBCorruption

@@ -50,6 +50,11 @@ def border_index(n: int, before: int, after: int, mode: str) -> torch.Tensor:
 def pad(x: torch.Tensor, ph: tuple[int, int], pw: tuple[int, int], mode: str) -> torch.Tensor:
     """Pad the last two axes of `x` by (top, bottom), (left, right) under `mode`."""
     h, w = x.shape[-2:]
+    torch_mode = {"nearest": "replicate", "reflect101": "reflect"}.get(mode)
+    if torch_mode and max(ph) < h and max(pw) < w:  # torch's own padding is faster
+        shape = x.shape
+        y = F.pad(x.reshape(-1, 1, h, w), (pw[0], pw[1], ph[0], ph[1]), mode=torch_mode)
+        return y.reshape(*shape[:-2], *y.shape[-2:])
     if ph != (0, 0):
         x = x.index_select(-2, border_index(h, *ph, mode))
     if pw != (0, 0):
