@@ -16,7 +16,6 @@ The default ``shard_size`` keeps a shard at about :data:`TARGET_SHARD_BYTES` of 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ class ImportTask:
     """One shard file: a contiguous slice of a unit's (shuffled) row order."""
 
     uri: str
-    unit: ImportUnit  # already sliced to this file's rows
+    unit: ImportUnit  # cut to this file's rows (ImportUnit.part: small to send to a task)
 
     @property
     def corruption(self) -> str:
@@ -94,9 +93,7 @@ def plan_import_shards(layout: str, src: str | os.PathLike, dataset: str | Datas
     tasks = []
     for unit in units:
         for index, lo in enumerate(range(0, len(unit), size)):
-            part = slice(lo, min(lo + size, len(unit)))
-            piece = dataclasses.replace(unit, sample_ids=unit.sample_ids[part],
-                                        labels=unit.labels[part], rows=unit.rows[part])
+            piece = unit.part(slice(lo, min(lo + size, len(unit))))  # only this file's rows
             tasks.append(ImportTask(storage.join(out, shard_name(unit.corruption, unit.severity,
                                                                  index) + SUFFIX), piece))
     created = _prepare_out(out, {storage.basename(t.uri) for t in tasks})

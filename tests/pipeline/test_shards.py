@@ -406,3 +406,20 @@ def test_make_shards_of_an_image_folder_rgb(tmp_path):
     with pytest.raises(TTTPipeError, match="needs RGB|grayscale"):
         make_shards("mnist", str(tmp_path / "bad"), "jpeg_compression", "1")
     assert not (tmp_path / "bad").exists()
+
+
+def test_make_shards_of_an_unlabelled_folder(tmp_path):
+    """A test split without class folders (deployment data): shards with a null label."""
+    from rgb_helpers import write_folder, write_image
+
+    root = write_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=(2, 2),
+                        splits=("train",))
+    for k in range(3):
+        write_image(root / "val" / f"frame_{k}.jpg", (40, 30), seed=k)
+    summary = make_shards(f"folder:{root}", str(tmp_path / "out"), "contrast", "1",
+                          image_size=32)
+    assert summary.samples == 3
+    for uri in summary.shards:
+        shard = read_shard(uri)
+        assert shard.labels is None and shard.metadata["labelled"] is False
+        assert read_shard_footer(uri).labelled is False
