@@ -8,6 +8,12 @@ A results folder (local path or `s3://...` URI) holds
 
 A shard is done when `predictions/<shard>.parquet` exists (written atomically), so a folder
 of a run still going, or interrupted, is readable: `read_results` names the missing shards.
+
+Every predictions file carries its shard's summary (`SUMMARY_KEY` in the Parquet footer's
+key-value metadata, written in the same atomic write as the rows, so it can never be stale or
+missing): rows, samples, and per (method, corruption, severity, step) `n` and `correct`.
+`accuracy_from_summaries` aggregates them into exactly `accuracy_table`'s result, so the
+driver reads footers only, never the predictions themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,6 +42,9 @@ __all__ = [
     "read_results",
     "shard_name",
     "predictions_uri",
+    "SUMMARY_KEY",
+    "summarize_predictions",
+    "accuracy_from_summaries",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS_DIR = "predictions"
 ACCURACY_FILE = "accuracy.parquet"
 RUN_FILE = "run.json"
+SUMMARY_KEY = "ttt_pipe.summary"  # Parquet key-value metadata of every predictions file
 
 PREDICTION_SCHEMA = pa.schema([
     ("sample_id", pa.int64()),
@@ -191,3 +202,44 @@ def _read_run(uri: str, results_uri: str) -> dict:
     if not isinstance(run, dict):
         raise TTTPipeError(f"{RUN_FILE} in {results_uri} is not a JSON object; fix or delete it")
     return run
+
+
+def summarize_predictions(pred: pa.Table, shard: str, steps: int) -> dict:
+    """A shard's summary (JSON-able), after checking exactly one row per (sample, step).
+
+    `steps` counts the prediction steps (adaptation steps + 1). A violation is a one-line
+    TTTPipeError naming the shard. `groups` holds `accuracy_table`'s rows without accuracy.
+    """
+    ids = pred.column("sample_id").to_numpy()
+    step = pred.column("step").to_numpy().astype(np.int64)
+    samples = int(np.unique(ids).size)
+    pairs = int(np.unique(ids * steps + step).size) if len(ids) else 0
+    if pred.num_rows != samples * steps or pairs != pred.num_rows or \
+            (len(step) and (step.min() < 0 or step.max() >= steps)):
+        raise TTTPipeError(
+            f"predictions of shard {shard} have {pred.num_rows} rows ({pairs} distinct sample-step "
+            f"pairs, {samples} samples), expected one per sample and step 0..{steps - 1}")
+    groups = [[r[k] for k in _GROUP_KEYS] + [r["n"], r["correct"]]
+              for r in accuracy_table(pred).to_pylist()]
+    return {"shard": shard, "rows": pred.num_rows, "samples": samples, "steps": steps,
+            "groups": groups}
+
+
+def accuracy_from_summaries(summaries) -> pa.Table:
+    """`accuracy_table` of all predictions, computed from their shards' summaries alone."""
+    totals: dict[tuple, list[int]] = {}
+    for summary in summaries:
+        for *key, n, correct in summary["groups"]:
+            acc = totals.setdefault(tuple(key), [0, 0])
+            acc[0] += int(n)
+            acc[1] += int(correct)
+    if not totals:
+        return ACCURACY_SCHEMA.empty_table()
+    keys = sorted(totals)
+    n = pa.array([totals[k][0] for k in keys], pa.int64())
+    correct = pa.array([totals[k][1] for k in keys], pa.int64())
+    columns = [pa.array([k[i] for k in keys], ACCURACY_SCHEMA.field(name).type)
+               for i, name in enumerate(_GROUP_KEYS)]
+    acc = pc.divide(pc.cast(correct, pa.float64()), pc.cast(n, pa.float64()))
+    table = pa.Table.from_arrays([*columns, n, correct, acc], schema=ACCURACY_SCHEMA)
+    return table.sort_by([(k, "ascending") for k in _GROUP_KEYS])
