@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -125,6 +126,14 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
     return pa.Table.from_arrays([arrays[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this worker runs on, for the summaries; None outside Ray (no Ray import)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 class ShardWorker:
     """Holds one engine (checkpoint loaded once); `process(shard_uri, out_uri)` does a shard.
 
@@ -154,6 +163,7 @@ class ShardWorker:
         self._ahead: tuple[str, Future] | None = None  # (shard uri, its read) started in advance
         self.init_seconds = time.perf_counter() - started
         self.pid = os.getpid()
+        self.node = _ray_node_id()
 
     def _take(self, shard_uri: str) -> Shard:
         """The shard, from the prefetch started by the previous call if it was this one."""
@@ -169,8 +179,8 @@ class ShardWorker:
             self._ahead = (shard_uri, self._io.submit(read_shard, shard_uri))
 
     def info(self) -> dict:
-        return {"pid": self.pid, "device": str(self.device), "threads": torch.get_num_threads(),
-                "init_seconds": self.init_seconds}
+        return {"pid": self.pid, "node": self.node, "device": str(self.device),
+                "threads": torch.get_num_threads(), "init_seconds": self.init_seconds}
 
     def process(self, shard_uri: str, out_uri: str, next_uri: str | None = None) -> dict:
         """Adapt one shard and write `out_uri` atomically; return its summary and timings.
@@ -191,7 +201,7 @@ class ShardWorker:
         storage.atomic_write_table(table, out_uri, metadata={
             SETTINGS_KEY: self.settings.to_json(), SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
         t3 = time.perf_counter()
-        return {**summary, "uri": shard_uri, "pid": self.pid,
+        return {**summary, "uri": shard_uri, "pid": self.pid, "node": self.node,
                 "read_s": t1 - t0, "adapt_s": t2 - t1, "write_s": t3 - t2}
 
     def _maybe_die(self, batch: int) -> None:
