@@ -202,6 +202,7 @@ class ShardWorker:
             SETTINGS_KEY: self.settings.to_json(), SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
         t3 = time.perf_counter()
         return {**summary, "uri": shard_uri, "pid": self.pid, "node": self.node,
+                "device": str(self.device),
                 "read_s": t1 - t0, "adapt_s": t2 - t1, "write_s": t3 - t2}
 
     def _maybe_die(self, batch: int) -> None:

@@ -242,3 +242,57 @@ def test_summary_checks_one_prediction_per_sample_and_step(ttt_checkpoint, shard
         with pytest.raises(TTTPipeError, match=shard.name) as err:
             summarize_predictions(bad, shard.name, steps)
         assert "\n" not in str(err.value), what
+
+
+def test_one_host_copy_per_batch_and_no_per_step_syncs(ttt_checkpoint, shard_dir, monkeypatch):
+    """Results come back to the host once per batch: no .item()/.tolist() per step.
+
+    On the CPU a device-to-host copy is free but still a call: count the calls that would
+    sync with a GPU (`Tensor.cpu`, `.item`, `.tolist`) while a 16-sample shard is adapted
+    in batches of 6 (3 batches, 2 steps each).
+    """
+    settings = _settings(ttt_checkpoint)
+    shard = read_shard(_shard_uris(shard_dir)[0])
+    engine = ShardWorker(ttt_checkpoint, settings).engine
+    expected = predict_shard(engine, shard, settings)
+    calls = {"cpu": 0, "item": 0, "tolist": 0}
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    table = predict_shard(engine, shard, settings)
+    monkeypatch.undo()
+    assert calls == {"cpu": 3, "item": 0, "tolist": 0}
+    for column in table.column_names:  # (Table.equals: NaN != NaN in the loss column)
+        x, y = table.column(column).to_numpy(), expected.column(column).to_numpy()
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), column
+
+
+def test_prefetch_reads_the_next_shard_ahead_without_changing_results(ttt_checkpoint, shard_dir,
+                                                                      tmp_path, monkeypatch):
+    import jobs.shard_worker as sw
+
+    uris = _shard_uris(shard_dir)
+    settings = _settings(ttt_checkpoint)
+    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    plain.mkdir(), ahead.mkdir()
+    worker = ShardWorker(ttt_checkpoint, settings)
+    for uri in uris:
+        worker.process(uri, str(plain / Path(uri).name))
+    reads: list[str] = []
+    real = sw.read_shard
+    monkeypatch.setattr(sw, "read_shard", lambda uri: reads.append(uri) or real(uri))
+    worker = ShardWorker(ttt_checkpoint, settings)
+    for uri, nxt in zip(uris, [*uris[1:], None]):
+        worker.process(uri, str(ahead / Path(uri).name), next_uri=nxt)
+    assert reads == uris  # each shard read once: all but the first in the background
+    worker.process(uris[0], str(ahead / "again.parquet"), next_uri=uris[1])
+    worker.process(uris[2], str(ahead / "other.parquet"))  # not the prefetched one: read directly
+    assert reads[-2:] == [uris[1], uris[2]]
+    for uri in uris:
+        name = Path(uri).name
+        assert (plain / name).read_bytes() == (ahead / name).read_bytes(), name
