@@ -163,3 +163,18 @@ def test_node_removed_mid_run_its_shard_goes_to_another_actor(
     assert len(outcome.shard_summaries) == len(samples)  # each shard written once (retries not)
     assert_complete(out, samples, STEPS)
     _same_bytes(reference, out)
+
+
+def test_cli_takes_min_max_actors_and_rejects_bad_ones(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    args = ["adapt", "--checkpoint", str(tmp_path / "ck"), "--shards", str(tmp_path / "s"),
+            "--out", str(tmp_path / "o"), "--actors"]
+    result = CliRunner().invoke(app, [*args, "5:2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "MIN:MAX" in result.output
+    assert "MIN:MAX" in CliRunner().invoke(app, ["adapt", "--help"], env={"COLUMNS": "200"}).output
+    result = CliRunner().invoke(app, [*args, "1:2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "error:" in result.output  # parsed; the checkpoint is missing
+    assert not (tmp_path / "o").exists()
