@@ -29,6 +29,7 @@ from adapt_throughput import DATA, make_checkpoint  # noqa: E402
 from jobs.adapt import AdaptRequest, prepare_adapt  # noqa: E402
 from jobs.pool import actor_env, plan_pool, run_pool  # noqa: E402
 from jobs.shard_worker import ShardWorker  # noqa: E402
+from pipeline.results import predictions_uri  # noqa: E402
 from pipeline.shard_maker import make_shards  # noqa: E402
 
 
@@ -45,8 +46,6 @@ class _DataWorker:
 
 
 def run_loop(plan, tasks, actors):
-    import ray
-
     pool = plan_pool({"cpus": 2, "gpus": 0}, len(tasks), actors, 1.0, 0.0)
     started = time.perf_counter()
     run_pool(plan.checkpoint, plan.settings, pool, tasks)
@@ -96,7 +95,6 @@ def main() -> None:
                 out = work / f"{name}-{actors}-{r}"
                 plan = prepare_adapt(AdaptRequest(ckpt, str(shards), str(out)))
                 (out / "predictions").mkdir(parents=True)
-                from pipeline.results import predictions_uri
                 tasks = [(s.uri, predictions_uri(str(out), s.uri)) for s in plan.shards]
                 times.append(fn(plan, tasks, actors))
                 files = {p.name: p.read_bytes() for p in (out / "predictions").glob("*.parquet")}
