@@ -137,7 +137,8 @@ def command(
     console.print(accuracy_rich_table(
         outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
         f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"))
-    pool = f", {outcome.pool.actors} actor(s)" if outcome.pool else ""
+    pool = (f", {outcome.timings.get('actors_ready', outcome.pool.actors)} actor(s)"
+            if outcome.pool else "")
     err_console.print(
         f"{len(plan.shards)} shard(s), {sum(x.samples for x in plan.shards)} samples"
         f"{f' ({skipped} already done)' if skipped else ''}{pool}; results in {out}",
