@@ -16,6 +16,19 @@ import logging
 import pytest
 
 
+def _start_head(cluster_cls, attempts: int = 2):
+    """The head node; a second try if its raylet missed Ray's 30 s start-up window (a busy
+    machine: every helper's tests share two cores)."""
+    for attempt in range(attempts):
+        try:
+            return cluster_cls(initialize_head=True, head_node_args={
+                "num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+        except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception on that timeout
+            if attempt == attempts - 1 or "timed out during startup" not in str(exc):
+                raise
+            logging.getLogger(__name__).warning("Ray head start timed out; retrying once")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
@@ -26,8 +39,7 @@ def ray_cluster():
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         if ray.is_initialized():  # someone else's cluster: do not silently share it
             ray.shutdown()
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+        cluster = _start_head(Cluster)
         try:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
             yield cluster
