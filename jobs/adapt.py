@@ -16,8 +16,11 @@ Design
   stored in each file's metadata). Stale hidden temp files of killed writers are removed.
 - Only complete files ever appear: `run.json` is written (atomically) after validation and
   before any Ray work, `accuracy.parquet` is deleted when shards are pending and rewritten at
-  the end from the prediction files, after checking exactly one row per (sample, step) in
-  every shard (a mismatch fails loudly and writes nothing).
+  the end. The driver never loads predictions: each actor checks exactly one row per
+  (sample, step) in its shard and writes the shard's summary (per step n, correct) into the
+  predictions file's footer; `finalize_results` reads footers only, checks each row count
+  against its summary and the shard's samples (a mismatch fails loudly and writes nothing)
+  and sums the summaries into accuracy.parquet.
 - Threads: each actor uses `floor(cpus_per_actor)` torch threads, independent of the actor
   count. CPU reductions in torch's backward depend on the thread count, so predictions are
   bit-identical across actor counts, restarts and reruns for a fixed `--cpus-per-actor`.
@@ -43,6 +46,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,14 +54,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.pool import PoolPlan, plan_pool, run_pool
+from jobs.pool import PoolPlan, parse_actors, plan_pool, run_pool
 from jobs.shard_worker import MODES, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
 from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
 from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
-from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, accuracy_table,
-                              predictions_uri, shard_name)
+from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, SUMMARY_KEY,
+                              accuracy_from_summaries, predictions_uri, shard_name,
+                              summarize_predictions)
 from pipeline.shards import list_shards, read_shard_footer
 
 __all__ = ["AdaptRequest", "AdaptPlan", "ShardInfo", "AdaptOutcome", "KILL_ENV",
@@ -80,7 +85,7 @@ class AdaptRequest:
     lr: float | None = None
     batch_size: int | None = None
     mode: str | None = None
-    actors: int | None = None
+    actors: int | str | None = None  # N, or "MIN:MAX" (a pool that grows with the cluster)
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     seed: int = 0
@@ -122,8 +127,9 @@ class AdaptOutcome:
 
 
 def _check_numbers(req: AdaptRequest) -> None:
+    parse_actors(req.actors)
     for name, value, lo in (("steps", req.steps, 0), ("batch_size", req.batch_size, 1),
-                            ("actors", req.actors, 1), ("seed", req.seed, 0)):
+                            ("seed", req.seed, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
             raise TTTPipeError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {value!r}")
     if req.lr is not None and not (isinstance(req.lr, (int, float)) and req.lr > 0 and np.isfinite(req.lr)):
@@ -266,27 +272,67 @@ def _start_results(plan: AdaptPlan) -> None:
         storage.remove(storage.join(out, ACCURACY_FILE))
 
 
-def finalize_results(plan: AdaptPlan) -> pa.Table:
-    """Check exactly one prediction per (sample, step) in every shard; write accuracy.parquet."""
-    steps = plan.settings.steps + 1
-    tables = []
-    for s in plan.shards:
-        uri = predictions_uri(plan.request.out, s.uri)
-        if not storage.exists(uri):
-            raise TTTPipeError(f"predictions for shard {s.name} are missing ({uri}); rerun to resume")
+_FOOTER_THREADS = 16  # footers are small reads: object stores answer them in parallel
+
+
+def _footer(uri: str) -> tuple[int, dict]:
+    """(row count, key-value metadata) of a Parquet file, from its footer alone."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.read_metadata(f)
+    kv = meta.metadata or {}
+    return meta.num_rows, {k.decode(): v.decode() for k, v in kv.items()}
+
+
+def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings) -> dict:
+    """The checked summary of one shard's predictions, from the file's footer only.
+
+    Files of an older ttt-pipe have no summary in their footer: that one file is read (and
+    dropped again) to compute it, so memory stays one shard's predictions at most.
+    """
+    steps = settings.steps + 1
+    try:
+        rows, meta = _footer(uri)
+    except FileNotFoundError:
+        raise TTTPipeError(f"predictions for shard {s.name} are missing ({uri}); rerun to resume") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
+                           "delete it and rerun") from None
+    theirs = json.loads(meta.get(SETTINGS_KEY, "{}"))
+    if theirs != dataclasses.asdict(settings):
+        raise TTTPipeError(f"predictions for shard {s.name} were made with other settings; "
+                           f"delete {uri} and rerun")
+    if SUMMARY_KEY in meta:
+        summary = json.loads(meta[SUMMARY_KEY])
+    else:
         fs, path = storage.resolve(uri)
-        table = pq.read_table(path, filesystem=fs)
-        ids = table.column("sample_id").to_numpy()
-        step = table.column("step").to_numpy().astype(np.int64)
-        pairs = np.unique(ids * steps + step).size
-        if table.num_rows != s.samples * steps or pairs != table.num_rows \
-                or np.unique(ids).size != s.samples:
-            raise TTTPipeError(
-                f"predictions for shard {s.name} have {table.num_rows} rows ({pairs} distinct "
-                f"sample-step pairs), expected {s.samples} samples x {steps} steps; "
-                f"delete {uri} and rerun")
-        tables.append(table.replace_schema_metadata(None))
-    accuracy = accuracy_table(pa.concat_tables(tables))
+        summary = summarize_predictions(pq.read_table(path, filesystem=fs), s.name, steps)
+    per_step: dict[int, int] = {}
+    for *key, n, _labelled, _correct in summary.get("groups", []):
+        per_step[key[-1]] = per_step.get(key[-1], 0) + n
+    expected = s.samples * steps
+    if not (rows == summary.get("rows") == expected and summary.get("samples") == s.samples
+            and summary.get("shard") == s.name
+            and per_step == {step: s.samples for step in range(steps)}):
+        raise TTTPipeError(
+            f"predictions for shard {s.name} have {rows} rows (summary: {summary.get('rows')} rows, "
+            f"{summary.get('samples')} samples), expected {s.samples} samples x {steps} steps; "
+            f"delete {uri} and rerun")
+    return summary
+
+
+def finalize_results(plan: AdaptPlan) -> pa.Table:
+    """Check exactly one prediction per (sample, step) in every shard; write accuracy.parquet.
+
+    Reads the predictions files' footers only (row count, settings, the summary the actor
+    wrote with the rows), never the predictions: the driver's memory does not grow with the
+    data. Each actor checked its shard's (sample, step) pairs before writing; here every
+    footer's row count must match its summary and the shard's sample count.
+    """
+    jobs = [(s, predictions_uri(plan.request.out, s.uri)) for s in plan.shards]
+    with ThreadPoolExecutor(max_workers=_FOOTER_THREADS) as pool:
+        summaries = list(pool.map(lambda job: _shard_summary(*job, plan.settings), jobs))
+    accuracy = accuracy_from_summaries(summaries)
     storage.atomic_write_table(accuracy, storage.join(plan.request.out, ACCURACY_FILE),
                                metadata={SETTINGS_KEY: plan.settings.to_json()})
     return accuracy
@@ -304,7 +350,7 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
     `on_plan(plan)` is called once validation passed, `on_shard_done(summary)` after each
     shard's predictions are written (the CLI drives its progress bars with them).
     """
-    from jobs.cluster import connect  # imports ray
+    from jobs.cluster import connect, job_cluster_address  # imports ray
 
     wall = time.perf_counter()
     timings: dict = {}
@@ -323,8 +369,12 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
         started = time.perf_counter()
         with connect(req.address) as resources:  # an unreachable address fails here, before any write
             timings["connect_s"] = time.perf_counter() - started
+            local = req.address is None and job_cluster_address() is None
+            if local and req.gpus_per_actor > 0 and resources["gpus"] <= 0:
+                raise TTTPipeError(f"--gpus-per-actor {req.gpus_per_actor:g} but this machine has no "
+                                   "GPU; pass --gpus-per-actor 0 (CPU) or the --address of a cluster")
             pool_plan = plan_pool(resources, len(tasks), req.actors, req.cpus_per_actor,
-                                  req.gpus_per_actor)
+                                  req.gpus_per_actor, autoscale=not local)
             log.info("adapting %d shard(s) on %s", len(tasks), pool_plan)
             _start_results(plan)
             try:
@@ -335,7 +385,8 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
                 _remove_stale_temps(req.out)
             summaries = pool["shards"]
             timings.update(pool_start_s=pool["start_s"], dispatch_s=pool["dispatch_s"],
-                           actor_init_s=pool["init_s"])
+                           actor_init_s=pool["init_s"], actors_ready=pool["actors"],
+                           retried=pool["retried"])
             stopping = time.perf_counter()
         timings["shutdown_s"] = time.perf_counter() - stopping
     started = time.perf_counter()

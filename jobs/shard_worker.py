@@ -17,8 +17,10 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +30,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import Checkpoint, build_engine_from_checkpoint, load_checkpoint
 from pipeline.errors import TTTPipeError
-from pipeline.results import PREDICTION_SCHEMA
+from pipeline.results import PREDICTION_SCHEMA, SUMMARY_KEY, summarize_predictions
 from pipeline.shards import Shard, read_shard
 
 __all__ = ["AdaptSettings", "ShardWorker", "predict_shard", "SETTINGS_KEY", "shard_seed"]
@@ -80,16 +82,20 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
                                             ("sample_id", "step", "label", "pred", "conf", "batch", "loss")}
     for b, start in enumerate(range(0, n, settings.batch_size)):
         stop = min(start + settings.batch_size, n)
-        x = torch.from_numpy(np.array(shard.pixels(start, stop))).to(device)  # float32, writable
+        x = torch.from_numpy(np.array(shard.pixels(start, stop))).to(device)  # float32, writable: one copy in per batch
         result = _adapt_batch(engine, x, settings)
+        steps, bsz = k + 1, stop - start
         with torch.no_grad():
             probs = torch.softmax(result.logits.detach().float(), dim=-1)   # (K+1, B, C)
             conf, pred = probs.max(dim=-1)                                   # (K+1, B) each
-        conf, pred = conf.cpu().numpy(), pred.cpu().numpy()                  # CPU-GPU sync
+            # conf, pred (exact in float32 below 2**24 classes) and the K losses in one tensor:
+            # a single device-to-host copy per batch, the only CPU-GPU sync of the batch.
+            packed = torch.cat([conf.reshape(-1), pred.reshape(-1).float(),
+                                result.losses.detach().float().reshape(-1)[:k]]).cpu().numpy()
+        conf = packed[:steps * bsz].reshape(steps, bsz)
+        pred = packed[steps * bsz:2 * steps * bsz].astype(np.int64).reshape(steps, bsz)
         losses = np.full(k + 1, np.nan, dtype=np.float32)
-        losses[:k] = result.losses.detach().float().cpu().numpy()[:k]
-        steps = k + 1
-        bsz = stop - start
+        losses[:k] = packed[2 * steps * bsz:]
         columns["sample_id"].append(np.tile(shard.sample_ids[start:stop], steps))
         if shard.labels is not None:
             columns["label"].append(np.tile(shard.labels[start:stop], steps))
@@ -125,6 +131,14 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
     return pa.Table.from_arrays([arrays[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this worker runs on, for the summaries; None outside Ray (no Ray import)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 class ShardWorker:
     """Holds one engine (checkpoint loaded once); `process(shard_uri, out_uri)` does a shard.
 
@@ -150,25 +164,50 @@ class ShardWorker:
         self.engine.eval()  # test time, as the seeds' `engine.eval()`: no dropout, BN running stats
         self.settings = settings
         self.kill_marker = kill_marker
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._ahead: tuple[str, Future] | None = None  # (shard uri, its read) started in advance
         self.init_seconds = time.perf_counter() - started
         self.pid = os.getpid()
+        self.node = _ray_node_id()
+
+    def _take(self, shard_uri: str) -> Shard:
+        """The shard, from the prefetch started by the previous call if it was this one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == shard_uri:
+            return ahead[1].result()  # a read error surfaces here, as a direct read's would
+        if ahead is not None:
+            ahead[1].cancel()
+        return read_shard(shard_uri)
+
+    def _prefetch(self, shard_uri: str | None) -> None:
+        if shard_uri:
+            self._ahead = (shard_uri, self._io.submit(read_shard, shard_uri))
 
     def info(self) -> dict:
-        return {"pid": self.pid, "device": str(self.device), "threads": torch.get_num_threads(),
-                "init_seconds": self.init_seconds}
+        return {"pid": self.pid, "node": self.node, "device": str(self.device),
+                "threads": torch.get_num_threads(), "init_seconds": self.init_seconds}
 
-    def process(self, shard_uri: str, out_uri: str) -> dict:
-        """Adapt one shard and write `out_uri` atomically; return counts and timings."""
+    def process(self, shard_uri: str, out_uri: str, next_uri: str | None = None) -> dict:
+        """Adapt one shard and write `out_uri` atomically; return its summary and timings.
+
+        `next_uri` (the shard this worker gets next) is read in a background thread while
+        this one adapts, so the next call starts on data already in memory. The prefetch
+        changes nothing in the results: the same bytes are read, only earlier.
+        The file's footer carries the shard's summary (`pipeline.results.SUMMARY_KEY`).
+        """
         t0 = time.perf_counter()
-        shard = read_shard(shard_uri)  # the content checks (NaN, duplicate ids) run here
+        shard = self._take(shard_uri)
+        self._prefetch(next_uri)
         t1 = time.perf_counter()
         table = predict_shard(self.engine, shard, self.settings, self.device,
                               after_batch=self._maybe_die if self.kill_marker else None)
+        summary = summarize_predictions(table, shard.name, self.settings.steps + 1)
         t2 = time.perf_counter()
-        storage.atomic_write_table(table, out_uri, metadata={SETTINGS_KEY: self.settings.to_json()})
+        storage.atomic_write_table(table, out_uri, metadata={
+            SETTINGS_KEY: self.settings.to_json(), SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
         t3 = time.perf_counter()
-        return {"shard": shard.name, "uri": shard_uri, "samples": len(shard.sample_ids),
-                "rows": table.num_rows, "pid": self.pid,
+        return {**summary, "uri": shard_uri, "pid": self.pid, "node": self.node,
+                "device": str(self.device),
                 "read_s": t1 - t0, "adapt_s": t2 - t1, "write_s": t3 - t2}
 
     def _maybe_die(self, batch: int) -> None:

@@ -8,6 +8,12 @@ A results folder (local path or `s3://...` URI) holds
 
 A shard is done when `predictions/<shard>.parquet` exists (written atomically), so a folder
 of a run still going, or interrupted, is readable: `read_results` names the missing shards.
+
+Every predictions file carries its shard's summary (`SUMMARY_KEY` in the Parquet footer's
+key-value metadata, written in the same atomic write as the rows, so it can never be stale or
+missing): rows, samples, and per (method, corruption, severity, step) `n` and `correct`.
+`accuracy_from_summaries` aggregates them into exactly `accuracy_table`'s result, so the
+driver reads footers only, never the predictions themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,6 +42,9 @@ __all__ = [
     "read_results",
     "shard_name",
     "predictions_uri",
+    "SUMMARY_KEY",
+    "summarize_predictions",
+    "accuracy_from_summaries",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS_DIR = "predictions"
 ACCURACY_FILE = "accuracy.parquet"
 RUN_FILE = "run.json"
+SUMMARY_KEY = "ttt_pipe.summary"  # Parquet key-value metadata of every predictions file
 
 PREDICTION_SCHEMA = pa.schema([
     ("sample_id", pa.int64()),
@@ -96,16 +107,27 @@ def accuracy_table(pred: pa.Table) -> pa.Table:
             "write them with pipeline.results.PREDICTION_SCHEMA")
     if pred.num_rows == 0:
         return ACCURACY_SCHEMA.empty_table()
+    grouped = _grouped(pred)
+    return _accuracy([grouped.column(k) for k in _GROUP_KEYS], grouped.column("n"),
+                     grouped.column("labelled"), grouped.column("correct"))
+
+
+def _grouped(pred: pa.Table) -> pa.Table:
+    """Per (method, corruption, severity, step), sorted: n, labelled (rows with a label),
+    correct (null where no row is labelled)."""
     keys = pred.select(_GROUP_KEYS).cast(pa.schema([ACCURACY_SCHEMA.field(k) for k in _GROUP_KEYS]))
     hits = pc.cast(pred.column("correct"), pa.int64())
     grouped = keys.append_column("hit", hits).group_by(_GROUP_KEYS).aggregate(
         [([], "count_all"), ("hit", "count"), ("hit", "sum")])
-    n = grouped.column("count_all").cast(pa.int64())
-    labelled = grouped.column("hit_count").cast(pa.int64())
-    correct = grouped.column("hit_sum").cast(pa.int64())  # null where no row is labelled
+    return pa.Table.from_arrays(
+        [*(grouped.column(k) for k in _GROUP_KEYS), grouped.column("count_all").cast(pa.int64()),
+         grouped.column("hit_count").cast(pa.int64()), grouped.column("hit_sum").cast(pa.int64())],
+        names=[*_GROUP_KEYS, "n", "labelled", "correct"]).sort_by([(k, "ascending") for k in _GROUP_KEYS])
+
+
+def _accuracy(key_columns, n, labelled, correct) -> pa.Table:
     acc = pc.divide(pc.cast(correct, pa.float64()), pc.cast(labelled, pa.float64()))
-    table = pa.Table.from_arrays(
-        [*(grouped.column(k) for k in _GROUP_KEYS), n, correct, acc], schema=ACCURACY_SCHEMA)
+    table = pa.Table.from_arrays([*key_columns, n, correct, acc], schema=ACCURACY_SCHEMA)
     return table.sort_by([(k, "ascending") for k in _GROUP_KEYS])
 
 
@@ -199,3 +221,44 @@ def _read_run(uri: str, results_uri: str) -> dict:
     if not isinstance(run, dict):
         raise TTTPipeError(f"{RUN_FILE} in {results_uri} is not a JSON object; fix or delete it")
     return run
+
+
+def summarize_predictions(pred: pa.Table, shard: str, steps: int) -> dict:
+    """A shard's summary (JSON-able), after checking exactly one row per (sample, step).
+
+    `steps` counts the prediction steps (adaptation steps + 1). A violation is a one-line
+    TTTPipeError naming the shard. `groups`: per (method, corruption, severity, step)
+    [..keys, n, labelled, correct] (`correct` null when the shard has no labels).
+    """
+    ids = pred.column("sample_id").to_numpy()
+    step = pred.column("step").to_numpy().astype(np.int64)
+    samples = int(np.unique(ids).size)
+    pairs = int(np.unique(ids * steps + step).size) if len(ids) else 0
+    if pred.num_rows != samples * steps or pairs != pred.num_rows or \
+            (len(step) and (step.min() < 0 or step.max() >= steps)):
+        raise TTTPipeError(
+            f"predictions of shard {shard} have {pred.num_rows} rows ({pairs} distinct sample-step "
+            f"pairs, {samples} samples), expected one per sample and step 0..{steps - 1}")
+    groups = [[r[k] for k in _GROUP_KEYS] + [r["n"], r["labelled"], r["correct"]]
+              for r in _grouped(pred).to_pylist()] if pred.num_rows else []
+    return {"shard": shard, "rows": pred.num_rows, "samples": samples, "steps": steps,
+            "groups": groups}
+
+
+def accuracy_from_summaries(summaries) -> pa.Table:
+    """`accuracy_table` of all predictions, computed from their shards' summaries alone."""
+    totals: dict[tuple, list] = {}
+    for summary in summaries:
+        for *key, n, labelled, correct in summary["groups"]:
+            acc = totals.setdefault(tuple(key), [0, 0, None])
+            acc[0] += int(n)
+            acc[1] += int(labelled)
+            if correct is not None:
+                acc[2] = (acc[2] or 0) + int(correct)
+    if not totals:
+        return ACCURACY_SCHEMA.empty_table()
+    keys = sorted(totals)
+    columns = [pa.array([k[i] for k in keys], ACCURACY_SCHEMA.field(name).type)
+               for i, name in enumerate(_GROUP_KEYS)]
+    return _accuracy(columns, *(pa.array([totals[k][i] for k in keys], pa.int64())
+                                for i in range(3)))

@@ -25,6 +25,17 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
+def _actors(value: str | None) -> str | None:
+    from jobs.pool import parse_actors
+    from pipeline.errors import TTTPipeError
+
+    try:
+        parse_actors(value)
+    except TTTPipeError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+    return value
+
+
 def accuracy_rich_table(accuracy, title: str = "Accuracy (%) before and after adaptation"):
     """corruption, severity, acc@0, acc@K, gain (K = last step), one row per method and shard kind."""
     from rich.table import Table
@@ -92,8 +103,10 @@ def command(
     mode: Annotated[Mode | None, typer.Option(
         case_sensitive=False, help="episodic: reset after every batch; online: carry over within "
         "a shard [default: the checkpoint's]", show_default=False)] = None,
-    actors: Annotated[int | None, typer.Option(
-        min=1, help="Adaptation actors [default: as many as fit the cluster]", show_default=False)] = None,
+    actors: Annotated[str | None, typer.Option(
+        callback=_actors, help="Adaptation actors: N, or MIN:MAX for a pool that starts MIN (waiting "
+        "for the autoscaler if their GPUs are not up) and grows to MAX as nodes join "
+        "[default: as many as fit the cluster]", show_default=False)] = None,
     gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (0: CPU).")] = 0.0,
     cpus_per_actor: Annotated[float, typer.Option(
         callback=_positive, help="CPUs per actor; also its torch threads (results are bit-identical "
@@ -131,7 +144,8 @@ def command(
     console.print(accuracy_rich_table(
         outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
         f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"))
-    pool = f", {outcome.pool.actors} actor(s)" if outcome.pool else ""
+    pool = (f", {outcome.timings.get('actors_ready', outcome.pool.actors)} actor(s)"
+            if outcome.pool else "")
     err_console.print(
         f"{len(plan.shards)} shard(s), {sum(x.samples for x in plan.shards)} samples"
         f"{f' ({skipped} already done)' if skipped else ''}{pool}; results in {out}",

@@ -18,7 +18,8 @@ from jobs.shard_worker import SETTINGS_KEY, AdaptSettings, ShardWorker, predict_
 from pipeline import storage
 from pipeline.checkpoint import build_engine_from_checkpoint, load_checkpoint
 from pipeline.errors import TTTPipeError
-from pipeline.results import PREDICTION_SCHEMA
+from pipeline.results import (PREDICTION_SCHEMA, SUMMARY_KEY, accuracy_from_summaries,
+                              accuracy_table, summarize_predictions)
 from pipeline.shards import read_shard, shard_metadata, shard_table
 
 
@@ -103,6 +104,8 @@ def test_process_writes_settings_metadata_and_nothing_else(ttt_checkpoint, shard
     assert summary["rows"] == summary["samples"] * 3
     meta = pq.read_schema(tmp_path / "p.parquet").metadata
     assert json.loads(meta[SETTINGS_KEY.encode()]) == dataclasses.asdict(settings)
+    footer = json.loads(meta[SUMMARY_KEY.encode()])  # the summary travels with the rows
+    assert footer == {k: summary[k] for k in footer} and footer["rows"] == summary["rows"]
     assert listing(tmp_path) == ["p.parquet"]
 
 
@@ -234,13 +237,91 @@ def test_finalize_fails_loudly_on_missing_or_duplicated_rows(ttt_checkpoint, sha
     accuracy = finalize_results(plan)
     assert sorted(set(accuracy.column("step").to_pylist())) == [0, 1, 2]
     assert accuracy.column("n").to_pylist() == [32] * len(accuracy)  # 2 shards of 16 per kind
+    everything = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None)
+                                   for p in sorted((out / "predictions").glob("*.parquet"))])
+    assert accuracy.equals(accuracy_table(everything))  # summaries sum to the same table
     (out / "accuracy.parquet").unlink()
     victim = out / "predictions" / f"{plan.shards[1].name}.parquet"
     table = pq.read_table(victim)
-    missing = table.slice(1)
+    missing = table.slice(1)  # footer: one row fewer than its summary says
     duplicated = pa.concat_tables([table.slice(1), table.slice(1, 1)])  # same count, one twice
-    for broken in (missing, duplicated):
+    old_style = {SETTINGS_KEY.encode(): table.schema.metadata[SETTINGS_KEY.encode()]}
+    # a file of an older ttt-pipe (no summary in its footer) is read and checked instead
+    for broken in (missing, duplicated.replace_schema_metadata(old_style)):
         pq.write_table(broken, victim)
         with pytest.raises(TTTPipeError, match=plan.shards[1].name):
             finalize_results(plan)
         assert not (out / "accuracy.parquet").exists()
+    pq.write_table(table.replace_schema_metadata(old_style), victim)
+    assert finalize_results(plan).equals(accuracy)
+
+
+def test_summary_checks_one_prediction_per_sample_and_step(ttt_checkpoint, shard_dir):
+    settings = _settings(ttt_checkpoint)
+    shard = read_shard(_shard_uris(shard_dir)[0])
+    table = predict_shard(ShardWorker(ttt_checkpoint, settings).engine, shard, settings)
+    k = settings.steps + 1
+    summary = summarize_predictions(table, shard.name, k)
+    assert summary["rows"] == table.num_rows == 16 * k and summary["samples"] == 16
+    assert [g[3] for g in summary["groups"]] == [0, 1, 2] and {g[4] for g in summary["groups"]} == {16}
+    assert accuracy_from_summaries([summary]).equals(accuracy_table(table))
+    broken = {"duplicated": (pa.concat_tables([table.slice(1), table.slice(1, 1)]), k),
+              "missing": (table.slice(1), k), "steps beyond K": (table, k - 1)}
+    for what, (bad, steps) in broken.items():
+        with pytest.raises(TTTPipeError, match=shard.name) as err:
+            summarize_predictions(bad, shard.name, steps)
+        assert "\n" not in str(err.value), what
+
+
+def test_one_host_copy_per_batch_and_no_per_step_syncs(ttt_checkpoint, shard_dir, monkeypatch):
+    """Results come back to the host once per batch: no .item()/.tolist() per step.
+
+    On the CPU a device-to-host copy is free but still a call: count the calls that would
+    sync with a GPU (`Tensor.cpu`, `.item`, `.tolist`) while a 16-sample shard is adapted
+    in batches of 6 (3 batches, 2 steps each).
+    """
+    settings = _settings(ttt_checkpoint)
+    shard = read_shard(_shard_uris(shard_dir)[0])
+    engine = ShardWorker(ttt_checkpoint, settings).engine
+    expected = predict_shard(engine, shard, settings)
+    calls = {"cpu": 0, "item": 0, "tolist": 0}
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    table = predict_shard(engine, shard, settings)
+    monkeypatch.undo()
+    assert calls == {"cpu": 3, "item": 0, "tolist": 0}
+    for column in table.column_names:  # (Table.equals: NaN != NaN in the loss column)
+        x, y = table.column(column).to_numpy(), expected.column(column).to_numpy()
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), column
+
+
+def test_prefetch_reads_the_next_shard_ahead_without_changing_results(ttt_checkpoint, shard_dir,
+                                                                      tmp_path, monkeypatch):
+    import jobs.shard_worker as sw
+
+    uris = _shard_uris(shard_dir)
+    settings = _settings(ttt_checkpoint)
+    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    plain.mkdir(), ahead.mkdir()
+    worker = ShardWorker(ttt_checkpoint, settings)
+    for uri in uris:
+        worker.process(uri, str(plain / Path(uri).name))
+    reads: list[str] = []
+    real = sw.read_shard
+    monkeypatch.setattr(sw, "read_shard", lambda uri: reads.append(uri) or real(uri))
+    worker = ShardWorker(ttt_checkpoint, settings)
+    for uri, nxt in zip(uris, [*uris[1:], None]):
+        worker.process(uri, str(ahead / Path(uri).name), next_uri=nxt)
+    assert reads == uris  # each shard read once: all but the first in the background
+    worker.process(uris[0], str(ahead / "again.parquet"), next_uri=uris[1])
+    worker.process(uris[2], str(ahead / "other.parquet"))  # not the prefetched one: read directly
+    assert reads[-2:] == [uris[1], uris[2]]
+    for uri in uris:
+        name = Path(uri).name
+        assert (plain / name).read_bytes() == (ahead / name).read_bytes(), name

@@ -102,6 +102,8 @@ def test_cluster_yaml_validates_against_rays_schema():
                for node in workers.values())
     setup = " ".join(config["setup_commands"])
     assert "pip install" in setup and "fashion" in setup.lower()
+    installs = [c for c in config["setup_commands"] if "ttt-pipe" in c and "pip install" in c]
+    assert installs and not [c for c in installs if " -e " in c]  # a package install, not editable
 
 
 class _FakeJobClient:

@@ -111,3 +111,21 @@ def test_adapt_table_says_no_labels(tmp_path):
     console = Console(width=200, record=True)
     console.print(accuracy_rich_table(accuracy_table(none)))
     assert "no labels" in console.export_text()
+
+
+def test_summaries_aggregate_unlabelled_and_mixed_shards_like_the_rows(tmp_path):
+    from pipeline.results import accuracy_from_summaries, summarize_predictions
+
+    shards = write_shards(tmp_path / "shards")
+    labelled = read_results(write_results(tmp_path / "a", shards)).predictions
+    none = _unlabelled_predictions(labelled)
+    steps = len(set(labelled.column("step").to_pylist()))
+
+    def summaries(table):
+        return [summarize_predictions(table.filter(pc.equal(table.column("shard"), name)), name,
+                                      steps) for name in sorted(set(table.column("shard").to_pylist()))]
+
+    assert accuracy_from_summaries(summaries(none)).equals(accuracy_table(none))
+    # the same shards once labelled, once not: accuracy over the labelled rows, n over all
+    both = summaries(labelled) + summaries(none)
+    assert accuracy_from_summaries(both).equals(accuracy_table(pa.concat_tables([labelled, none])))
