@@ -289,12 +289,12 @@ def canny(img: np.ndarray, low: int, high: int) -> np.ndarray:
     magnitude passes `low`), hysteresis as the 8-connected groups of candidates that hold
     a strong pixel."""
     n, h, w = img.shape
-    p = np.pad(img.astype(np.int32), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    p = np.pad(img.astype(np.int16), ((0, 0), (1, 1), (1, 1)), mode="edge")  # |Sobel| <= 1020
     diff = p[:, :, 2:] - p[:, :, :-2]  # (N, H+2, W)
     smooth = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
     dx = diff[:, :-2] + 2 * diff[:, 1:-1] + diff[:, 2:]
     dy = smooth[:, 2:] - smooth[:, :-2]
-    mp = np.zeros((n, h + 2, w + 2), dtype=np.int32)  # zero magnitude outside the image
+    mp = np.zeros((n, h + 2, w + 2), dtype=np.int16)  # zero magnitude outside the image
     mag = mp[:, 1:-1, 1:-1]
     np.add(np.abs(dx), np.abs(dy), out=mag)
     cand = np.flatnonzero(mag > low)  # indices into (N, H, W)
@@ -302,7 +302,8 @@ def canny(img: np.ndarray, low: int, high: int) -> np.ndarray:
     r, c = np.divmod(rem, w)
     at = (b * (h + 2) + r + 1) * (w + 2) + c + 1  # the same pixels in the padded array
     flat = mp.reshape(-1)
-    m, xs, ys = flat[at], dx.reshape(-1)[cand], dy.reshape(-1)[cand]
+    m = flat[at]
+    xs, ys = dx.reshape(-1)[cand].astype(np.int32), dy.reshape(-1)[cand].astype(np.int32)
     ax, ay = np.abs(xs), np.abs(ys) << 15
     tg22x = ax * _TG22
     horizontal = ay < tg22x
@@ -349,31 +350,30 @@ def _distance_truncated(edges: np.ndarray, cap: int) -> np.ndarray:
     zero = edges
     c = slice(2, w + 2)
     ramp = np.arange(w, dtype=np.float64)
-
     u, tmp = np.empty((n, w), np.float32), np.empty((n, w), np.float32)
 
-    def relax(u: np.ndarray, row: np.ndarray, dx: int, cost: np.float32) -> None:
-        np.add(row[:, 2 + dx:w + 2 + dx], cost, out=tmp)
-        np.minimum(u, tmp, out=u)
+    def col(row: np.ndarray, dx: int) -> np.ndarray:
+        return row[:, 2 + dx:w + 2 + dx]
 
-    near = ((0, _HV), (-1, _DIAG), (1, _DIAG), (-2, _LONG), (2, _LONG))  # from the next row
-    far_ = ((-1, _LONG), (1, _LONG))  # from two rows away
+    def relax(near: np.ndarray, far: np.ndarray) -> None:
+        """u = min(u, the mask's 7 moves from the next row and the one after). A pair of
+        moves of one cost is min(a, b) + cost: float32 addition is monotone, so exact."""
+        np.minimum(u, col(near, 0) + _HV, out=u)
+        for row, dx, cost in ((near, 1, _DIAG), (near, 2, _LONG), (far, 1, _LONG)):
+            np.minimum(col(row, -dx), col(row, dx), out=tmp)
+            np.add(tmp, cost, out=tmp)
+            np.minimum(u, tmp, out=u)
+
     for i in range(h):  # forward: rows above, then the left neighbour
         r = i + 2
         u.fill(hold)
-        for dx, cost in near:
-            relax(u, t[:, r - 1], dx, cost)
-        for dx, cost in far_:
-            relax(u, t[:, r - 2], dx, cost)
+        relax(t[:, r - 1], t[:, r - 2])
         u[zero[:, i]] = 0
         _run_min(t[:, r, c], u, ramp)
     for i in range(h - 1, -1, -1):  # backward: rows below, then the right neighbour
         r = i + 2
         u[:] = t[:, r, c]
-        for dx, cost in near:
-            relax(u, t[:, r + 1], dx, cost)
-        for dx, cost in far_:
-            relax(u, t[:, r + 2], dx, cost)
+        relax(t[:, r + 1], t[:, r + 2])
         _run_min(t[:, r, c][:, ::-1], u[:, ::-1], ramp)
     return np.minimum(t[:, 2:h + 2, c], np.float32(cap))
 
@@ -394,25 +394,28 @@ def _equalize(img: np.ndarray) -> np.ndarray:
     return np.take_along_axis(lut, flat, axis=1).reshape(img.shape)
 
 
-_EMBOSS = ((-2, -1, 0), (-1, 1, 1), (0, 1, 2))
-
-
 def _water(liquid: np.ndarray) -> np.ndarray:
     """The reference's water mask (N, H, W) float32 before its max-normalisation: the liquid
-    layer's uint8 image times a shading from the distance to its Canny edges."""
-    # the reference's (liquid * 255).astype(uint8): truncation, and values above 255 wrap
-    # around as numpy's cast does on x86 (a liquid level above 1 is rare at these constants)
-    lu8 = ((liquid * 255).astype(np.int64) & 255).astype(np.uint8)
+    layer's uint8 image times a shading from the distance to its Canny edges (distance
+    truncated at 20, blurred, equalised, embossed with [[-2,-1,0],[-1,1,1],[0,1,2]], blurred)."""
+    # the reference's own cast: truncation, and a level above 1 (rare at these constants)
+    # wraps around on x86 as numpy's float -> uint8 cast does there
+    with np.errstate(invalid="ignore"):
+        lu8 = (liquid * 255).astype(np.uint8)
     dist = _distance_truncated(canny(lu8, 50, 150), 20)
     dist = np.floor((_box3(dist.astype(np.float64)) * (1.0 / 9.0)).astype(np.float32))  # cv2.blur, to uint8
     dist = _equalize(dist)
     n, h, w = dist.shape
-    p = np.pad(dist.astype(np.int32), ((0, 0), (1, 1), (1, 1)), mode="reflect")
-    emb = sum(k * p[:, i:i + h, j:j + w] for i, row in enumerate(_EMBOSS) for j, k in enumerate(row)
-              if k)
-    emb = np.clip(emb, 0, 255)  # cv2.filter2D to uint8 saturates
-    shade = (_box3(emb) + 4) // 9  # cv2.blur on uint8 rounds (sum / 9 is never a tie)
-    return lu8.astype(np.float32) * shade.astype(np.float32)
+    p = np.pad(dist.astype(np.int16), ((0, 0), (1, 1), (1, 1)), mode="reflect")
+
+    def at(i: int, j: int) -> np.ndarray:
+        return p[:, i:i + h, j:j + w]
+
+    # cv2.filter2D with _EMBOSS (a correlation), saturated to uint8
+    emb = 2 * (at(2, 2) - at(0, 0)) + (at(1, 2) + at(2, 1)) - (at(0, 1) + at(1, 0)) + at(1, 1)
+    np.clip(emb, 0, 255, out=emb)
+    shade = np.rint(_box3(emb) / np.float32(9))  # cv2.blur on uint8 rounds (never a tie)
+    return lu8.astype(np.float32) * shade.astype(np.float32)  # (N, H, W)
 
 
 SPATTER_CIFAR = ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0),
@@ -435,12 +438,12 @@ def spatter(x: torch.Tensor, rngs, *, loc, scale, sigma, threshold, amount, mud,
     liquid = _gaussian_nearest(noise, _pixels(sigma, h, w, side))
     liquid[liquid < threshold] = 0
     if mud == 0:
-        m = _water(liquid)
-        top = m.max(axis=(1, 2), keepdims=True)
-        m = np.where(top > 0, m / np.maximum(top, 1), np.float32(0)) * np.float32(amount)  # reference: NaN
+        m = _water(liquid)  # integer values >= 0: an all-zero mask stays zero (reference: NaN)
+        m /= np.maximum(m.max(axis=(1, 2), keepdims=True), 1)
+        m *= np.float32(amount)
         m = torch.from_numpy(m).to(x.device).unsqueeze(1)  # (N, 1, H, W)
         color = torch.tensor(_WATER, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return x + m * color
+        return torch.addcmul(x, m, color)
     m = _gaussian_nearest((liquid > threshold).astype(np.float32), _pixels(amount, h, w, side))
     m = torch.from_numpy(np.where(m < 0.8, np.float32(0), m)).to(x.device).unsqueeze(1)
     color = torch.tensor(_MUD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
