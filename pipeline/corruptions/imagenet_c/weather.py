@@ -160,8 +160,10 @@ def snow(x: torch.Tensor, rngs, *, loc, scale, zoom, threshold, radius, sigma, b
     layer = torch.where(layer < threshold, 0.0, layer).clamp(0.0, 1.0)
     layer = _motion_blur(layer, radius, sigma, np.asarray(angles), h, w)
     layer = (torch.round(layer * 255) / 255).unsqueeze(1)  # (N, 1, H, W), uint8 round trip
-    x = blend * x + (1 - blend) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
-    return (x + layer + torch.flip(layer, (2, 3))).to(torch.float32)
+    flakes = (layer + torch.flip(layer, (2, 3))).to(torch.float32)  # the layer and its 180° turn
+    y = torch.maximum(x, _gray(x) * 1.5 + 0.5)  # (N, 3, H, W), in place from here
+    y.mul_(1 - blend).add_(x, alpha=blend)
+    return y.add_(flakes)
 
 
 # ---------------------------------------------------------------------------------- frost
