@@ -146,12 +146,18 @@ def uint8_native(fn):
 def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
     """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread.
 
-    Planes go in and out through Pillow's merge/split (faster than numpy's (3, H, W) <->
-    (H, W, 3) transposes of uint8)."""
+    Above 64x64 planes go in and out through Pillow's merge/split (faster than numpy's
+    (3, H, W) <-> (H, W, 3) transposes of uint8); small images are transposed."""
     chw = x.numpy()
     out = np.empty_like(chw)
 
+    small = chw.shape[2] * chw.shape[3] <= 64 * 64  # Pillow objects cost more than transposes
+
     def one(i):
+        if small:
+            im = fn(Image.fromarray(np.ascontiguousarray(chw[i].transpose(1, 2, 0))))
+            out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB")).transpose(2, 0, 1)
+            return
         im = fn(Image.merge("RGB", [Image.fromarray(plane) for plane in chw[i]]))
         for c, plane in enumerate((im if im.mode == "RGB" else im.convert("RGB")).split()):
             out[i, c] = np.asarray(plane)
