@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.corruptions.imagenet_c.core import size_scale
-from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter, per_sample, torch_generators
+from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
@@ -130,8 +130,10 @@ def elastic_transform(x, rngs, *, alpha, sigma, affine):
     alpha, sigma, affine = alpha * s, sigma * s, affine * s
     jitter = np.stack([r.uniform(-affine, affine, size=(3, 2)).astype(np.float32) for r in rngs])
     matrices = np.stack([affine_matrix(h, w, j.astype(np.float64)) for j in jitter])
-    gens = torch_generators(rngs)
-    noise = per_sample(gens, lambda g: torch.rand(2, h, w, generator=g) * 2 - 1)
+    noise = np.empty((n, 2, h, w), dtype=np.float32)  # uniform(-1, 1) fields for dx, dy
+    for i, r in enumerate(rngs):
+        r.random((2, h, w), dtype=np.float32, out=noise[i])
+    noise = torch.from_numpy(noise).mul_(2).sub_(1)
     field = gaussian_filter(noise, sigma, mode="reflect", truncate=3) * alpha
     return elastic_warp(x, matrices, field[:, 0], field[:, 1])
 
