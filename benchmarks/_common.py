@@ -46,7 +46,7 @@ def load_data(dataset: str, data_dir: str | None = None, limit_train: int | None
     n_tr, n_te = limit_train or len(train), limit_test or len(test)
     clean = to_float(test.images[:n_te])
     noisy = corrupt(clean, corruption, severity, np.arange(n_te), seed=CORRUPTION_SEED,
-                    norm_std=test.spec.std)
+                    norm_std=test.spec.std[0])
     return Data(spec=train.spec,
                 x_train=torch.from_numpy(to_float(train.images[:n_tr])),
                 y_train=torch.from_numpy(train.labels[:n_tr]),
@@ -58,7 +58,7 @@ def build_engine(method: str, spec: DatasetSpec, seed: int,
                  config: engines.EngineConfig) -> engines.Engine:
     """A fresh seed network (init drawn from `seed`) wrapped in the method's engine."""
     torch.manual_seed(seed)
-    model = build_model(MODEL_FOR[method], mean=spec.mean, std=spec.std,
+    model = build_model(MODEL_FOR[method], mean=spec.mean[0], std=spec.std[0],
                         num_classes=spec.num_classes)
     cls = engines.get_engine(method)
     return cls(model, torch.zeros(1, 1, 28, 28), config.replace(seed=seed))

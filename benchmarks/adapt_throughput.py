@@ -55,7 +55,7 @@ def make_checkpoint(out: Path, limit: int, data_dir: str | None) -> str:
     split = load_split("fashion-mnist", "train", data_dir=data_dir)
     torch.manual_seed(0)
     spec = split.spec
-    model = build_model("seed_cnn", mean=spec.mean, std=spec.std)
+    model = build_model("seed_cnn", mean=spec.mean[0], std=spec.std[0])
     config = engines.TTTConfig()
     engine = engines.TTTEngine(model, torch.zeros(1, 1, 28, 28), config)
     x, y = torch.from_numpy(to_float(split.images[:limit])), torch.from_numpy(split.labels[:limit])
@@ -69,9 +69,9 @@ def make_checkpoint(out: Path, limit: int, data_dir: str | None) -> str:
         opt.step()
     engine.eval()
     save_checkpoint(str(out), engine.state_dict(), {
-        "model": {"name": "seed_cnn", "kwargs": {"mean": spec.mean, "std": spec.std}},
+        "model": {"name": "seed_cnn", "kwargs": {"mean": spec.mean[0], "std": spec.std[0]}},
         "method": {"name": "ttt", "config": config.to_dict()},
-        "dataset": {"name": "fashion-mnist", "mean": spec.mean, "std": spec.std, "num_classes": 10},
+        "dataset": {"name": "fashion-mnist", "mean": spec.mean[0], "std": spec.std[0], "num_classes": 10},
         "training": {"epochs": 1, "batch_size": config.train_batch_size, "lr": config.train_lr,
                      "seed": 0, "limit": limit, "metrics": [],
                      "seconds": time.perf_counter() - started}})

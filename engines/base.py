@@ -4,6 +4,9 @@ adaptation loop, episodic/online state, and the torch-ttt-style facade.
 A method subclasses `Engine` and supplies three things: `_build_aux` (its head/embedder, built
 eagerly from a dry forward), `training_loss`, and `_step_loss` (the self-supervised loss at the
 current weights together with the main prediction that the same forward gives for free).
+A method whose step is not one plain gradient step (a two-pass sharpness-aware step, a teacher
+update, a statistics or output update without gradients) overrides `_step` instead; one with
+no auxiliary part sets `needs_joint_training = False` (and its config may need no `layer`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from engines.hooks import DryRun, dry_run, find_module
 from engines.split import LayerSplit
 from engines.split_cache import SplitSlot
 
-__all__ = ["AdaptResult", "Engine", "config_from_dict", "get_engine", "list_engines",
-           "register_engine"]
+__all__ = ["AdaptResult", "Engine", "config_from_dict", "entropy_gate", "get_engine",
+           "list_engines", "register_engine"]
 
 _ENGINES: dict[str, type[Engine]] = {}
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -66,6 +69,15 @@ class AdaptResult:
 
     logits: torch.Tensor
     losses: torch.Tensor
+
+
+def entropy_gate(logits: torch.Tensor) -> torch.Tensor:
+    """Anytime logits (K+1, B, C) -> the same, with step k's row of sample b replaced by step
+    0's wherever step k's prediction is not less uncertain (entropy) than step 0's."""
+    logp = logits.float().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)                        # (K+1, B)
+    keep = entropy < entropy[:1]                                  # step 0 never "keeps": itself
+    return torch.where(keep[..., None], logits, logits[:1])
 
 
 def _truthy(value: Any) -> bool:
@@ -124,6 +136,7 @@ class Engine(nn.Module):
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[EngineConfig]] = EngineConfig
+    needs_joint_training: ClassVar[bool] = True  # False: no auxiliary part, any source model
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor,
                  config: EngineConfig | dict[str, Any] | None = None):
@@ -138,7 +151,8 @@ class Engine(nn.Module):
         self.model = model
         self.config = config
         self.layer_name = config.layer
-        find_module(model, config.layer)  # one-line ValueError naming the valid layers
+        if config.layer or type(config).requires_layer:
+            find_module(model, config.layer)  # one-line ValueError naming the valid layers
         probe = dry_run(model, example_input, config.layer)
         first = next(model.parameters(), None)
         device = first.device if first is not None else example_input.device
@@ -219,6 +233,8 @@ class Engine(nn.Module):
 
     # -- adapted parameters and state -------------------------------------------------------
     def _select_adapted(self, kind: str, probe: DryRun) -> list[str]:
+        if kind == "none":  # a method that changes no parameter (e.g. statistics, outputs)
+            return []
         if kind == "all":
             names = [n for n, _ in self.named_parameters()]
         elif kind == "model":
@@ -247,6 +263,11 @@ class Engine(nn.Module):
         """The (name, parameter) pairs adaptation may change, named as in `state_dict()`."""
         params = dict(self.named_parameters())
         return [(n, params[n]) for n in self._adapted_names]
+
+    def adapted_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The (name, buffer) pairs adaptation may change besides the parameters (a method's
+        own state, e.g. a teacher or a moving average); restored like the parameters."""
+        return []
 
     def _state(self) -> list[torch.Tensor]:
         """What a batch may change: the adapted parameters, then every buffer."""
@@ -284,8 +305,10 @@ class Engine(nn.Module):
         for opt in self._optimizers.values():
             opt.state.clear()
 
-    def _optimizer(self, name: str) -> torch.optim.Optimizer:
+    def _optimizer(self, name: str) -> torch.optim.Optimizer | None:
         params = [p for _, p in self.adapted_parameters()]
+        if not params:  # adapt_params="none": nothing to step
+            return None
         opt = self._optimizers.get(name)
         if opt is None or opt.param_groups[0]["params"][0] is not params[0]:
             if name not in _OPTIMIZERS:
@@ -323,7 +346,7 @@ class Engine(nn.Module):
         if mode not in ("episodic", "online"):
             raise ValueError(f"unknown mode {mode!r}; choose from: episodic, online")
         opt = self._optimizer(optimizer or self.config.optimizer)
-        for group in opt.param_groups:
+        for group in opt.param_groups if opt is not None else ():
             group["lr"] = lr
         named = self.adapted_parameters()
         params = [p for _, p in named]
@@ -344,14 +367,7 @@ class Engine(nn.Module):
             self._adapt_token = object()
             try:
                 for _ in range(steps):
-                    pred, loss = self._step_loss(x)
-                    if not loss.requires_grad:
-                        raise ValueError(f"the {self.name} loss does not depend on the adapted "
-                                         f"parameters; choose another adapt_params")
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    for p, g in zip(params, grads):
-                        p.grad = _like(g, p)
-                    opt.step()
+                    pred, loss = self._step(x, params, opt)
                     logits.append(pred.detach())
                     losses.append(loss.detach())  # kept as tensors: no CPU-GPU sync per step
                 with torch.no_grad():
@@ -362,9 +378,27 @@ class Engine(nn.Module):
                     p.grad = g
                 if episodic:
                     self._load(state, self._batch_start)
-                    opt.state.clear()
+                    if opt is not None:
+                        opt.state.clear()
         losses_t = torch.stack(losses) if losses else logits[0].new_zeros(0)
-        return AdaptResult(logits=torch.stack(logits), losses=losses_t)
+        stacked = torch.stack(logits)
+        if self.config.gate == "entropy":
+            stacked = entropy_gate(stacked)
+        return AdaptResult(logits=stacked, losses=losses_t)
+
+    def _step(self, x: torch.Tensor, params: list[nn.Parameter],
+              opt: torch.optim.Optimizer | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adaptation step: (the main logits at the weights before it, the loss it took).
+        Default: one gradient step of `opt` on `_step_loss`."""
+        pred, loss = self._step_loss(x)
+        if not loss.requires_grad:
+            raise ValueError(f"the {self.name} loss does not depend on the adapted "
+                             f"parameters; choose another adapt_params")
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = _like(g, p)
+        opt.step()
+        return pred, loss
 
     _wants_batch_start: ClassVar[bool] = False  # True if `_begin_batch` needs the snapshot
 

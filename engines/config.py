@@ -7,11 +7,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["ADAPT_PARAMS", "MODES", "OPTIMIZERS", "EngineConfig", "IT3Config", "TTTConfig"]
+__all__ = ["ADAPT_PARAMS", "GATES", "MODES", "OPTIMIZERS", "EngineConfig", "IT3Config", "TTAConfig",
+           "TTTConfig"]
 
 ADAPT_PARAMS = ("all", "encoder", "model", "norm")
 OPTIMIZERS = ("adam", "sgd")
 MODES = ("episodic", "online")
+GATES = ("none", "entropy")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class EngineConfig:
         the split would change — untraceable, hooks on the model or backward hooks, state
         changed in forward, a rest that reads the batch size (TTT) — run whole forwards (the
         refusals with a RuntimeWarning).
+    gate: "none" (the prediction after step k is the adapted model's) or "entropy": per
+        sample, step k's prediction is kept only if its entropy is lower than at step 0, else
+        the unadapted prediction stands. No labels are used; it depends on steps 0 and k only,
+        so the anytime contract holds. Costs nothing (the logits exist). Measured on TTT
+        (benchmarks/README.md, "Where TTT loses"): it removes the motion-blur/scale/translate
+        losses at the price of part of the noise gains.
     train_epochs, train_batch_size, train_lr: joint-training defaults (Adam).
     """
 
@@ -60,12 +68,15 @@ class EngineConfig:
     seed: int = 0
     channels_last: bool = True
     split_model: bool = True
+    gate: str = "none"
     train_epochs: int = 1
     train_batch_size: int = 64
     train_lr: float = 1e-3
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "adapt_params": ADAPT_PARAMS, "optimizer": OPTIMIZERS, "mode": MODES}
+        "adapt_params": ADAPT_PARAMS, "optimizer": OPTIMIZERS, "mode": MODES,
+        "gate": GATES}
+    requires_layer: ClassVar[bool] = True  # False: a method with no auxiliary part
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -87,7 +98,7 @@ class EngineConfig:
                 and self.adam_eps > 0):
             raise ValueError(f"{name}: lr, train_lr, adam_eps must be > 0 and "
                              f"aux_weight >= 0")
-        if not self.layer:
+        if not self.layer and self.requires_layer:
             raise ValueError(f"{name}.layer is empty; name the layer to attach to, e.g. 'fc2'")
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,3 +234,40 @@ class IT3Config(EngineConfig):
                              "0 <= hint_dropout < 1")
         if self.hint_shift < 0:
             raise ValueError("IT3Config: hint_shift must be >= 0")
+
+
+@dataclass(frozen=True)
+class TTAConfig(EngineConfig):
+    """Fields of the fully test-time methods (norm, tent, eata, sar, memo, cotta, lame): no
+    auxiliary part, no joint training, no layer (`layer`, `aux_weight`, `split_model` and the
+    train_* fields are unused; LAME reads `layer`, see engines/lame.py).
+
+    adapt_params: "norm" (the affine parameters of BatchNorm/GroupNorm/LayerNorm), "model" /
+        "all" (every model parameter; there is no auxiliary part), "none" (no parameter).
+    bn_prior: how BatchNorm layers normalise inside `adapt()`/`predict()`, whatever the
+        train/eval flag: with (1 - bn_prior) * test-batch + bn_prior * source (running)
+        statistics (Schneider et al. 2020; MEMO's prior N/(N+1)). 0 = the test batch's own
+        statistics (BN-adapt, Tent); 1 = the source statistics (the model as trained). The
+        running statistics are never updated. In [0, 1].
+    Defaults: Adam 1e-3, 1 step per batch, online, batch 200 — the CIFAR-10-C settings of
+    Tent, EATA, SAR and CoTTA in mariodoebler/test-time-adaptation cfgs/cifar10_c/*.yaml
+    (Tent's own README: Adam 1e-3, batch 128, 1 step). Each method overrides what differs.
+    """
+
+    layer: str = ""
+    adapt_params: str = "norm"
+    steps: int = 1
+    lr: float = 1e-3
+    batch_size: int = 200
+    mode: str = "online"
+    bn_prior: float = 0.0
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **EngineConfig.choices, "adapt_params": ("all", "model", "none", "norm")}
+    requires_layer: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.bn_prior <= 1.0:
+            raise ValueError(f"{type(self).__name__}.bn_prior must be in [0, 1], "
+                             f"got {self.bn_prior}")

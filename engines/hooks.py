@@ -106,8 +106,9 @@ class DryRun:
 
 def dry_run(model: nn.Module, example_input: torch.Tensor, layer: str) -> DryRun:
     """Run `model(example_input)` once, in eval mode and without grad, restoring every
-    submodule's train/eval flag afterwards (so BatchNorm statistics are not touched)."""
-    target = find_module(model, layer)
+    submodule's train/eval flag afterwards (so BatchNorm statistics are not touched).
+    An empty `layer` (a method without one): the features are the logits."""
+    target = find_module(model, layer) if layer else None
     names = {module: name for name, module in model.named_modules()}
     order: list[str] = []
     handles = []
@@ -122,7 +123,7 @@ def dry_run(model: nn.Module, example_input: torch.Tensor, layer: str) -> DryRun
         for module in model.modules():
             handles.append(module.register_forward_hook(record))
         model.eval()
-        with torch.no_grad(), capture_output(target) as store:
+        with torch.no_grad(), capture_output(target or model) as store:
             logits = model(example_input)
     finally:
         for handle in handles:

@@ -25,9 +25,12 @@ Design
   not reproducible from one process to the next, and Adam amplifies the last bits.
   Actors ask Ray for `cpus_per_actor` CPUs, or a fraction so that the pool fits the cluster.
   Actors read and write their own files: there are no extra Ray tasks to starve.
-- Everything is validated before Ray starts: the checkpoint (missing, truncated, tampered,
-  other method than `method`), every shard (schema, empty, NaN pixels, duplicate ids or
-  names, other dataset than the checkpoint's), the numbers and the results folder.
+- Everything that needs no pixels is validated before Ray starts: the checkpoint (missing,
+  truncated, tampered, other method than `method`), every shard from its Parquet footer only
+  (schema, empty, other dataset or image shape than the checkpoint's, duplicate names, an id
+  range too small for the rows), the numbers and the results folder. The content checks
+  (NaN pixels, duplicate sample ids, mixed corruption values) run in the actor that reads
+  the shard and fail the run with the shard's name: the driver never reads image payloads.
 - Test hook: `TTT_PIPE_TEST_KILL_ONCE=<marker path>` makes the first actor that creates the
   marker `os._exit(1)` after its first batch (the pool must recover).
 """
@@ -50,11 +53,12 @@ import pyarrow.parquet as pq
 from jobs.pool import PoolPlan, plan_pool, run_pool
 from jobs.shard_worker import MODES, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
-from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
+from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
 from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, accuracy_table,
                               predictions_uri, shard_name)
-from pipeline.shards import list_shards, read_shard
+from pipeline.shards import list_shards, read_shard_footer
 
 __all__ = ["AdaptRequest", "AdaptPlan", "ShardInfo", "AdaptOutcome", "KILL_ENV",
            "prepare_adapt", "run_adapt", "finalize_results"]
@@ -62,6 +66,7 @@ __all__ = ["AdaptRequest", "AdaptPlan", "ShardInfo", "AdaptOutcome", "KILL_ENV",
 log = logging.getLogger(__name__)
 
 KILL_ENV = "TTT_PIPE_TEST_KILL_ONCE"
+_SHARD_FIX = "regenerate it with ttt-pipe corrupt or import-corrupted"
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class AdaptRequest:
     seed: int = 0
     address: str | None = None
     method: str | None = None
+    trust_model: str | None = None  # comma list of modules a model import path may come from
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     _check_numbers(req)
     req = dataclasses.replace(req, **{k: _absolute(getattr(req, k)) for k in ("checkpoint", "shards", "out")})
     ckpt = load_checkpoint(req.checkpoint, expect_method=req.method)
+    check_adaptable(ckpt, req.trust_model)  # a source model or an untrusted import path: fail here
     try:
         settings = _settings(req, ckpt)
     except (TypeError, ValueError) as exc:
@@ -183,6 +190,7 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     if storage.exists(req.out) and not storage.is_dir(req.out):
         raise TTTPipeError(f"--out {req.out} is a file; pass a folder for the results")
     dataset = ckpt.dataset
+    shape = checkpoint_image_shape(ckpt)
     infos: list[ShardInfo] = []
     seen: dict[str, str] = {}
     for uri in list_shards(req.shards):
@@ -191,18 +199,24 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
             raise TTTPipeError(f"two shards named {name} ({seen[name]} and {uri}); "
                                "their predictions would collide; pass one of them")
         seen[name] = uri
-        shard = read_shard(uri)  # validates schema, emptiness, NaN pixels
-        if np.unique(shard.sample_ids).size != len(shard.sample_ids):
-            raise TTTPipeError(f"shard '{uri}' repeats sample ids; regenerate it with ttt-pipe corrupt")
-        if shard.metadata.get("dataset") != dataset:
-            raise TTTPipeError(f"shard '{uri}' holds {shard.metadata.get('dataset')!r} images but the "
+        # Footer only (schema, rows, metadata, statistics): the driver never reads pixels;
+        # the actor that reads the shard checks its content (NaN pixels, duplicate ids).
+        shard = read_shard_footer(uri)
+        if shard.dataset != dataset:
+            raise TTTPipeError(f"shard '{uri}' holds {shard.dataset!r} images but the "
                                f"checkpoint was trained on {dataset!r}; use shards of the same dataset")
+        if shard.image_shape != shape:
+            raise TTTPipeError(f"shard '{uri}' holds images of shape {shard.image_shape} but the "
+                               f"checkpoint expects {shape}; use shards made for that model's data")
+        if shard.min_id is not None and shard.max_id - shard.min_id + 1 < shard.rows:
+            raise TTTPipeError(f"shard '{uri}' repeats sample ids ({shard.rows} rows, ids "
+                               f"{shard.min_id}..{shard.max_id}); {_SHARD_FIX}")
         pred = predictions_uri(req.out, uri)
         done = storage.exists(pred)
         if done:
             _check_existing(pred, name, settings)
         infos.append(ShardInfo(uri=uri, name=name, corruption=shard.corruption,
-                               severity=shard.severity, samples=len(shard), done=done))
+                               severity=shard.severity, samples=shard.rows, done=done))
     return AdaptPlan(request=req, checkpoint=ckpt, settings=settings, shards=infos,
                      validate_s=time.perf_counter() - started)
 
@@ -315,7 +329,8 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
             _start_results(plan)
             try:
                 pool = run_pool(plan.checkpoint, plan.settings, pool_plan, tasks,
-                                on_done=on_shard_done, kill_marker=os.environ.get(KILL_ENV))
+                                on_done=on_shard_done, kill_marker=os.environ.get(KILL_ENV),
+                                trusted=trusted_modules(req.trust_model))
             finally:
                 _remove_stale_temps(req.out)
             summaries = pool["shards"]

@@ -7,7 +7,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from jobs.commands import adapt, corrupt, report, run, train
+from jobs.commands import adapt, corrupt, import_corrupted, import_model, report, run, train
 from jobs.console import fail
 
 __all__ = ["app", "main"]
@@ -44,9 +44,11 @@ app = typer.Typer(
 )
 app.command("train")(train.command)
 app.command("corrupt")(corrupt.command)
+app.command("import-corrupted")(import_corrupted.command)
 app.command("adapt")(adapt.command)
 app.command("report")(report.command)
 app.command("run")(run.command)
+app.command("import-model")(import_model.command)
 
 
 def main() -> None:

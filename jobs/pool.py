@@ -23,6 +23,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from jobs.shard_worker import AdaptSettings, ShardWorker
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import TTTPipeError
+from pipeline.model_spec import TRUST_ENV
 
 __all__ = ["PoolPlan", "plan_pool", "run_pool", "actor_env"]
 
@@ -92,7 +93,7 @@ def _error_line(exc: BaseException) -> str:
 
 def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
              tasks: Sequence[tuple[str, str]], on_done: Callable[[dict], None] | None = None,
-             kill_marker: str | None = None) -> dict:
+             kill_marker: str | None = None, trusted: Sequence[str] = ()) -> dict:
     """Adapt every `(shard_uri, out_uri)` in `tasks` on a pool of actors (Ray must be up).
 
     Calls `on_done(summary)` in the driver as each shard finishes. Returns pool timings:
@@ -102,9 +103,12 @@ def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
     Ctrl-C, after their in-flight calls have stopped.
     """
     started = time.perf_counter()
+    env = actor_env()
+    if trusted:
+        env[TRUST_ENV] = ",".join(trusted)
     remote_cls = ray.remote(ShardWorker).options(
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=-1,
-        runtime_env={"env_vars": actor_env()})
+        runtime_env={"env_vars": env})
     device = "auto" if plan.num_gpus > 0 else "cpu"
     # Each actor loads (and sha-checks) the checkpoint itself, from storage every node reads:
     # a restarted actor needs nothing the driver still has to hold in the object store.

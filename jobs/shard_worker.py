@@ -80,7 +80,7 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
                                             ("sample_id", "step", "label", "pred", "conf", "batch", "loss")}
     for b, start in enumerate(range(0, n, settings.batch_size)):
         stop = min(start + settings.batch_size, n)
-        x = torch.from_numpy(np.array(shard.images[start:stop])).to(device)  # a writable copy
+        x = torch.from_numpy(np.array(shard.pixels(start, stop))).to(device)  # float32, writable
         result = _adapt_batch(engine, x, settings)
         with torch.no_grad():
             probs = torch.softmax(result.logits.detach().float(), dim=-1)   # (K+1, B, C)
@@ -91,7 +91,8 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
         steps = k + 1
         bsz = stop - start
         columns["sample_id"].append(np.tile(shard.sample_ids[start:stop], steps))
-        columns["label"].append(np.tile(shard.labels[start:stop], steps))
+        if shard.labels is not None:
+            columns["label"].append(np.tile(shard.labels[start:stop], steps))
         columns["step"].append(np.repeat(np.arange(steps), bsz))
         columns["pred"].append(pred.reshape(-1))
         columns["conf"].append(conf.reshape(-1))
@@ -101,8 +102,12 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
             after_batch(b)
     cat = {c: np.concatenate(v) if v else np.empty(0) for c, v in columns.items()}
     rows = len(cat["sample_id"])
-    label = cat["label"].astype(np.int16)
     pred = cat["pred"].astype(np.int16)
+    if shard.labels is None:  # unlabelled data: predictions only, label and correct null
+        label, correct = pa.nulls(rows, pa.int16()), pa.nulls(rows, pa.bool_())
+    else:
+        label = pa.array(cat["label"].astype(np.int16))
+        correct = pa.array(cat["label"].astype(np.int16) == pred)
     arrays = {
         "sample_id": pa.array(cat["sample_id"].astype(np.int64)),
         "shard": pa.array([shard.name] * rows, pa.string()),
@@ -110,9 +115,9 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
         "severity": pa.array(np.full(rows, shard.severity, dtype=np.int8)),
         "method": pa.array([settings.method] * rows, pa.string()),
         "step": pa.array(cat["step"].astype(np.int16)),
-        "label": pa.array(label),
+        "label": label,
         "pred": pa.array(pred),
-        "correct": pa.array(label == pred),
+        "correct": correct,
         "confidence": pa.array(cat["conf"].astype(np.float32)),
         "batch": pa.array(cat["batch"].astype(np.int32)),
         "loss": pa.array(cat["loss"].astype(np.float32)),
@@ -155,7 +160,7 @@ class ShardWorker:
     def process(self, shard_uri: str, out_uri: str) -> dict:
         """Adapt one shard and write `out_uri` atomically; return counts and timings."""
         t0 = time.perf_counter()
-        shard = read_shard(shard_uri)
+        shard = read_shard(shard_uri)  # the content checks (NaN, duplicate ids) run here
         t1 = time.perf_counter()
         table = predict_shard(self.engine, shard, self.settings, self.device,
                               after_batch=self._maybe_die if self.kill_marker else None)

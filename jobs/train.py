@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -55,6 +55,9 @@ class TrainSpec:
     data_dir: str | None = None
     gpus: float | None = None  # None: one GPU if the cluster has any, else CPU
     cpus: float = 1.0          # CPUs the trainer reserves on CPU; torch runs floor(cpus) threads
+    model_kwargs: dict = field(default_factory=dict)  # --model-kwargs (pipeline/model_spec.py)
+    normalize: str | None = None  # --normalize; None: the model's default
+    trusted: tuple[str, ...] = ()  # modules the trainer may import (--trust-model + --model's own)
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,22 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  aux_weight: float | None = None, layer: str | None = None, limit: int | None = None,
                  seed: int = 0, data_dir: str | None = None, gpus: float | None = None,
-                 cpus: float = 1.0) -> TrainSpec:
+                 cpus: float = 1.0, model_kwargs: str | dict | None = None, normalize: str | None = None,
+                 trust_model: str | None = None) -> TrainSpec:
     """Fill in the method's defaults (its config class, the seed tutorials) and check every value."""
     import engines
     from pipeline.datasets import get_dataset
-    from pipeline.models import build_model, list_models
+    from pipeline.model_spec import (check_model_name, is_import_path, layer_check_model, layer_for,
+                                     parse_import_path, parse_model_kwargs, parse_trusted,
+                                     resolve_model_spec)
 
-    get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
+    ds = get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
     model = model or DEFAULT_MODELS.get(method, "")
-    if model not in list_models():
-        raise TTTPipeError(f"unknown model {model!r}; choose from: {', '.join(list_models())}")
+    check_model_name(model)
+    trusted = parse_trusted(trust_model)
+    if is_import_path(model):  # naming it on the command line trusts it for this run
+        trusted = tuple(dict.fromkeys(trusted + (parse_import_path(model)[0],)))
+    model_spec = resolve_model_spec(model, ds, normalize=normalize, model_kwargs=model_kwargs)
     checks = [(epochs, "--epochs", 1), (batch_size, "--batch-size", 1), (limit, "--limit", 1)]
     for value, flag, low in checks:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -112,6 +121,8 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
     if not str(out).strip():
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. runs/ttt-ckpt")
     config_cls = _config_cls(method)
+    check_model = layer_check_model(model_spec, trusted)  # zoo: on the meta device
+    layer = layer_for(model, method, layer, check_model)
     changes = {"seed": int(seed)}
     for key, value in (("train_epochs", epochs), ("train_batch_size", batch_size), ("train_lr", lr),
                        ("aux_weight", aux_weight), ("layer", layer)):
@@ -119,13 +130,15 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
             changes[key] = value
     try:
         config = config_cls(**changes)
-        engines.find_module(build_model(model), config.layer)  # a bad --layer fails before Ray
+        engines.find_module(check_model, config.layer)  # a bad --layer fails before Ray
     except (TypeError, ValueError) as exc:
         raise TTTPipeError(str(exc).splitlines()[0]) from None
     return TrainSpec(method=method, dataset=dataset, out=_local_abspath(str(out)), model=model,
                      epochs=config.train_epochs, batch_size=config.train_batch_size,
                      lr=config.train_lr, config=config.to_dict(), seed=int(seed), limit=limit,
-                     data_dir=_local_abspath(data_dir), gpus=gpus, cpus=float(cpus))
+                     data_dir=_local_abspath(data_dir), gpus=gpus, cpus=float(cpus),
+                     model_kwargs=parse_model_kwargs(model_kwargs), normalize=normalize,
+                     trusted=trusted)
 
 
 def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, local: bool,
@@ -162,9 +175,9 @@ class Trainer:
         self.spec, self.threads = spec, threads
 
     def setup(self) -> dict:
-        import engines
+        from pipeline.checkpoint import dataset_entry
         from pipeline.datasets import load_split, to_float
-        from pipeline.models import build_model
+        from pipeline.model_spec import build_model_from_spec, make_engine, resolve_model_spec
 
         spec = self.spec
         torch.set_num_threads(self.threads)
@@ -174,15 +187,15 @@ class Trainer:
         if n == 0:
             raise TTTPipeError(f"the {spec.dataset} train split is empty; pass the full files with --data-dir")
         ds = split.spec
-        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, 1, 28, 28) pixel units
+        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, C, H, W) pixel units
         self.y = torch.from_numpy(split.labels[:n]).to(self.device)            # (N,) int64
-        self.model_kwargs = {"mean": float(ds.mean), "std": float(ds.std), "num_classes": int(ds.num_classes)}
-        self.dataset_info = {"name": ds.name, **self.model_kwargs, "image_shape": list(ds.image_shape)}
+        self.model_spec = resolve_model_spec(spec.model, ds, normalize=spec.normalize,
+                                             model_kwargs=spec.model_kwargs)
+        self.dataset_info = dataset_entry(ds)
         torch.manual_seed(spec.seed)  # the model's initial weights
-        model = build_model(spec.model, **self.model_kwargs)
-        engine_cls = engines.get_engine(spec.method)
-        config = engine_cls.config_cls.from_dict(spec.config)
-        self.engine = engine_cls(model, self.x[:1].cpu(), config).to(self.device)
+        model = build_model_from_spec(self.model_spec, spec.trusted)
+        config = _config_cls(spec.method).from_dict(spec.config)
+        self.engine = make_engine(spec.method, model, self.x[:1].cpu(), config, spec.model).to(self.device)
         self.engine.train()
         self.optimizer = torch.optim.Adam(self.engine.parameters(), lr=spec.lr)
         self.shuffle = torch.Generator().manual_seed(spec.seed)
@@ -232,7 +245,7 @@ class Trainer:
 
         spec = self.spec
         manifest = {
-            "model": {"name": spec.model, "kwargs": self.model_kwargs},
+            "model": self.model_spec.to_manifest(),
             "method": {"name": spec.method, "config": spec.config},
             "dataset": self.dataset_info,
             "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,

@@ -1,9 +1,14 @@
 """The joint checkpoint: a directory with `weights.pt` (the engine's state_dict) and `manifest.json`.
 
-The manifest says how to rebuild the engine (model name and kwargs, method name and config,
-dataset and normalisation), how it was trained (epochs, batch size, lr, seed, limit, per-epoch
+The manifest says how to rebuild the engine (the model spec: a zoo name or an import path, its
+kwargs and normalisation, pipeline/model_spec.py; method name and config; dataset), how it was trained (epochs, batch size, lr, seed, limit, per-epoch
 metrics, seconds) and the sha256 of `weights.pt`, so a checkpoint is checked before it is
 unpickled and loaded with `torch.load(weights_only=True)` (tensors only, never arbitrary pickle).
+
+A `source` checkpoint (method name "source", written by `ttt-pipe import-model`) holds a model
+alone: `weights.pt` is the model's own state_dict and no method part exists yet. Its model can be
+built (`build_model_from_checkpoint`), but no engine: a method's auxiliary part must be trained
+on it first. A model given by import path is built only when its module is trusted.
 
 Writes are atomic. Local paths: both files go into a hidden temporary sibling directory that is
 renamed into place, so the directory either exists complete or not at all. Object stores
@@ -37,13 +42,20 @@ __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "SOURCE_METHOD",
     "build_engine_from_checkpoint",
+    "checkpoint_image_shape",
+    "build_model_from_checkpoint",
+    "check_adaptable",
+    "dataset_entry",
+    "model_state_dict",
 ]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "weights.pt"
 MANIFEST_NAME = "manifest.json"
 _REQUIRED = ("format_version", "model", "method", "dataset", "weights_sha256")
+SOURCE_METHOD = "source"  # a model without any method's auxiliary part (import-model)
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,25 @@ class Checkpoint:
     @property
     def dataset(self) -> str:
         return self.manifest["dataset"]["name"]
+
+
+def checkpoint_image_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """The (C, H, W) the checkpoint's model takes: the manifest's ``dataset.image_shape``;
+    manifests written before that key existed are of a registered dataset, whose spec says."""
+    shape = ckpt.manifest["dataset"].get("image_shape")
+    if shape is None:
+        from pipeline.datasets import get_dataset
+
+        try:
+            shape = get_dataset(ckpt.dataset).image_shape
+        except TTTPipeError:
+            raise TTTPipeError(f"checkpoint {ckpt.uri} has no dataset.image_shape in its manifest "
+                               f"and {ckpt.dataset!r} is not a known dataset; retrain it") from None
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(isinstance(v, int) and v > 0 for v in shape)):
+        raise TTTPipeError(f"checkpoint {ckpt.uri} has an invalid dataset.image_shape {shape!r}; "
+                           "retrain it")
+    return tuple(int(v) for v in shape)
 
 
 def _utc_now() -> str:
@@ -169,6 +200,8 @@ def load_checkpoint(uri: str, expect_method: str | None = None, map_location: st
             f"checkpoint {uri} has format_version {version!r}; this ttt-pipe reads {FORMAT_VERSION}: "
             "retrain it or use a matching ttt-pipe")
     method = manifest["method"].get("name")
+    if expect_method is not None and method == SOURCE_METHOD and expect_method != SOURCE_METHOD:
+        raise TTTPipeError(_source_message(uri, expect_method))
     if expect_method is not None and method != expect_method:
         raise TTTPipeError(
             f"checkpoint {uri} was trained for method {method!r}, not {expect_method!r}; "
@@ -195,30 +228,80 @@ def load_checkpoint(uri: str, expect_method: str | None = None, map_location: st
     return Checkpoint(uri=uri, manifest=manifest, state_dict=state_dict)
 
 
-def build_engine_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"):
-    """Rebuild the zoo model and the method's engine from `ckpt.manifest`, load the weights.
+def _source_message(uri: str, method: str | None) -> str:
+    m = method or "ttt|it3"
+    return (f"checkpoint {uri} is a source model (imported, no auxiliary part); train {m}'s part on "
+            f"it first: ttt-pipe train --method {m} --init {uri} --train aux")
 
-    Returns the engine (an `nn.Module`) on `device`, in the mode it was built in.
+
+def dataset_entry(spec) -> dict[str, Any]:
+    """The manifest's `dataset` entry for a DatasetSpec: name (its identity), mean, std (a float
+    when one channel, else a list), num_classes, image_shape."""
+    def plain(v):
+        v = list(v) if isinstance(v, (tuple, list)) else [v]
+        return float(v[0]) if len(v) == 1 else [float(x) for x in v]
+
+    return {"name": spec.name, "mean": plain(spec.mean), "std": plain(spec.std),
+            "num_classes": int(spec.num_classes), "image_shape": [int(v) for v in spec.image_shape]}
+
+
+def check_adaptable(ckpt: Checkpoint, trusted=None) -> None:
+    """Fail now, in one line, if adaptation actors could not build `ckpt`'s engine: a source
+    checkpoint (no method part), or a model import path whose module is not trusted."""
+    from pipeline.model_spec import check_trusted, is_import_path
+
+    if ckpt.method == SOURCE_METHOD:
+        raise TTTPipeError(_source_message(ckpt.uri, None))
+    name = ckpt.manifest["model"].get("name", "")
+    if is_import_path(name):
+        check_trusted(name, trusted, ckpt.uri)
+
+
+def model_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The model's own weights: all of a source checkpoint, the `model.` part of an engine's."""
+    if ckpt.method == SOURCE_METHOD:
+        return dict(ckpt.state_dict)
+    return {k[len("model."):]: v for k, v in ckpt.state_dict.items() if k.startswith("model.")}
+
+
+def _load_strict(module, state_dict, ckpt: Checkpoint, what: str) -> None:
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise TTTPipeError(f"checkpoint {ckpt.uri} does not fit {what}: {first}; retrain it") from None
+
+
+def build_model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu", trusted=None):
+    """The checkpoint's model (zoo or trusted import path) with its weights, on `device`."""
+    from pipeline.model_spec import build_model_from_spec
+
+    model = build_model_from_spec(ckpt.manifest["model"], trusted, origin=ckpt.uri)
+    _load_strict(model, model_state_dict(ckpt), ckpt, f"model {ckpt.model_name!r}")
+    return model.to(device)
+
+
+def build_engine_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu", trusted=None):
+    """Rebuild the model and the method's engine from `ckpt.manifest`, load the weights.
+
+    Returns the engine (an `nn.Module`) on `device`, in the mode it was built in. A model given
+    by import path needs its module trusted (`trusted` + $TTT_PIPE_TRUSTED_MODULES); a source
+    checkpoint has no engine (one-line error saying how to train its method part).
     """
     import engines  # pipeline may import engines; engines never import pipeline
-    from pipeline.models import build_model
+    from pipeline.model_spec import build_model_from_spec, make_engine
 
     m = ckpt.manifest
-    model = build_model(m["model"]["name"], **m["model"].get("kwargs", {}))
+    if ckpt.method == SOURCE_METHOD:
+        raise TTTPipeError(_source_message(ckpt.uri, None))
+    model = build_model_from_spec(m["model"], trusted, origin=ckpt.uri)
     try:
-        engine_cls = engines.get_engine(m["method"]["name"])
         config = engines.config_from_dict(m["method"]["name"], m["method"].get("config", {}))
     except (KeyError, ValueError) as exc:
         msg = exc.args[0] if exc.args else exc
         raise TTTPipeError(f"checkpoint {ckpt.uri}: {msg}") from None
-    shape = tuple(m["dataset"].get("image_shape", (1, 28, 28)))
-    example = torch.zeros(1, *shape)
-    engine = engine_cls(model, example, config)
-    try:
-        engine.load_state_dict(ckpt.state_dict)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise TTTPipeError(
-            f"checkpoint {ckpt.uri} does not fit model {m['model']['name']!r} with method "
-            f"{m['method']['name']!r}: {first}; retrain it") from None
+    example = torch.zeros(1, *checkpoint_image_shape(ckpt))
+    engine = make_engine(m["method"]["name"], model, example, config, m["model"]["name"])
+    _load_strict(engine, ckpt.state_dict, ckpt,
+                 f"model {m['model']['name']!r} with method {m['method']['name']!r}")
     return engine.to(device)

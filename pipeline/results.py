@@ -85,7 +85,9 @@ def predictions_uri(results_uri: str, shard: str) -> str:
 def accuracy_table(pred: pa.Table) -> pa.Table:
     """Aggregate predictions to one row per (method, corruption, severity, step), sorted.
 
-    `n` counts predictions, `correct` the correct ones, `accuracy = correct / n`.
+    `n` counts predictions, `correct` the correct ones, `accuracy = correct / n`. Unlabelled
+    data (null `label`/`correct`): `correct` and `accuracy` are null (predictions only); in a
+    group mixing both, `accuracy` is over the labelled rows.
     """
     missing = [c for c in (*_GROUP_KEYS, "correct") if c not in pred.column_names]
     if missing:
@@ -97,10 +99,11 @@ def accuracy_table(pred: pa.Table) -> pa.Table:
     keys = pred.select(_GROUP_KEYS).cast(pa.schema([ACCURACY_SCHEMA.field(k) for k in _GROUP_KEYS]))
     hits = pc.cast(pred.column("correct"), pa.int64())
     grouped = keys.append_column("hit", hits).group_by(_GROUP_KEYS).aggregate(
-        [("hit", "count"), ("hit", "sum")])
-    n = grouped.column("hit_count").cast(pa.int64())
-    correct = grouped.column("hit_sum").cast(pa.int64())
-    acc = pc.divide(pc.cast(correct, pa.float64()), pc.cast(n, pa.float64()))
+        [([], "count_all"), ("hit", "count"), ("hit", "sum")])
+    n = grouped.column("count_all").cast(pa.int64())
+    labelled = grouped.column("hit_count").cast(pa.int64())
+    correct = grouped.column("hit_sum").cast(pa.int64())  # null where no row is labelled
+    acc = pc.divide(pc.cast(correct, pa.float64()), pc.cast(labelled, pa.float64()))
     table = pa.Table.from_arrays(
         [*(grouped.column(k) for k in _GROUP_KEYS), n, correct, acc], schema=ACCURACY_SCHEMA)
     return table.sort_by([(k, "ascending") for k in _GROUP_KEYS])
@@ -131,6 +134,11 @@ class Results:
     def shard_uris(self) -> list[str]:
         """Every shard the run was asked to process (from run.json), as given there."""
         return [str(s) for s in self.run.get("shards", [])]
+
+    @property
+    def labelled(self) -> bool:
+        """False when no prediction has a label (unlabelled data: accuracy left out)."""
+        return self.accuracy.column("accuracy").null_count < self.accuracy.num_rows
 
     @property
     def complete(self) -> bool:

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pipeline.datasets import list_datasets
+import typer
 
-__all__ = ["DatasetName", "command_argv"]
+from pipeline.datasets import dataset_forms, get_dataset, list_datasets
+from pipeline.errors import TTTPipeError
 
-DatasetName = Enum("DatasetName", {name: name for name in list_datasets()}, type=str)
-DatasetName.__doc__ = "Datasets ttt-pipe can read (pipeline.datasets.DATASETS)."
+__all__ = ["DATASET_HELP", "check_dataset", "command_argv"]
+
+DATASET_HELP = (f"Dataset: {', '.join(dataset_forms())} (an ImageFolder tree with train/ and "
+                "val/ or test/, one subfolder per class).")
+
+
+def check_dataset(value: str | None) -> str | None:
+    """Typer callback of ``--dataset``: the form, checked by get_dataset (a folder's class
+    subfolders are listed; no image is read)."""
+    if value is None:
+        return None
+    if value.lower() in list_datasets():
+        value = value.lower()
+    try:
+        get_dataset(value)
+    except TTTPipeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 def command_argv(command: str, **opts) -> list[str]:

@@ -41,6 +41,10 @@ def accuracy_rich_table(accuracy, title: str = "Accuracy (%) before and after ad
     for name in ("corruption", "severity", "n", "acc@0", f"acc@{last}", "gain"):
         table.add_column(name, justify="left" if name == "corruption" else "right")
     for (method, corruption, severity), steps in sorted(by_key.items()):
+        if steps[0]["accuracy"] is None or steps[last]["accuracy"] is None:  # unlabelled data
+            cells = [corruption, str(severity), str(steps[0]["n"]), "no labels", "no labels", ""]
+            table.add_row(*([method] if len(methods) > 1 else []), *cells)
+            continue
         a0, ak = steps[0]["accuracy"] * 100, steps[last]["accuracy"] * 100
         gain = ak - a0
         style = "green" if gain > 0 else ("red" if gain < 0 else "")
@@ -98,6 +102,9 @@ def command(
     method: Annotated[str | None, typer.Option(
         help="Expected method (ttt, it3): fail if the checkpoint was trained for another.",
         show_default=False)] = None,
+    trust_model: Annotated[str | None, typer.Option(
+        help="Comma list of modules the checkpoint's model import path may come from "
+        "(also $TTT_PIPE_TRUSTED_MODULES); zoo models need none.", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster: auto, host:port, ray://host:10001, or http://head:8265 to submit a "
         "job [default: a local Ray for this command]", show_default=False)] = None,
@@ -111,12 +118,12 @@ def command(
         argv = command_argv("adapt", checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                          batch_size=batch_size, mode=mode, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
-                         method=method)
+                         method=method, trust_model=trust_model)
         raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
     request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                            batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
-                           address=address, method=method)
+                           address=address, method=method, trust_model=trust_model)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
     skipped = len(plan.shards) - len(outcome.shard_summaries)

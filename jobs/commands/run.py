@@ -13,15 +13,33 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import DatasetName
+from jobs.commands import DATASET_HELP, check_dataset
 from jobs.console import cli_errors, err_console
 from pipeline.errors import TTTPipeError
 
-__all__ = ["command", "DEMO_CORRUPTIONS", "reusable_checkpoint"]
+__all__ = ["command", "DEMO_CORRUPTIONS", "DEMO_RGB_CORRUPTIONS", "default_model",
+           "reusable_checkpoint"]
 
 
-# A spread of the suite (noise, blur, weather, digital) that adapts in a few minutes on 2 cores.
+# A spread of each suite (noise, blur, weather, digital) that adapts in a few minutes on 2 cores.
 DEMO_CORRUPTIONS = "gaussian_noise,shot_noise,impulse_noise,glass_blur,motion_blur,fog,zigzag"
+DEMO_RGB_CORRUPTIONS = ("gaussian_noise,shot_noise,impulse_noise,defocus_blur,motion_blur,"
+                        "contrast,pixelate,jpeg_compression")
+DEMO = {"mnist-c": DEMO_CORRUPTIONS, "imagenet-c": DEMO_RGB_CORRUPTIONS}
+# Images up to this side get the method's seed net (fast on a laptop, any C x H x W through
+# in_channels/image_size); larger ones (imagenet, folder:PATH at 224) a torchvision ResNet-18.
+_SEED_NET_MAX_SIDE = 64
+
+
+def default_model(method: str, spec) -> str:
+    """`run`'s model when --model is not given: the seed net of `method` (seed_cnn for ttt,
+    seed_rescnn for it3) for images up to 64 px (MNIST, Fashion-MNIST, CIFAR-10/100), else
+    resnet18."""
+    from jobs.train import DEFAULT_MODELS
+
+    if max(spec.image_shape[1:]) <= _SEED_NET_MAX_SIDE:
+        return DEFAULT_MODELS[method]
+    return "resnet18"
 
 
 class RunMethod(str, Enum):
@@ -39,12 +57,14 @@ def reusable_checkpoint(uri: str, spec) -> bool:
     none; TTTPipeError if there is a different one (we never overwrite a user's checkpoint)."""
     from pipeline import storage
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.datasets import get_dataset
 
     if not storage.exists(storage.join(uri, "manifest.json")):
         return False
     manifest = load_checkpoint(uri, expect_method=spec.method).manifest  # sha-verified
     training = manifest["training"]
-    wanted = {"method": spec.method, "dataset": spec.dataset, "model": spec.model,
+    # the identity (folder:PATH -> folder:<dirname>-<hash>), as train.py writes it
+    wanted = {"method": spec.method, "dataset": get_dataset(spec.dataset).name, "model": spec.model,
               **{k: getattr(spec, k) for k in _TRAINING_KEYS}}
     found = {"method": manifest["method"]["name"], "dataset": manifest["dataset"]["name"],
              "model": manifest["model"]["name"], **{k: training.get(k) for k in _TRAINING_KEYS}}
@@ -73,17 +93,25 @@ def _config_diff(method: str, stored: dict, wanted: dict) -> list[str]:
 
 @cli_errors
 def command(
-    dataset: Annotated[DatasetName, typer.Option(
-        help="Dataset: train split for training, test split for the shards.")] = "fashion-mnist",
+    dataset: Annotated[str, typer.Option(
+        help=f"{DATASET_HELP} Train split for training, test split for the shards.",
+        callback=check_dataset)] = "fashion-mnist",
     method: Annotated[RunMethod, typer.Option(
         help="Method to train and adapt with; 'both' runs TTT and IT3 and compares them.")] = "ttt",
     out: Annotated[str, typer.Option(
         help="Folder for everything: checkpoints/, shards/, results/, report/.")] = "runs/demo",
     data_dir: Annotated[Path | None, typer.Option(
-        help="Folder with the dataset's IDX files (default: search; see 'ttt-pipe corrupt --help').",
+        help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help').",
         show_default=False)] = None,
-    corruptions: Annotated[str, typer.Option(
-        help="Comma-separated corruptions, or 'all'.")] = DEMO_CORRUPTIONS,
+    model: Annotated[str | None, typer.Option(
+        help="Zoo model (default: the method's seed net, seed_cnn for ttt and seed_rescnn for "
+             "it3, for images up to 64 px: mnist, fashion-mnist, cifar10, cifar100; resnet18 "
+             "for larger ones). E.g. resnet26 for the TTT paper's CIFAR network.",
+        show_default=False)] = None,
+    corruptions: Annotated[str | None, typer.Option(
+        help="Comma-separated corruptions, or 'all' (RGB: also 'common', 'validation'). "
+             f"Default: grayscale {DEMO_CORRUPTIONS}; RGB {DEMO_RGB_CORRUPTIONS}.",
+        show_default=False)] = None,
     severities: Annotated[str, typer.Option(help="Comma-separated severities 1-5.")] = "5",
     limit: Annotated[int | None, typer.Option(
         min=1, help="Test samples per corruption (10000 = the whole test split).")] = 2000,
@@ -109,10 +137,13 @@ def command(
     from jobs.commands.train import summary as train_summary
     from jobs.commands.train import train_with_progress
     from jobs.train import resolve_spec
+    from jobs.corrupt import run_corrupt
     from pipeline import storage
-    from pipeline.corruptions import parse_corruptions, parse_severities
+    from pipeline.corruptions import parse_severities
+    from pipeline.corruptions.suites import parse_corruptions, suite_for
+    from pipeline.datasets import get_dataset, iter_split
     from pipeline.report import build_report
-    from pipeline.shard_maker import make_shards
+    from pipeline.shard_maker import plan_make
 
     if is_job_address(address):
         raise TTTPipeError("'ttt-pipe run' attaches to a cluster (auto, ray://...); to submit to "
@@ -120,10 +151,15 @@ def command(
     methods = ["ttt", "it3"] if method == RunMethod.both else [method.value]
     data = None if data_dir is None else str(data_dir)
     # Check every argument before the first (slow) stage starts.
-    parse_corruptions(corruptions)
+    suite = suite_for(get_dataset(dataset).image_shape)
+    corruptions = corruptions or DEMO[suite]
+    parse_corruptions(corruptions, suite)
     parse_severities(severities)
-    specs = {m: resolve_spec(m, dataset.value, storage.join(out, "checkpoints", m), epochs=epochs,
+    specs = {m: resolve_spec(m, dataset, storage.join(out, "checkpoints", m),
+                             model=model or default_model(m, get_dataset(dataset)), epochs=epochs,
                              limit=train_limit, seed=seed, data_dir=data) for m in methods}
+    for split in ("train", "test"):  # unreadable files fail here, before anything is written
+        next(iter_split(dataset, split, data, batch=1, rows=slice(0, 1)), None)
     shards = storage.join(out, "shards")
     with connect(address):  # one Ray for every stage
         for m, spec in specs.items():
@@ -134,8 +170,9 @@ def command(
                 train_summary(spec.out, train_with_progress(spec, address))
         err_console.print(f"[2/4] corrupt: {corruptions} at severities {severities}",
                           highlight=False, soft_wrap=True)
-        made = make_shards(dataset.value, shards, corruptions, severities, data_dir=data,
-                           limit=limit, seed=seed)
+        plan = plan_make(dataset, shards, corruptions, severities, data_dir=data, limit=limit,
+                         seed=seed)
+        made = run_corrupt(plan, address=address)["summary"]  # Ray tasks on this Ray
         err_console.print(f"      {len(made.shards)} shards, {made.rows:,} rows in {shards}",
                           highlight=False)
         results = []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from jobs.commands import DatasetName, command_argv
+from jobs.commands import DATASET_HELP, check_dataset, command_argv
 from jobs.console import cli_errors, console, err_console, progress
 
 
@@ -21,11 +21,20 @@ class Method(str, Enum):
 @cli_errors
 def command(
     method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
-    dataset: DatasetName = typer.Option(..., help="Dataset whose train split is used."),
+    dataset: str = typer.Option(..., help=f"{DATASET_HELP} Its train split is used.",
+                                callback=check_dataset),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
                                       "on a cluster, storage every node can read)."),
-    data_dir: Path = typer.Option(None, help="Folder with the dataset's IDX files (default: search)."),
-    model: str = typer.Option(None, help="Zoo model (default: seed_cnn for ttt, seed_rescnn for it3)."),
+    data_dir: Path = typer.Option(None, help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help')."),
+    model: str = typer.Option(None, help="Zoo model (seed_cnn, seed_rescnn, seed_cnn_bn, resnet26, wrn28_10, "
+                                         "resnet18, resnet50; default: seed_cnn for ttt, seed_rescnn for "
+                                         "it3) or your own package.module:factory (installed on every node)."),
+    model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' """
+                                                "(your factory gets exactly these)."),
+    normalize: str = typer.Option(None, help="Normalisation inside the model: none, dataset, imagenet, MEAN,STD "
+                                             "or [m1,m2,m3],[s1,s2,s3] (default: the model's; your own: none)."),
+    trust_model: str = typer.Option(None, help="Comma list of modules a model import path may come from "
+                                               "(also $TTT_PIPE_TRUSTED_MODULES); --model's own is trusted."),
     layer: str = typer.Option(None, help="Layer the auxiliary part attaches to (default: the method's)."),
     epochs: int = typer.Option(None, help="Training epochs (default: the method's: ttt 1, it3 2)."),
     batch_size: int = typer.Option(None, help="Training batch size (default: ttt 64, it3 256)."),
@@ -47,14 +56,16 @@ def command(
     from jobs.cluster import is_job_address, submit_job
     from jobs.train import resolve_spec
 
-    spec = resolve_spec(method.value, dataset.value, out, model=model, epochs=epochs,
+    spec = resolve_spec(method.value, dataset, out, model=model, epochs=epochs,
                         batch_size=batch_size, lr=lr, aux_weight=aux_weight, layer=layer,
                         limit=limit, seed=seed, data_dir=None if data_dir is None else str(data_dir),
-                        gpus=gpus, cpus=cpus)
+                        gpus=gpus, cpus=cpus, model_kwargs=model_kwargs, normalize=normalize,
+                        trust_model=trust_model)
     if is_job_address(address):
         argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
-                     aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus, cpus=cpus)
+                     aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus, cpus=cpus,
+                     model_kwargs=model_kwargs, normalize=normalize, trust_model=trust_model)
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)

@@ -57,12 +57,15 @@ def build_report(results_uris: list[str] | str, out: str | None = None,
         raise TTTPipeError(f"unknown format {fmt!r}; choose from: {', '.join(FORMATS)}")
     results: list[Results] = [read_results(u) for u in uris]
     out_dir = str(out) if out else storage.join(uris[0].rstrip("/"), "report")
-    table = comparison_table(results)
+    labelled = [r for r in results if r.labelled]
+    table = comparison_table(labelled)
     series = table.series
     notes = [f"{r.path} has no run.json: cannot tell whether shards are missing"
              for r in results if not r.run]
+    notes += [f"{r.path}: no labels (unlabelled data): its predictions are written, accuracy "
+              "is left out of the table and plots" for r in results if not r.labelled]
 
-    figures: list[tuple[str, str, str, bytes]] = [
+    figures: list[tuple[str, str, str, bytes]] = [] if not series else [
         ("accuracy_vs_steps.png", "Accuracy vs adaptation steps",
          "One panel per corruption; colour = severity, line style = method/run.",
          plots.accuracy_vs_steps(series)),

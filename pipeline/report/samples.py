@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from pipeline.report.plots import plt, to_png
 from pipeline.report.table import CLEAN
 from pipeline import storage
 from pipeline.results import shard_name
+from pipeline.shards import to_pixels
 
 __all__ = ["SampleGrid", "sample_grid"]
 
@@ -38,23 +40,26 @@ def _parse(name: str) -> tuple[str, int, int] | None:
 
 
 def _peek(uri: str, rows: int = _PEEK_ROWS) -> dict[str, np.ndarray]:
-    """The first `rows` rows of a shard: sample_id, label, image (n, 28, 28)."""
+    """The first `rows` rows of a shard: sample_id, label (None entries: unlabelled) and
+    image (n, H, W, C) in pixel units; the shape and dtype come from the shard's schema."""
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         batch = next(pf.iter_batches(batch_size=rows, columns=["sample_id", "label", "image"]))
         meta = pf.schema_arrow.metadata or {}
-    shape = (28, 28)
     raw = meta.get(b"ttt_pipe.image_shape")
-    if raw:
-        import json
-
-        shape = tuple(json.loads(raw))[-2:]
-    image = batch.column("image")
-    flat = image.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if not raw:
+        raise TTTPipeError(f"{uri} has no ttt_pipe.image_shape metadata")
+    shape = tuple(json.loads(raw))
+    flat = batch.column("image").flatten().to_numpy(zero_copy_only=False)
+    images = to_pixels(flat.reshape(len(batch), *shape))
     return {"sample_id": batch.column("sample_id").to_numpy(zero_copy_only=False),
-            "label": batch.column("label").to_numpy(zero_copy_only=False),
-            "image": flat.reshape(len(batch), *shape)}
+            "label": batch.column("label").to_pylist(),
+            "image": images.transpose(0, 2, 3, 1)}
+
+
+def _label(value) -> str:
+    return "?" if value is None else str(int(value))
 
 
 def _candidates(uris: list[str]) -> list[tuple[str, list[tuple[int, str]]]]:
@@ -97,7 +102,7 @@ def sample_grid(shard_uris: list[str], per_row: int = 8) -> SampleGrid:
         return SampleGrid(None, notes + ["no sample images: none of the run's shards could be read"])
     wanted = rows[0][1]["sample_id"][:per_row]
     ncols = min(per_row, max(len(r["sample_id"]) for _, r in rows))
-    height, width = rows[0][1]["image"].shape[1:]
+    height, width, channels = rows[0][1]["image"].shape[1:]
     gap = 3  # white pixels between images
     # one axes per row showing a strip of images: far faster than one axes per image
     fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * ncols + 1.6, 1.25 * len(rows) + 0.6),
@@ -107,20 +112,28 @@ def sample_grid(shard_uris: list[str], per_row: int = 8) -> SampleGrid:
         idx = [where[int(s)] for s in wanted if int(s) in where]
         if len(idx) < ncols:  # shards that do not share samples: show their first ones
             idx = list(range(min(ncols, len(data["sample_id"]))))
-        strip = np.ones((height, ncols * (width + gap) - gap), np.float32)
+        strip = np.ones((height, ncols * (width + gap) - gap, channels), np.float32)
         for j, k in enumerate(idx):
-            strip[:, j * (width + gap): j * (width + gap) + width] = np.clip(data["image"][k], 0, 1)
-        ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            image = data["image"][k]
+            if image.shape != (height, width, channels):  # another shape than the first row's
+                continue
+            strip[:, j * (width + gap): j * (width + gap) + width] = np.clip(image, 0, 1)
+        if channels == 1:  # grayscale; RGB strips are shown as they are
+            ax.imshow(strip[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(strip, interpolation="nearest")
         ax.set_xticks([j * (width + gap) + width / 2 for j in range(len(idx))])
-        ax.set_xticklabels([f"#{int(data['sample_id'][k])}: {int(data['label'][k])}" for k in idx],
-                           fontsize=7)
+        ax.set_xticklabels([f"#{int(data['sample_id'][k])}: {_label(data['label'][k])}"
+                            for k in idx], fontsize=7)
         ax.tick_params(length=0, pad=2)
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
         for spine in ax.spines.values():
             spine.set_visible(False)
-    fig.suptitle("Sample test images (#sample id: label): clean vs corrupted" if has_clean
-                 else "Sample test images (#sample id: label), corrupted only: no clean shard",
+    unlabelled = any(v is None for _, r in rows for v in r["label"][:ncols])
+    what = "#sample id: label" + ("; ? = no label" if unlabelled else "")
+    fig.suptitle(f"Sample test images ({what}): clean vs corrupted" if has_clean
+                 else f"Sample test images ({what}), corrupted only: no clean shard",
                  fontsize=12,
                  fontweight="bold")
     return SampleGrid(to_png(fig), notes)

@@ -30,7 +30,7 @@ class Series:
         """(corruption, severity, step) -> accuracy for this series."""
         rows = self.results.accuracy.to_pylist()
         return {(r["corruption"], r["severity"], r["step"]): r["accuracy"]
-                for r in rows if r["method"] == self.method}
+                for r in rows if r["method"] == self.method and r["accuracy"] is not None}
 
     @cached_property
     def steps(self) -> list[int]:

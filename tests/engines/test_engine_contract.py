@@ -1,5 +1,7 @@
 """The engine contract, checked for every registered engine (a new engine is tested the moment
-it is registered)."""
+it is registered): `TestContract` on every engine, on tiny RGB nets with BatchNorm and with
+GroupNorm; `TestJointContract` adds what engines with an auxiliary part promise (joint
+training, the layer, the facade's train mode) on the seed networks."""
 
 from __future__ import annotations
 
@@ -8,23 +10,140 @@ import torch
 
 import engines
 from pipeline.models import build_model
-from engine_helpers import MODEL_FOR, digits
+from engine_helpers import MODEL_FOR, TinyNet, digits, make_tiny_engine, rgb_batch
 
 ENGINES = engines.list_engines()
+JOINT = [n for n in ENGINES if engines.get_engine(n).needs_joint_training]
 
 
-def test_registry_lists_both_methods():
+def test_registry_lists_the_methods():
     assert ENGINES == sorted(ENGINES)
-    assert {"ttt", "it3"} <= set(ENGINES)
+    assert {"ttt", "it3", "source", "norm", "tent", "eata", "sar", "memo", "cotta",
+            "lame"} <= set(ENGINES)
 
 
 def test_unknown_method_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown method 'tent'; choose from: it3, ttt"):
-        engines.get_engine("tent")
+    with pytest.raises(ValueError, match=f"unknown method 'nope'; choose from: "
+                                         f"{', '.join(ENGINES)}$"):
+        engines.get_engine("nope")
 
 
+def _state(engine: engines.Engine) -> dict[str, torch.Tensor]:
+    out = {n: t.detach().clone() for n, t in engine.named_parameters()}
+    out.update({f"buffer:{n}": t.detach().clone() for n, t in engine.named_buffers()})
+    return out
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def _documented(engine: engines.Engine) -> set[str]:
+    return ({n for n, _ in engine.adapted_parameters()}
+            | {f"buffer:{n}" for n, _ in engine.adapted_buffers()})
+
+
+def _inert(name: str, norm: str) -> bool:
+    """The source engine, and BN-adapt on a model without BatchNorm, are the source model."""
+    return name == "source" or (name == "norm" and norm == "group")
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
 @pytest.mark.parametrize("name", ENGINES)
 class TestContract:
+    def test_episodic_restore_is_bit_identical(self, name, norm):
+        engine = make_tiny_engine(name, norm)
+        x = rgb_batch(8, seed=1, shift=0.2)
+        with torch.no_grad():
+            source = engine.model(x)
+        before = _state(engine)
+        result = engine.adapt(x, steps=2, lr=1e-2, mode="episodic")
+        assert result.logits.shape == (3, 8, 10) and result.losses.shape == (2,)
+        assert torch.isfinite(result.logits).all() and torch.isfinite(result.losses).all()
+        if not _inert(name, norm):  # adaptation did something
+            assert not torch.allclose(result.logits[-1], source, atol=1e-5)
+        assert _changed(before, _state(engine)) == set()
+        assert all(not opt.state for opt in engine._optimizers.values())
+
+    def test_anytime_step_k_equals_a_run_with_k_steps(self, name, norm):
+        engine = make_tiny_engine(name, norm)
+        x = rgb_batch(8, seed=2, shift=0.2)
+        full = engine.adapt(x, steps=3, lr=1e-2, mode="episodic")
+        for k in range(4):
+            run = engine.adapt(x, steps=k, lr=1e-2, mode="episodic")
+            assert run.logits.shape[0] == k + 1
+            torch.testing.assert_close(run.logits[k], full.logits[k], atol=1e-5, rtol=0)
+            torch.testing.assert_close(run.losses, full.losses[:k], atol=1e-5, rtol=0)
+
+    def test_online_carries_state_and_reset_restores(self, name, norm):
+        engine = make_tiny_engine(name, norm, mode="online")
+        x = rgb_batch(8, seed=3, shift=0.2)
+        before = _state(engine)
+        first = engine.adapt(x, steps=2, lr=1e-2)
+        changed = _changed(before, _state(engine))
+        # the next batch starts from the carried state: its step 0 is `predict()` there (MEMO
+        # adapts sample by sample: its first sample); LAME adjusts every batch afresh
+        rows = slice(0, 1) if name == "memo" else slice(None)
+        with torch.no_grad():
+            carried = engine.predict(x[rows])
+        second = engine.adapt(x, steps=2, lr=1e-2)
+        torch.testing.assert_close(second.logits[0, rows], carried, atol=1e-5, rtol=0)
+        if name not in ("memo", "lame"):
+            torch.testing.assert_close(second.logits[0], first.logits[2], atol=1e-5, rtol=0)
+        stateless = not _documented(engine) - {"buffer:method_state.step"} or name == "norm"
+        assert bool(changed) != stateless  # a stateful method carries something
+        engine.reset()
+        assert _changed(before, _state(engine)) == set()
+        again = engine.adapt(x, steps=2, lr=1e-2)  # optimizer state was reset too
+        assert torch.equal(again.logits, first.logits) and torch.equal(again.losses, first.losses)
+
+    def test_only_documented_state_changes(self, name, norm):
+        engine = make_tiny_engine(name, norm, mode="online")
+        before = _state(engine)
+        for seed in range(2):
+            engine.adapt(rgb_batch(8, seed=seed, shift=0.2), steps=2, lr=1e-2)
+        changed = _changed(before, _state(engine))
+        assert changed <= _documented(engine), changed - _documented(engine)
+
+    def test_adapt_under_an_outer_inference_mode(self, name, norm):
+        engine = make_tiny_engine(name, norm)
+        x = rgb_batch(8, seed=6, shift=0.2)
+        reference = engine.adapt(x, steps=1, lr=1e-2, mode="episodic")
+        with torch.inference_mode():
+            result = engine.adapt(x, steps=1, lr=1e-2, mode="episodic")
+            predicted = engine.predict(x)
+        assert torch.equal(result.logits, reference.logits)
+        assert predicted.shape == (8, 10)
+
+    def test_same_seed_same_predictions_and_global_rng_untouched(self, name, norm):
+        x = rgb_batch(8, seed=4, shift=0.2)
+        a = make_tiny_engine(name, norm, model_seed=5)  # seeds the model itself ...
+        ra = a.adapt(x, steps=2, lr=1e-2)
+        after = torch.rand(3)                           # ... so only the engine could draw
+        torch.manual_seed(5)
+        TinyNet(norm)
+        assert torch.equal(after, torch.rand(3))
+        rb = make_tiny_engine(name, norm, model_seed=5).adapt(x, steps=2, lr=1e-2)
+        assert torch.equal(ra.logits, rb.logits) and torch.equal(ra.losses, rb.losses)
+
+    def test_facade_adapts_in_eval_mode(self, name, norm):
+        engine = make_tiny_engine(name, norm)
+        x = rgb_batch(8, seed=5, shift=0.2)
+        engine.eval()
+        engine.optimization_parameters.update(num_steps=2, lr=1e-2, copy_model=True)
+        with torch.no_grad():
+            out, loss = engine(x)
+        result = engine.adapt(x, steps=2, lr=1e-2, mode="episodic")
+        assert torch.equal(out, result.logits[-1]) and torch.equal(loss, result.losses[-1])
+
+    def test_config_round_trip(self, name, norm):
+        engine = make_tiny_engine(name, norm, steps=2)
+        data = engine.config.to_dict()
+        assert engines.config_from_dict(name, data) == engine.config
+
+
+@pytest.mark.parametrize("name", JOINT)
+class TestJointContract:
     def test_aux_part_is_built_eagerly_and_trained(self, name, make_engine, batch):
         engine = make_engine(name)
         aux = {n: p.detach().clone() for n, p in engine.named_parameters()

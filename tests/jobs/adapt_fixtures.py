@@ -29,7 +29,7 @@ def train_tiny_checkpoint(out: Path, idx_root: Path, method: str = "ttt", epochs
 
     split = load_split("mnist", "train", data_dir=idx_root / "mnist")
     torch.manual_seed(0)
-    model = build_model("seed_cnn", mean=split.spec.mean, std=split.spec.std)
+    model = build_model("seed_cnn", mean=split.spec.mean[0], std=split.spec.std[0])
     cls = engines.get_engine(method)
     cfg = cls.config_cls(**{"steps": 2, "lr": 1e-2, "batch_size": BATCH, **config})
     engine = cls(model, torch.zeros(1, 1, 28, 28), cfg)
@@ -45,9 +45,9 @@ def train_tiny_checkpoint(out: Path, idx_root: Path, method: str = "ttt", epochs
             opt.step()
     engine.eval()
     manifest = {
-        "model": {"name": "seed_cnn", "kwargs": {"mean": split.spec.mean, "std": split.spec.std}},
+        "model": {"name": "seed_cnn", "kwargs": {"mean": split.spec.mean[0], "std": split.spec.std[0]}},
         "method": {"name": method, "config": cfg.to_dict()},
-        "dataset": {"name": "mnist", "mean": split.spec.mean, "std": split.spec.std,
+        "dataset": {"name": "mnist", "mean": split.spec.mean[0], "std": split.spec.std[0],
                     "num_classes": 10},
         "training": {"epochs": epochs, "batch_size": 16, "lr": 1e-2, "seed": 0, "limit": None,
                      "metrics": [], "seconds": 0.0},

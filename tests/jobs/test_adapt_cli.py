@@ -52,7 +52,8 @@ def _nan_shards(src: Path, dst: Path) -> Path:
     copy_shards(src, dst)
     images = np.zeros((3, 1, 28, 28), np.float32)
     images[0, 0, 0, 0] = np.nan
-    meta = shard_metadata(dataset="mnist", mean=0.1307, std=0.3081, seed=0, corruption="fog",
+    meta = shard_metadata(dataset="mnist", image_shape=(1, 28, 28), image_dtype="float32",
+                          mean=0.1307, std=0.3081, seed=0, corruption="fog",
                           severity=2)
     table = shard_table(np.arange(3), np.zeros(3, np.int64), images, name="fog-s2-00000",
                         corruption="fog", severity=2, metadata=meta)
@@ -64,7 +65,6 @@ BAD = [
     ("missing checkpoint", {"--checkpoint": "MISSING"}, "no checkpoint at"),
     ("other method", {"--method": "it3"}, "trained for method 'ttt', not 'it3'"),
     ("no shards", {"--shards": "NOSHARDS/*.parquet"}, "no shards found"),
-    ("nan shard", {"--shards": "NAN"}, "fog-s2-00000.parquet' has 1 NaN"),
     ("negative steps", {"--steps": "-1"}, "--steps"),
     ("fractional batch", {"--batch-size": "2.5"}, "--batch-size"),
     ("zero lr", {"--lr": "0"}, "--lr"),
@@ -85,9 +85,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(ray_local, ttt_checkpoin
     options = {"--checkpoint": ttt_checkpoint, "--shards": str(shard_dir),
                "--out": str(tmp_path / "results"), **change}
     replace = {"MISSING": str(tmp_path / "missing"), "NOSHARDS/*.parquet": str(tmp_path / "x*.parquet"),
-               "NAN": str(tmp_path / "nan")}
-    if options["--shards"] == "NAN":
-        _nan_shards(shard_dir, tmp_path / "nan")
+               }
     args = [x for k, v in options.items() for x in (k, replace.get(v, v))]
     result = _invoke(*args)
     assert result.exit_code != 0, result.output
@@ -95,3 +93,20 @@ def test_bad_input_is_one_line_error_and_writes_nothing(ray_local, ttt_checkpoin
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.ray
+def test_nan_shard_fails_in_the_actor_with_its_name(ray_local, ttt_checkpoint, shard_dir, tmp_path):
+    """Content checks run where the pixels are read (the driver reads footers only): the run
+    stops with one line naming the shard; no predictions or accuracy for it are written."""
+    shards = _nan_shards(shard_dir, tmp_path / "nan")
+    out = tmp_path / "results"
+    result = _invoke("--checkpoint", ttt_checkpoint, "--shards", str(shards), "--out", str(out),
+                     "--actors", "1")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "fog-s2-00000.parquet' has 1 NaN" in errors[0], result.output
+    assert not (out / "predictions" / "fog-s2-00000.parquet").exists()
+    assert not (out / "accuracy.parquet").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files

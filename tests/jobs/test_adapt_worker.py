@@ -43,7 +43,7 @@ def _shard_uris(shard_dir: Path) -> list[str]:
 def test_predict_shard_rows_batches_and_baseline(ttt_checkpoint, shard_dir):
     ckpt = load_checkpoint(ttt_checkpoint)
     engine = build_engine_from_checkpoint(ckpt)
-    shard = read_shard(_shard_uris(shard_dir)[-1])  # gaussian_noise
+    shard = read_shard(_shard_uris(shard_dir)[-1])  # identity (stored uint8)
     settings = _settings(ttt_checkpoint)
     table = predict_shard(engine, shard, settings)
     assert table.schema.equals(PREDICTION_SCHEMA)
@@ -56,7 +56,7 @@ def test_predict_shard_rows_batches_and_baseline(ttt_checkpoint, shard_dir):
     assert max(rows["batch"]) == (n - 1) // BATCH
     # step 0 is the unadapted model
     with torch.no_grad():
-        base = engine.predict(torch.tensor(shard.images)).argmax(1).numpy()
+        base = engine.predict(torch.tensor(shard.pixels())).argmax(1).numpy()
     step0 = {sid: p for sid, p, s in zip(rows["sample_id"], rows["pred"], rows["step"]) if s == 0}
     assert [step0[sid] for sid in shard.sample_ids.tolist()] == base.tolist()
     losses = np.array(rows["loss"])
@@ -115,30 +115,41 @@ def _write_raw(path: Path, table) -> None:
 def _bad_shard(kind: str, path: Path) -> None:
     n = 4
     images = np.zeros((n, 1, 28, 28), np.float32)
-    meta = shard_metadata(dataset="mnist", mean=0.1307, std=0.3081, seed=0,
+    meta = shard_metadata(dataset="mnist", image_shape=(1, 28, 28), image_dtype="float32",
+                          mean=0.1307, std=0.3081, seed=0,
                           corruption="gaussian_noise", severity=5)
     if kind == "nan":
         images[1, 0, 3, 3] = np.nan
     if kind == "empty":
         n, images = 0, images[:0]
     if kind == "other_dataset":
-        meta = shard_metadata(dataset="fashion-mnist", mean=0.286, std=0.353, seed=0,
+        meta = shard_metadata(dataset="fashion-mnist", image_shape=(1, 28, 28),
+                              image_dtype="float32", mean=0.286, std=0.353, seed=0,
                               corruption="gaussian_noise", severity=5)
     table = shard_table(np.arange(n), np.zeros(n, np.int64), images, name=path.stem,
                         corruption="gaussian_noise", severity=5, metadata=meta)
     if kind == "schema":
         table = table.drop_columns(["label"])
-    if kind == "dup_ids":
-        table = shard_table(np.zeros(n, np.int64), np.zeros(n, np.int64), images, name=path.stem,
+    if kind in ("dup_ids", "dup_in_range"):
+        ids = np.zeros(n, np.int64) if kind == "dup_ids" else np.array([0, 2, 2, 3])
+        table = shard_table(ids, np.zeros(n, np.int64), images, name=path.stem,
+                            corruption="gaussian_noise", severity=5, metadata=meta)
+    if kind == "other_shape":
+        rgb = np.zeros((n, 3, 32, 32), np.uint8)
+        meta = shard_metadata(dataset="mnist", image_shape=(3, 32, 32), image_dtype="uint8",
+                              mean=0.5, std=0.25, seed=0, corruption="gaussian_noise", severity=5)
+        table = shard_table(np.arange(n), np.zeros(n, np.int64), rgb, name=path.stem,
                             corruption="gaussian_noise", severity=5, metadata=meta)
     _write_raw(path, table)
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("nan", "NaN"), ("empty", "empty"), ("schema", "not a ttt-pipe shard"),
+    ("empty", "empty"), ("schema", "not a ttt-pipe shard"),
     ("other_dataset", "fashion-mnist"), ("dup_ids", "repeats sample ids"),
+    ("other_shape", "shape (3, 32, 32)"),
 ])
 def test_bad_shard_is_one_line_error_naming_it(ttt_checkpoint, shard_dir, tmp_path, kind, message):
+    """What the footer shows is refused before Ray starts (the driver reads no pixels)."""
     shards = copy_shards(shard_dir, tmp_path / "shards")
     bad = shards / "zzz_bad-s5-00000.parquet"
     _bad_shard(kind, bad)
@@ -147,6 +158,24 @@ def test_bad_shard_is_one_line_error_naming_it(ttt_checkpoint, shard_dir, tmp_pa
     text = str(err.value)
     assert message in text and "zzz_bad" in text and "\n" not in text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("nan", "1 NaN or infinite pixels"), ("dup_in_range", "repeats sample ids"),
+])
+def test_content_checks_run_in_the_worker(ttt_checkpoint, shard_dir, tmp_path, kind, message):
+    """NaN pixels and repeated ids need the pixels/ids: the driver plans the shard, the worker
+    that reads it fails with one line naming it and writes nothing."""
+    shards = copy_shards(shard_dir, tmp_path / "shards")
+    bad = shards / "zzz_bad-s5-00000.parquet"
+    _bad_shard(kind, bad)
+    plan = prepare_adapt(AdaptRequest(ttt_checkpoint, str(shards), str(tmp_path / "out")))
+    assert "zzz_bad-s5-00000" in [s.name for s in plan.shards]
+    worker = ShardWorker(ttt_checkpoint, plan.settings, threads=1)
+    with pytest.raises(TTTPipeError) as err:
+        worker.process(str(bad), str(tmp_path / "p.parquet"))
+    assert message in str(err.value) and "zzz_bad" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "p.parquet").exists()
 
 
 def test_bad_checkpoint_and_inputs(ttt_checkpoint, shard_dir, tmp_path):

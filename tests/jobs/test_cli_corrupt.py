@@ -21,13 +21,15 @@ def test_help_lists_options_and_corruptions():
     result = _invoke("--help")
     assert result.exit_code == 0
     for option in ("--dataset", "--data-dir", "--corruptions", "--severities", "--shard-size",
-                   "--limit", "--seed", "--out", "--identity", "--download"):
+                   "--limit", "--seed", "--out", "--identity", "--download", "--address",
+                   "--cpus-per-task"):
         assert option in result.output
-    for name in ("gaussian_noise", "fog", "identity", "fashion-mnist", "mnist"):
+    for name in ("gaussian_noise", "fog", "identity", "fashion-mnist", "mnist", "cifar10",
+                 "cifar100", "imagenet", "folder:PATH"):
         assert name in result.output
 
 
-def test_corrupt_writes_shards(idx_dir, tmp_path):
+def test_corrupt_writes_shards(ray_local, idx_dir, tmp_path):
     out = tmp_path / "shards"
     result = _invoke("--dataset", "mnist", "--data-dir", str(idx_dir / "mnist"),
                      "--corruptions", "gaussian_noise,fog", "--severities", "2,4",
@@ -40,7 +42,7 @@ def test_corrupt_writes_shards(idx_dir, tmp_path):
     assert len(shard) == 10 and shard.metadata["seed"] == 5
 
 
-def test_default_severities_and_no_identity(idx_dir, tmp_path):
+def test_default_severities_and_no_identity(ray_local, idx_dir, tmp_path):
     result = _invoke("--dataset", "fashion-mnist", "--data-dir", str(idx_dir),
                      "--corruptions", "rotate", "--no-identity", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
@@ -48,7 +50,8 @@ def test_default_severities_and_no_identity(idx_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "cifar"], "'cifar' is not one of"),
+    (["--dataset", "cifar"], "unknown dataset 'cifar'; choose from: cifar10"),
+    (["--dataset", "folder:/nonexistent/pets"], "is not a folder"),
     (["--corruptions", "blurr"], "unknown corruption 'blurr'"),
     (["--corruptions", "fog,", "--severities", "6"], "severity 6 is out of range"),
     (["--severities", "0"], "severity 0 is out of range"),

@@ -102,7 +102,8 @@ def test_wrong_method_is_refused(trained):
 
 @pytest.mark.parametrize("extra, words", [
     (["--layer", "fc9"], "unknown layer 'fc9'"),
-    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--model", "resnet51"], "unknown model 'resnet51'"),
+    (["--model", "resnet50"], "model 'resnet50' takes RGB images"),
     (["--lr", "1e30"], "training diverged"),  # fails mid-training, inside the actor
 ])
 def test_failing_train_leaves_no_checkpoint(ray_local, idx_dir, tmp_path, extra, words):

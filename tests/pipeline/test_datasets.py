@@ -10,6 +10,7 @@ import pytest
 from helpers import make_idx, synthetic_digits, write_dataset, write_idx_file
 
 from pipeline import datasets
+from pipeline.datasets import base, idx
 from pipeline.datasets import find_data_dir, load_split, read_idx, to_float
 from pipeline.errors import TTTPipeError
 
@@ -18,10 +19,10 @@ from pipeline.errors import TTTPipeError
 def nowhere(monkeypatch, tmp_path):
     """No dataset anywhere by default: empty cache, no Debian dir, no TTT_PIPE_DATA."""
     monkeypatch.delenv("TTT_PIPE_DATA", raising=False)
-    monkeypatch.setattr(datasets, "CACHE_ROOT", tmp_path / "cache")
-    for name, spec in list(datasets.DATASETS.items()):
-        monkeypatch.setitem(datasets.DATASETS, name,
-                            dataclasses.replace(spec, debian_dir=str(tmp_path / "debian")))
+    monkeypatch.setattr(base, "CACHE_ROOT", tmp_path / "cache")
+    for name, source in list(idx.SOURCES.items()):
+        monkeypatch.setitem(idx.SOURCES, name,
+                            dataclasses.replace(source, debian_dir=str(tmp_path / "debian")))
     return tmp_path
 
 
@@ -31,19 +32,20 @@ def test_load_split_reads_gz_and_raw_idx(tmp_path, gz):
     make_idx(tmp_path, images, labels, gz=gz, split="test")
     make_idx(tmp_path, images[:5], labels[:5], gz=gz, split="train")
     split = load_split("mnist", "test", data_dir=tmp_path)
-    assert split.images.dtype == np.uint8 and split.images.shape == (20, 28, 28)
+    assert split.images.dtype == np.uint8 and split.images.shape == (20, 1, 28, 28)
     assert split.labels.dtype == np.int64
-    np.testing.assert_array_equal(split.images, images)
+    np.testing.assert_array_equal(split.images[:, 0], images)
     np.testing.assert_array_equal(split.labels, labels)
     assert len(load_split("mnist", "train", data_dir=tmp_path)) == 5
-    assert split.spec.mean == 0.1307 and split.spec.std == 0.3081
+    assert split.spec.mean == (0.1307,) and split.spec.std == (0.3081,)
+    assert split.spec.image_shape == (1, 28, 28) and split.spec.suite == "mnist-c"
 
 
 def test_shared_fixture_has_both_datasets(idx_dir):
     for name in ("mnist", "fashion-mnist"):
         assert len(load_split(name, "train", data_dir=idx_dir / name)) == 64
         assert len(load_split(name, "test", data_dir=idx_dir)) == 32  # root/<name>/ found
-    assert datasets.DATASETS["fashion-mnist"].std == 0.3530
+    assert datasets.DATASETS["fashion-mnist"].std == (0.3530,)
 
 
 def test_torchvision_layout(tmp_path):
@@ -63,9 +65,16 @@ def test_env_var_and_debian_dir_are_searched(nowhere, monkeypatch):
 
 
 def test_to_float_is_pixel_units():
-    x = to_float(np.array([[[0, 255], [51, 102]]], np.uint8))
+    x = to_float(np.array([[[[0, 255], [51, 102]]]], np.uint8))
     assert x.dtype == np.float32 and x.shape == (1, 1, 2, 2)
     np.testing.assert_allclose(x[0, 0], [[0, 1], [0.2, 0.4]], atol=1e-7)
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 5), dtype=np.uint8)
+    # bit-identical to the old (N, H, W) -> (N, 1, H, W) conversion, channel by channel
+    old = (rgb[:, 1].astype(np.float32) / np.float32(255.0))[:, None]
+    assert to_float(rgb).shape == (2, 3, 4, 5)
+    assert to_float(rgb)[:, 1:2].tobytes() == old.tobytes()
+    with pytest.raises(TTTPipeError, match=r"\(N, C, H, W\)"):
+        to_float(rgb[:, 0])
 
 
 def test_missing_data_dir_is_one_line_error(tmp_path):
@@ -78,7 +87,7 @@ def test_missing_data_dir_is_one_line_error(tmp_path):
 
 def test_nothing_found_offline_never_downloads(nowhere, monkeypatch):
     calls = []
-    monkeypatch.setattr(datasets, "_download", lambda spec, root: calls.append(root))
+    monkeypatch.setattr(base, "torchvision_download", lambda cls, root: calls.append(root))
     for env in ("TTT_PIPE_OFFLINE", "CI"):
         monkeypatch.delenv("TTT_PIPE_OFFLINE", raising=False)
         monkeypatch.delenv("CI", raising=False)
@@ -92,31 +101,31 @@ def test_nothing_found_offline_never_downloads(nowhere, monkeypatch):
 def test_download_attempted_when_allowed(nowhere, monkeypatch):
     calls = []
 
-    def fake_download(spec, root):
-        calls.append((spec.name, root))
+    def fake_download(cls, root):
+        calls.append((cls, root))
         return "<urlopen error [Errno -2] Name or service not known>"
 
-    monkeypatch.setattr(datasets, "_download", fake_download)
+    monkeypatch.setattr(base, "torchvision_download", fake_download)
     monkeypatch.delenv("TTT_PIPE_OFFLINE", raising=False)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(TTTPipeError, match="download failed .*Name or service") as err:
         load_split("fashion-mnist", "test")
     assert "\n" not in str(err.value)
-    assert calls == [("fashion-mnist", nowhere / "cache")]
+    assert calls == [("FashionMNIST", nowhere / "cache")]
     # an explicit data_dir is downloaded into only when asked
     with pytest.raises(TTTPipeError):
         load_split("mnist", "test", data_dir=nowhere / "mine")
     assert len(calls) == 1
     with pytest.raises(TTTPipeError):
         load_split("mnist", "test", data_dir=nowhere / "mine", download=True)
-    assert calls[-1] == ("mnist", nowhere / "mine")
+    assert calls[-1] == ("MNIST", nowhere / "mine")
 
 
 def test_successful_download_is_used(nowhere, monkeypatch):
-    def fake_download(spec, root):  # what torchvision leaves behind: root/<Cls>/raw/*
-        write_dataset(root / spec.torchvision_cls / "raw", n_train=3, n_test=4)
+    def fake_download(cls, root):  # what torchvision leaves behind: root/<Cls>/raw/*
+        write_dataset(root / cls / "raw", n_train=3, n_test=4)
 
-    monkeypatch.setattr(datasets, "_download", fake_download)
+    monkeypatch.setattr(base, "torchvision_download", fake_download)
     monkeypatch.delenv("TTT_PIPE_OFFLINE", raising=False)
     monkeypatch.delenv("CI", raising=False)
     assert len(load_split("mnist", "test")) == 4
@@ -124,8 +133,8 @@ def test_successful_download_is_used(nowhere, monkeypatch):
 
 
 def test_bad_names():
-    with pytest.raises(TTTPipeError, match="unknown dataset 'cifar'; choose from: "
-                                           "fashion-mnist, mnist"):
+    with pytest.raises(TTTPipeError, match="unknown dataset 'cifar'; choose from: cifar10, "
+                                           "cifar100, fashion-mnist, imagenet, mnist, folder:PATH"):
         load_split("cifar", "test")
     with pytest.raises(TTTPipeError, match="unknown split"):
         load_split("mnist", "val")

@@ -27,7 +27,7 @@ def test_suite_for_picks_by_channels():
 def test_mnist_c_is_todays_corrupt_bit_for_bit(name):
     x = _gray()
     got = corrupt_batch(x, name, 4, np.arange(4), 3, suite="mnist-c", std=0.3081)
-    want = corrupt(to_float(x[:, 0]), name, 4, np.arange(4), 3, 0.3081)
+    want = corrupt(to_float(x), name, 4, np.arange(4), 3, 0.3081)  # to_float: (N, C, H, W) now
     assert got.dtype == np.float32 == output_dtype("mnist-c")
     assert np.array_equal(got, want)
 
