@@ -109,9 +109,9 @@ def test_constants_are_make_cifar_c_and_make_imagenet_c(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parity_with_imagecorruptions_on_the_same_draws_at_224(name):
-    images = _images(2, 224, 224, seed=1)
+    images = _images(5, 224, 224, seed=1)
     for severity in (1, 2, 3, 4, 5):
-        for i, image in enumerate(images):
+        for i, image in enumerate(images[severity - 1:severity]):
             seed = 100 * severity + i
             ours, ref = _ours_on_legacy(name, severity, image, seed), _reference(name, severity, image, seed)
             diff = np.abs(ours - ref)
@@ -125,23 +125,27 @@ def test_parity_with_imagecorruptions_on_the_same_draws_at_224(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_statistics_match_the_reference_with_our_generators(name):
-    """Our own per-sample generators (other draws than the reference's): the mean absolute
-    change and the channel means of the corrupted images agree with the reference's.
-    Tolerance: 12 images at severity 3; the per-image spread of these statistics (largest for
-    fog, whose fractal's contrast varies per draw) gives a standard error under ~4% of the
-    mean change, so 15% is a loose bound that still fails a wrong constant or a wrong channel."""
-    images = _images(12, 224, 224, seed=2)
-    severity = 3
+    """Our own per-sample generators (other draws than the reference's): the per-image mean
+    absolute change and channel means agree with the reference's within 4 standard errors of
+    the difference of two means of 16 images (per-image spread measured here: snow +-1.4 of
+    74, spatter +-0.6 of 8, fog +-9 of 32, frost +-30 of 65 since the photo drawn dominates).
+    The seeds are fixed, so this is deterministic; 4 SE keeps it off the edge while a wrong
+    distribution (the constants themselves are pinned exactly by the parity test) moves snow
+    and spatter by many SE."""
+    n, severity = 16, 3
+    images = _images(n, 224, 224, seed=2)
     entry = RGB_CORRUPTIONS[name]
-    rngs = sample_rngs(0, name, severity, range(len(images)))
+    rngs = sample_rngs(0, name, severity, range(n))
     ours = entry.fn(_to_x(images), rngs, **entry.imagenet[severity - 1]).clamp(0, 1)
     ours = ours.permute(0, 2, 3, 1).numpy().astype(np.float64) * 255
     ref = np.stack([_reference(name, severity, im, 1000 + i) for i, im in enumerate(images)])
     clean = images.astype(np.float64)
-    change_ours, change_ref = np.abs(ours - clean).mean(), np.abs(ref - clean).mean()
-    assert abs(change_ours - change_ref) <= 0.15 * change_ref, (change_ours, change_ref)
-    means_ours, means_ref = ours.mean(axis=(0, 1, 2)), ref.mean(axis=(0, 1, 2))
-    assert np.abs(means_ours - means_ref).max() <= 0.15 * change_ref, (means_ours, means_ref)
+    for stat in (lambda y: np.abs(y - clean).mean(axis=(1, 2, 3)),
+                 lambda y: y[..., 0].mean(axis=(1, 2)), lambda y: y[..., 1].mean(axis=(1, 2)),
+                 lambda y: y[..., 2].mean(axis=(1, 2))):
+        a, b = stat(ours), stat(ref)
+        se = np.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
+        assert abs(a.mean() - b.mean()) <= 4 * se + 1e-6, (name, a.mean(), b.mean(), se)
 
 
 def test_canny_and_distance_transform_equal_opencv():
@@ -153,12 +157,12 @@ def test_canny_and_distance_transform_equal_opencv():
         edges = weather.canny(u8, 50, 150)
         ref_edges = np.stack([cv2.Canny(im, 50, 150) > 0 for im in u8])
         assert np.array_equal(edges, ref_edges)
-        dist = weather._distance_truncated(torch.from_numpy(ref_edges), 20).numpy()
+        dist = weather._distance_truncated(ref_edges, 20)
         ref_dist = np.stack([np.minimum(cv2.distanceTransform(255 - 255 * e.astype(np.uint8),
                                                               cv2.DIST_L2, 5), 20)
                              for e in ref_edges])
         assert np.array_equal(dist, ref_dist)
-        eq = weather._equalize(torch.from_numpy(u8.astype(np.float32))).numpy()
+        eq = weather._equalize(u8)
         assert np.array_equal(eq, np.stack([cv2.equalizeHist(im) for im in u8]))
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.corruptions.imagenet_c.core import size_scale
-from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter, per_sample, torch_generators
+from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
@@ -130,8 +130,10 @@ def elastic_transform(x, rngs, *, alpha, sigma, affine):
     alpha, sigma, affine = alpha * s, sigma * s, affine * s
     jitter = np.stack([r.uniform(-affine, affine, size=(3, 2)).astype(np.float32) for r in rngs])
     matrices = np.stack([affine_matrix(h, w, j.astype(np.float64)) for j in jitter])
-    gens = torch_generators(rngs)
-    noise = per_sample(gens, lambda g: torch.rand(2, h, w, generator=g) * 2 - 1)
+    noise = np.empty((n, 2, h, w), dtype=np.float32)  # uniform(-1, 1) fields for dx, dy
+    for i, r in enumerate(rngs):
+        r.random((2, h, w), dtype=np.float32, out=noise[i])
+    noise = torch.from_numpy(noise).mul_(2).sub_(1)
     field = gaussian_filter(noise, sigma, mode="reflect", truncate=3) * alpha
     return elastic_warp(x, matrices, field[:, 0], field[:, 1])
 
@@ -146,12 +148,18 @@ def uint8_native(fn):
 def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
     """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread.
 
-    Planes go in and out through Pillow's merge/split (faster than numpy's (3, H, W) <->
-    (H, W, 3) transposes of uint8)."""
+    Above 64x64 planes go in and out through Pillow's merge/split (faster than numpy's
+    (3, H, W) <-> (H, W, 3) transposes of uint8); small images are transposed."""
     chw = x.numpy()
     out = np.empty_like(chw)
 
+    small = chw.shape[2] * chw.shape[3] <= 64 * 64  # Pillow objects cost more than transposes
+
     def one(i):
+        if small:
+            im = fn(Image.fromarray(np.ascontiguousarray(chw[i].transpose(1, 2, 0))))
+            out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB")).transpose(2, 0, 1)
+            return
         im = fn(Image.merge("RGB", [Image.fromarray(plane) for plane in chw[i]]))
         for c, plane in enumerate((im if im.mode == "RGB" else im.convert("RGB")).split()):
             out[i, c] = np.asarray(plane)

@@ -42,27 +42,15 @@ def _pixels(value: float, height: int, width: int, side: int) -> float:
     return value * min(height, width) / side
 
 
-def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """scipy.ndimage's 1-D Gaussian weights (radius int(truncate * sigma + 0.5)), float64."""
-    radius = int(truncate * sigma + 0.5)
-    k = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 / sigma ** 2 * k ** 2)
-    return k / k.sum()
+def _gaussian_nearest(a: np.ndarray, sigma: float) -> np.ndarray:
+    """skimage.filters.gaussian(a, sigma) on (N, H, W): scipy's separable filter, mode
+    'nearest', truncate 4, in the input's dtype (what skimage calls)."""
+    return scipy.ndimage.gaussian_filter(a, (0, sigma, sigma), mode="nearest", truncate=4.0)
 
 
-def _gaussian_nearest(a: torch.Tensor, sigma: float) -> torch.Tensor:
-    """skimage.filters.gaussian(a, sigma) on (N, H, W): separable, mode 'nearest', truncate 4."""
-    k = _gaussian_kernel(sigma).to(a.dtype)
-    r = (len(k) - 1) // 2
-    y = a.unsqueeze(1)  # (N, 1, H, W)
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return y[:, 0]
-
-
-def _box3(a: torch.Tensor) -> torch.Tensor:
+def _box3(a: np.ndarray) -> np.ndarray:
     """The sum over each 3x3 window of (N, H, W), OpenCV's default border (reflect-101)."""
-    p = F.pad(a.unsqueeze(1), (1, 1, 1, 1), mode="reflect")[:, 0]
+    p = np.pad(a, ((0, 0), (1, 1), (1, 1)), mode="reflect")
     rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
     return rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
 
@@ -123,20 +111,22 @@ def _motion_offsets(radius: int, sigma: float, angles: np.ndarray, hz: int, wz: 
 
 def _motion_blur(layer: torch.Tensor, radius: int, sigma: float, angles: np.ndarray,
                  out_h: int, out_w: int) -> torch.Tensor:
-    """Sum of edge-clamped shifts of (N, Hz, Wz), kept to the top-left (out_h, out_w)."""
+    """Sum of edge-clamped shifts of (N, Hz, Wz), kept to the top-left (out_h, out_w).
+
+    A shift with clamped indices is a window of the edge-padded layer; numpy float64, the
+    reference's accumulation order (tap by tap)."""
     n, hz, wz = layer.shape
     weights, dy, dx = _motion_offsets(radius, sigma, angles, hz, wz)
-    weights = torch.from_numpy(weights).to(layer)
-    dy, dx = torch.from_numpy(dy).to(layer.device), torch.from_numpy(dx).to(layer.device)
-    rows = torch.arange(out_h, device=layer.device)
-    cols = torch.arange(out_w, device=layer.device)
-    batch = torch.arange(n, device=layer.device)[:, None, None]
-    out = torch.zeros(n, out_h, out_w, dtype=layer.dtype, device=layer.device)
-    for i in range(weights.shape[1]):
-        r = (rows[None] - dy[:, i, None]).clamp(0, hz - 1)  # (N, out_h)
-        c = (cols[None] - dx[:, i, None]).clamp(0, wz - 1)  # (N, out_w)
-        out = out + weights[:, i, None, None] * layer[batch, r[:, :, None], c[:, None, :]]
-    return out
+    pad = int(max(np.abs(dy).max(), np.abs(dx).max(), 0))
+    padded = np.pad(layer.cpu().numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    out = np.zeros((n, out_h, out_w))
+    for s in range(n):
+        for i in range(weights.shape[1]):
+            if weights[s, i] == 0.0:
+                continue  # past the reference's break
+            top, left = pad - dy[s, i], pad - dx[s, i]
+            out[s] = out[s] + weights[s, i] * padded[s, top:top + out_h, left:left + out_w]
+    return torch.from_numpy(out).to(layer.device)
 
 
 SNOW_CIFAR = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
@@ -170,8 +160,10 @@ def snow(x: torch.Tensor, rngs, *, loc, scale, zoom, threshold, radius, sigma, b
     layer = torch.where(layer < threshold, 0.0, layer).clamp(0.0, 1.0)
     layer = _motion_blur(layer, radius, sigma, np.asarray(angles), h, w)
     layer = (torch.round(layer * 255) / 255).unsqueeze(1)  # (N, 1, H, W), uint8 round trip
-    x = blend * x + (1 - blend) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
-    return (x + layer + torch.flip(layer, (2, 3))).to(torch.float32)
+    flakes = (layer + torch.flip(layer, (2, 3))).to(torch.float32)  # the layer and its 180° turn
+    y = torch.maximum(x, _gray(x) * 1.5 + 0.5)  # (N, 3, H, W), in place from here
+    y.mul_(1 - blend).add_(x, alpha=blend)
+    return y.add_(flakes)
 
 
 # ---------------------------------------------------------------------------------- frost
@@ -295,38 +287,45 @@ def canny(img: np.ndarray, low: int, high: int) -> np.ndarray:
     """cv2.Canny(img, low, high) (3x3 Sobel, L1 magnitude) on (N, H, W) uint8 values -> bool.
 
     Integer numpy (faster than torch's int ops on CPU): Sobel with replicated borders,
-    OpenCV's fixed-point sector test for the non-maximum suppression, hysteresis as the
-    8-connected groups of candidates that hold a strong pixel."""
+    OpenCV's fixed-point sector test for the non-maximum suppression (only where the
+    magnitude passes `low`), hysteresis as the 8-connected groups of candidates that hold
+    a strong pixel."""
     n, h, w = img.shape
-    p = np.pad(img.astype(np.int32), ((0, 0), (1, 1), (1, 1)), mode="edge")
-    dx = (p[:, :-2, 2:] + 2 * p[:, 1:-1, 2:] + p[:, 2:, 2:]
-          - p[:, :-2, :-2] - 2 * p[:, 1:-1, :-2] - p[:, 2:, :-2])
-    dy = (p[:, 2:, :-2] + 2 * p[:, 2:, 1:-1] + p[:, 2:, 2:]
-          - p[:, :-2, :-2] - 2 * p[:, :-2, 1:-1] - p[:, :-2, 2:])
-    ax, ay = np.abs(dx), np.abs(dy)
-    mag = ax + ay
-    mp = np.pad(mag, ((0, 0), (1, 1), (1, 1)))  # zero magnitude outside the image
-
-    def at(oy: int, ox: int) -> np.ndarray:
-        return mp[:, 1 + oy:1 + oy + h, 1 + ox:1 + ox + w]
-
-    ay = ay << 15
+    p = np.pad(img.astype(np.int16), ((0, 0), (1, 1), (1, 1)), mode="edge")  # |Sobel| <= 1020
+    diff = p[:, :, 2:] - p[:, :, :-2]  # (N, H+2, W)
+    smooth = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
+    dx = diff[:, :-2] + 2 * diff[:, 1:-1] + diff[:, 2:]
+    dy = smooth[:, 2:] - smooth[:, :-2]
+    mp = np.zeros((n, h + 2, w + 2), dtype=np.int16)  # zero magnitude outside the image
+    mag = mp[:, 1:-1, 1:-1]
+    np.add(np.abs(dx), np.abs(dy), out=mag)
+    cand = np.flatnonzero(mag > low)  # indices into (N, H, W)
+    b, rem = np.divmod(cand, h * w)
+    r, c = np.divmod(rem, w)
+    at = (b * (h + 2) + r + 1) * (w + 2) + c + 1  # the same pixels in the padded array
+    flat = mp.reshape(-1)
+    m = flat[at]
+    xs, ys = dx.reshape(-1)[cand].astype(np.int32), dy.reshape(-1)[cand].astype(np.int32)
+    ax, ay = np.abs(xs), np.abs(ys) << 15
     tg22x = ax * _TG22
     horizontal = ay < tg22x
     vertical = ~horizontal & (ay > tg22x + (ax << 16))
-    diagonal = ~horizontal & ~vertical
-    same_sign = (dx ^ dy) >= 0
-    peak = np.where(horizontal, (mag > at(0, -1)) & (mag >= at(0, 1)),
-                    np.where(vertical, (mag > at(-1, 0)) & (mag >= at(1, 0)),
-                             np.where(same_sign, (mag > at(-1, -1)) & (mag > at(1, 1)),
-                                      (mag > at(-1, 1)) & (mag > at(1, -1)))))
-    maybe = (mag > low) & peak
-    strong = maybe & (mag > high)
+    row = w + 2
+    s = np.where((xs ^ ys) < 0, -1, 1)
+    # neighbours before / after along the gradient: (0, -1)/(0, 1), (-1, 0)/(1, 0), or the diagonal
+    before = np.where(horizontal, at - 1, np.where(vertical, at - row, at - row - s))
+    after = np.where(horizontal, at + 1, np.where(vertical, at + row, at + row + s))
+    mb, ma = flat[before], flat[after]
+    peak = (m > mb) & np.where(horizontal | vertical, m >= ma, m > ma)
+    maybe = np.zeros(n * h * w, dtype=bool)
+    maybe[cand[peak]] = True
+    maybe = maybe.reshape(n, h, w)
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True  # never across the batch axis
     labels, count = scipy.ndimage.label(maybe, structure=structure)
     keep = np.zeros(count + 1, dtype=bool)
-    keep[labels[strong]] = True
+    strong = cand[peak & (m > high)]
+    keep[labels.reshape(-1)[strong]] = True
     keep[0] = False
     return keep[labels]
 
@@ -335,18 +334,14 @@ def canny(img: np.ndarray, low: int, high: int) -> np.ndarray:
 _HV, _DIAG, _LONG = np.float32(1.0), np.float32(1.4), np.float32(2.1969)
 
 
-def _run_min(row: np.ndarray, u: np.ndarray) -> None:
-    """row[:, j] = min(u[:, j], row[:, j-1] + 1) left to right, in place, in float32 exactly as
-    a sequential scan rounds: relaxed until stable (runs are short: values are capped)."""
-    row[:] = u
-    while True:
-        nxt = np.minimum(row[:, 1:], row[:, :-1] + _HV)
-        if np.array_equal(nxt, row[:, 1:]):
-            return
-        row[:, 1:] = nxt
+def _run_min(row: np.ndarray, u: np.ndarray, ramp: np.ndarray) -> None:
+    """row[:, j] = min(u[:, j], row[:, j-1] + 1) left to right, in place: the running minimum
+    a * j + cummin(u - a * j), exact in float64, rounded once to float32 (OpenCV's scan
+    rounds at each step: the two differ by at most an ulp where a run crosses a power of 2)."""
+    row[:] = ramp + np.minimum.accumulate(u.astype(np.float64) - ramp, axis=1)
 
 
-def _distance_truncated(edges: torch.Tensor, cap: int) -> torch.Tensor:
+def _distance_truncated(edges: np.ndarray, cap: int) -> np.ndarray:
     """cv2.distanceTransform(~edges, DIST_L2, 5) truncated at `cap` pixels, float32 (N, H, W).
 
     OpenCV's two raster passes, a row at a time over the whole batch. Values are held at
@@ -354,67 +349,75 @@ def _distance_truncated(edges: torch.Tensor, cap: int) -> torch.Tensor:
     n, h, w = edges.shape
     hold = np.float32(cap + 1)
     t = np.full((n, h + 4, w + 4), hold, dtype=np.float32)  # outside the image: far
-    zero = edges.cpu().numpy()
+    zero = edges
     c = slice(2, w + 2)
+    ramp = np.arange(w, dtype=np.float64)
+    u, tmp = np.empty((n, w), np.float32), np.empty((n, w), np.float32)
 
-    def sh(row: np.ndarray, dx: int) -> np.ndarray:
+    def col(row: np.ndarray, dx: int) -> np.ndarray:
         return row[:, 2 + dx:w + 2 + dx]
+
+    def relax(near: np.ndarray, far: np.ndarray) -> None:
+        """u = min(u, the mask's 7 moves from the next row and the one after). A pair of
+        moves of one cost is min(a, b) + cost: float32 addition is monotone, so exact."""
+        np.minimum(u, col(near, 0) + _HV, out=u)
+        for row, dx, cost in ((near, 1, _DIAG), (near, 2, _LONG), (far, 1, _LONG)):
+            np.minimum(col(row, -dx), col(row, dx), out=tmp)
+            np.add(tmp, cost, out=tmp)
+            np.minimum(u, tmp, out=u)
 
     for i in range(h):  # forward: rows above, then the left neighbour
         r = i + 2
-        up1, up2 = t[:, r - 1], t[:, r - 2]
-        u = np.minimum.reduce([sh(up2, -1) + _LONG, sh(up2, 1) + _LONG, sh(up1, -2) + _LONG,
-                               sh(up1, -1) + _DIAG, sh(up1, 0) + _HV, sh(up1, 1) + _DIAG,
-                               sh(up1, 2) + _LONG, np.full((n, w), hold, np.float32)])
+        u.fill(hold)
+        relax(t[:, r - 1], t[:, r - 2])
         u[zero[:, i]] = 0
-        _run_min(t[:, r, c], u)
+        _run_min(t[:, r, c], u, ramp)
     for i in range(h - 1, -1, -1):  # backward: rows below, then the right neighbour
         r = i + 2
-        dn1, dn2 = t[:, r + 1], t[:, r + 2]
-        u = np.minimum.reduce([t[:, r, c], sh(dn2, 1) + _LONG, sh(dn2, -1) + _LONG,
-                               sh(dn1, 2) + _LONG, sh(dn1, 1) + _DIAG, sh(dn1, 0) + _HV,
-                               sh(dn1, -1) + _DIAG, sh(dn1, -2) + _LONG])
-        _run_min(t[:, r, c][:, ::-1], u[:, ::-1])
-    d = np.minimum(t[:, 2:h + 2, c], np.float32(cap))
-    return torch.from_numpy(np.ascontiguousarray(d)).to(edges.device)
+        u[:] = t[:, r, c]
+        relax(t[:, r + 1], t[:, r + 2])
+        _run_min(t[:, r, c][:, ::-1], u[:, ::-1], ramp)
+    return np.minimum(t[:, 2:h + 2, c], np.float32(cap))
 
 
-def _equalize(img: torch.Tensor) -> torch.Tensor:
-    """cv2.equalizeHist on (N, H, W) integer images 0..255, per image."""
+def _equalize(img: np.ndarray) -> np.ndarray:
+    """cv2.equalizeHist on (N, H, W) integer images 0..255, per image (float32 values)."""
     n = img.shape[0]
-    flat = img.reshape(n, -1).long()
+    flat = img.reshape(n, -1).astype(np.int64)
     total = flat.shape[1]
-    hist = torch.zeros(n, 256, dtype=torch.int64, device=img.device).scatter_add_(
-        1, flat, torch.ones_like(flat))
-    first = (hist > 0).to(torch.int8).argmax(dim=1, keepdim=True)  # (N, 1)
-    h0 = hist.gather(1, first)
-    scale = torch.tensor(255.0) / (total - h0).clamp(min=1).to(torch.float32)
-    cum = (hist.cumsum(1) - h0).clamp(min=0).to(torch.float32)
-    lut = torch.round(cum * scale).clamp(0, 255)
-    lut = torch.where(h0 == total, first.to(torch.float32), lut)  # one grey level: unchanged
-    return lut.gather(1, flat).reshape(img.shape)
+    hist = np.bincount((flat + 256 * np.arange(n)[:, None]).ravel(), minlength=256 * n)
+    hist = hist.reshape(n, 256)
+    first = (hist > 0).argmax(axis=1)[:, None]  # (N, 1)
+    h0 = np.take_along_axis(hist, first, axis=1)
+    scale = np.float32(255.0) / np.maximum(total - h0, 1).astype(np.float32)  # OpenCV: float
+    cum = np.maximum(hist.cumsum(axis=1) - h0, 0).astype(np.float32)
+    lut = np.clip(np.round(cum * scale), 0, 255)  # saturate_cast<uchar>: round half to even
+    lut = np.where(h0 == total, first.astype(np.float32), lut)  # one grey level: unchanged
+    return np.take_along_axis(lut, flat, axis=1).reshape(img.shape)
 
 
-_EMBOSS = ((-2, -1, 0), (-1, 1, 1), (0, 1, 2))
-
-
-def _water(liquid: torch.Tensor) -> torch.Tensor:
-    """The reference's water mask (N, H, W) before its max-normalisation: the liquid layer's
-    uint8 image times a shading from the distance to its Canny edges."""
-    # the reference's (liquid * 255).astype(uint8): truncation, and values above 255 wrap
-    # around as numpy's cast does on x86 (a liquid level above 1 is rare at these constants)
-    lu8 = torch.remainder(torch.floor(liquid * 255), 256)  # float64, uint8 values
-    edges = torch.from_numpy(canny(lu8.cpu().numpy().astype(np.uint8), 50, 150))
-    dist = _distance_truncated(edges, 20).to(liquid.device)
-    dist = torch.floor((_box3(dist.double()) * (1.0 / 9.0)).to(torch.float32))  # blur, uint8
+def _water(liquid: np.ndarray) -> np.ndarray:
+    """The reference's water mask (N, H, W) float32 before its max-normalisation: the liquid
+    layer's uint8 image times a shading from the distance to its Canny edges (distance
+    truncated at 20, blurred, equalised, embossed with [[-2,-1,0],[-1,1,1],[0,1,2]], blurred)."""
+    # the reference's own cast: truncation, and a level above 1 (rare at these constants)
+    # wraps around on x86 as numpy's float -> uint8 cast does there
+    with np.errstate(invalid="ignore"):
+        lu8 = (liquid * 255).astype(np.uint8)
+    dist = _distance_truncated(canny(lu8, 50, 150), 20)
+    dist = np.floor((_box3(dist.astype(np.float64)) * (1.0 / 9.0)).astype(np.float32))  # cv2.blur, to uint8
     dist = _equalize(dist)
-    p = F.pad(dist.unsqueeze(1), (1, 1, 1, 1), mode="reflect")[:, 0]
     n, h, w = dist.shape
-    emb = sum(k * p[:, i:i + h, j:j + w] for i, row in enumerate(_EMBOSS) for j, k in enumerate(row)
-              if k)
-    emb = emb.clamp(0, 255)
-    dist = torch.round(_box3(emb) / 9)  # cv2.blur on uint8 rounds
-    return lu8.to(torch.float32) * dist
+    p = np.pad(dist.astype(np.int16), ((0, 0), (1, 1), (1, 1)), mode="reflect")
+
+    def at(i: int, j: int) -> np.ndarray:
+        return p[:, i:i + h, j:j + w]
+
+    # cv2.filter2D with _EMBOSS (a correlation), saturated to uint8
+    emb = 2 * (at(2, 2) - at(0, 0)) + (at(1, 2) + at(2, 1)) - (at(0, 1) + at(1, 0)) + at(1, 1)
+    np.clip(emb, 0, 255, out=emb)
+    shade = np.rint(_box3(emb) / np.float32(9))  # cv2.blur on uint8 rounds (never a tie)
+    return lu8.astype(np.float32) * shade.astype(np.float32)  # (N, H, W)
 
 
 SPATTER_CIFAR = ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0),
@@ -434,15 +437,16 @@ def spatter(x: torch.Tensor, rngs, *, loc, scale, sigma, threshold, amount, mud,
     if n == 0:
         return x.clone()
     noise = np.stack([rng.normal(loc, scale, size=(h, w)) for rng in rngs])
-    liquid = _gaussian_nearest(torch.from_numpy(noise).to(x.device), _pixels(sigma, h, w, side))
-    liquid = torch.where(liquid < threshold, 0.0, liquid)
+    liquid = _gaussian_nearest(noise, _pixels(sigma, h, w, side))
+    liquid[liquid < threshold] = 0
     if mud == 0:
-        m = _water(liquid)
-        top = m.amax(dim=(1, 2), keepdim=True)
-        m = torch.where(top > 0, m / top.clamp(min=1e-12), 0.0) * amount  # the reference: NaN
+        m = _water(liquid)  # integer values >= 0: an all-zero mask stays zero (reference: NaN)
+        m /= np.maximum(m.max(axis=(1, 2), keepdims=True), 1)
+        m *= np.float32(amount)
+        m = torch.from_numpy(m).to(x.device).unsqueeze(1)  # (N, 1, H, W)
         color = torch.tensor(_WATER, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return x + m.unsqueeze(1) * color
-    m = _gaussian_nearest((liquid > threshold).to(torch.float32), _pixels(amount, h, w, side))
-    m = torch.where(m < 0.8, 0.0, m).unsqueeze(1)  # (N, 1, H, W)
+        return torch.addcmul(x, m, color)
+    m = _gaussian_nearest((liquid > threshold).astype(np.float32), _pixels(amount, h, w, side))
+    m = torch.from_numpy(np.where(m < 0.8, np.float32(0), m)).to(x.device).unsqueeze(1)
     color = torch.tensor(_MUD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return x * (1 - m) + color * m
