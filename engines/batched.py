@@ -101,6 +101,18 @@ def _optimizer(engine: Engine, name: str, params: list[torch.Tensor], lr: float
         return cls(params, lr=lr, **kwargs)
 
 
+def _stack(p: torch.Tensor, g: int, channels_last: bool) -> torch.Tensor:
+    """(G, ...) copies of `p`; a 4-D (conv) weight with each copy laid out channels_last, so
+    the grouped convolution vmap makes of it gets a channels_last weight (its output, and the
+    max-pooling after it, stay channels_last: ~10x faster pooling on CPU)."""
+    if p.dim() != 4 or not channels_last:
+        return p.detach().unsqueeze(0).repeat(g, *([1] * p.dim()))
+    one = p.detach().to(memory_format=torch.channels_last)
+    out = torch.empty_strided((g, *one.shape), (one.numel(), *one.stride()),
+                              dtype=one.dtype, device=one.device)
+    return out.copy_(one.unsqueeze(0).expand(g, *one.shape))
+
+
 def _sequential(engine: Engine, xs: torch.Tensor, steps: int, lr: float,
                 optimizer: str | None) -> AdaptResult:
     results = [engine.adapt(x, steps, lr, mode="episodic", optimizer=optimizer) for x in xs]
@@ -157,8 +169,8 @@ def _batched(engine: Engine, xs: torch.Tensor, steps: int, lr: float, optimizer:
             xs = xs.clone()
         kept = [b.detach().clone() for b in buffers]   # restored after: episodes leave no trace
         # (G, ...) copies of the adapted parameters, named as in the _Call wrapper
-        stacked = {f"engine.{n}": p.detach().unsqueeze(0).repeat(g, *([1] * p.dim()))
-                   for n, p in named}
+        fast = engine._channels_last_ok
+        stacked = {f"engine.{n}": _stack(p, g, fast) for n, p in named}
         opt = _optimizer(engine, optimizer, list(stacked.values()), lr)
         loss_call, predict_call = _Call(engine, "_step_loss"), _Call(engine, "predict")
 
