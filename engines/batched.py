@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from engines.base import _OPTIMIZERS, AdaptResult, Engine, _dense
+from engines.base import _OPTIMIZERS, AdaptResult, Engine, _dense, _like
+from engines.batched_pool import channel_pooling
 
 __all__ = ["adapt_episodes", "adapt_per_sample", "augmented_copies", "batched_refusal"]
 
@@ -164,12 +165,16 @@ def _batched(engine: Engine, xs: torch.Tensor, steps: int, lr: float, optimizer:
     g = xs.shape[0]
     named = engine.adapted_parameters()
     buffers = [b for _, b in engine.named_buffers()]
+    fast = engine._channels_last_ok
     with torch.inference_mode(False), torch.enable_grad():
         if xs.is_inference():
             xs = xs.clone()
+        if xs.dim() == 5 and fast:  # images (G, B, C, H, W) stored as (B, H, W, G, C): the
+            # grouped convolution vmap makes of the first conv then reads a channels_last
+            # (B, G*C, H, W) view, so its output (and the bias add, pooling) is channels_last
+            xs = xs.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
         kept = [b.detach().clone() for b in buffers]   # restored after: episodes leave no trace
         # (G, ...) copies of the adapted parameters, named as in the _Call wrapper
-        fast = engine._channels_last_ok
         stacked = {f"engine.{n}": _stack(p, g, fast) for n, p in named}
         opt = _optimizer(engine, optimizer, list(stacked.values()), lr)
         loss_call, predict_call = _Call(engine, "_step_loss"), _Call(engine, "predict")
@@ -190,13 +195,14 @@ def _batched(engine: Engine, xs: torch.Tensor, steps: int, lr: float, optimizer:
         logits, losses = [], []
         try:
             for _ in range(steps):
-                grads, (loss, pred) = step_fn(stacked, xs)   # loss (G,), pred (G, B, classes)
-                for name, t in stacked.items():
-                    t.grad = grads[name]
+                with channel_pooling():
+                    grads, (loss, pred) = step_fn(stacked, xs)  # loss (G,), pred (G, B, classes)
+                for name, t in stacked.items():  # fused optimizers pair elements by memory
+                    t.grad = _like(grads[name], t)  # position: the grad gets t's strides
                 opt.step()
                 logits.append(pred.detach())
                 losses.append(loss.detach())
-            with torch.no_grad():
+            with torch.no_grad(), channel_pooling():
                 logits.append(vmap(predict_fn, randomness="same")(stacked, xs))
         finally:
             with torch.no_grad():
