@@ -83,7 +83,7 @@ def batched_refusal(engine: Engine) -> str | None:
 def _refuse(engine: Engine, why: str) -> None:
     object.__setattr__(engine, _CACHE_ATTR, (_key(engine), why))
     warnings.warn(f"batched episodes off for {type(engine.model).__name__}: {why}; adapting "
-                  f"the episodes one by one (same results, slower)", RuntimeWarning, stacklevel=3)
+                  f"the episodes one by one (same results, slower)", RuntimeWarning, stacklevel=4)
 
 
 def _optimizer(engine: Engine, name: str, params: list[torch.Tensor], lr: float
