@@ -345,6 +345,7 @@ class Engine(nn.Module):
             raise ValueError(f"adapt needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
         if mode not in ("episodic", "online"):
             raise ValueError(f"unknown mode {mode!r}; choose from: episodic, online")
+        self._begin_adapt()
         opt = self._optimizer(optimizer or self.config.optimizer)
         for group in opt.param_groups if opt is not None else ():
             group["lr"] = lr
@@ -401,6 +402,18 @@ class Engine(nn.Module):
         return pred, loss
 
     _wants_batch_start: ClassVar[bool] = False  # True if `_begin_batch` needs the snapshot
+
+    def _begin_adapt(self) -> None:
+        """Called at the start of every `adapt()` call and batched episode group (e.g. to
+        re-seed a generator the loss draws from)."""
+
+    def adapt_episodes(self, xs: torch.Tensor, steps: int | None = None,
+                       lr: float | None = None, *, optimizer: str | None = None) -> AdaptResult:
+        """G episodic problems xs (G, B, ...) at once: logits (K+1, G, B, C), losses (K, G),
+        each slice equal to an episodic `adapt(xs[g])` within float tolerance
+        (engines/batched.py)."""
+        from engines.batched import adapt_episodes  # engines.batched imports this module
+        return adapt_episodes(self, xs, steps, lr, optimizer=optimizer)
 
     # -- torch-ttt facade -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.base import AdaptResult, Engine, register_engine
+from engines.base import Engine, register_engine
 from engines.config import TTTConfig
 from engines.hooks import DryRun, build_seeded, capture_output
 from engines.rotation_fold import rotated_copies
@@ -112,12 +112,11 @@ class TTTEngine(Engine):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rotation_forward(x)
 
-    def adapt(self, x: torch.Tensor, steps: int | None = None, lr: float | None = None, *,
-              mode: str | None = None, optimizer: str | None = None) -> AdaptResult:
-        """`Engine.adapt`; with rotations="rand" the angles are drawn from a generator seeded
-        with `config.seed` at every call, so a batch's result does not depend on call history."""
+    def _begin_adapt(self) -> None:
+        """With rotations="rand" the angles are drawn from a generator seeded with
+        `config.seed` at every `adapt()` call, so a batch's result does not depend on call
+        history."""
         self._angles.manual_seed(self.config.seed)
-        return super().adapt(x, steps, lr, mode=mode, optimizer=optimizer)
 
     def _step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.rotations == "all":

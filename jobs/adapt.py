@@ -12,8 +12,9 @@ Design
   every node must be able to read, like the shards and the results folder) onto its device; `max_restarts=-1, max_task_retries=-1` restart a dead actor
   and retry its shard. The driver hands shards to idle actors as they free up.
 - Resume: shards whose predictions file exists are skipped, after checking that the file was
-  made with the same settings (checkpoint sha256, method, steps, lr, batch size, mode, seed:
-  stored in each file's metadata). Stale hidden temp files of killed writers are removed.
+  made with the same settings (checkpoint sha256, method, steps, lr, batch size, mode, seed,
+  episodes, protocol, copies: stored in each file's metadata; a key older files lack counts
+  as its default). Stale hidden temp files of killed writers are removed.
 - Only complete files ever appear: `run.json` is written (atomically) after validation and
   before any Ray work, `accuracy.parquet` is deleted when shards are pending and rewritten at
   the end. The driver never loads predictions: each actor checks exactly one row per
@@ -55,7 +56,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pool import PoolPlan, parse_actors, plan_pool, run_pool
-from jobs.shard_worker import MODES, SETTINGS_KEY, AdaptSettings
+from jobs.shard_worker import MODES, PROTOCOLS, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
 from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
 from pipeline.model_spec import trusted_modules
@@ -92,6 +93,9 @@ class AdaptRequest:
     address: str | None = None
     method: str | None = None
     trust_model: str | None = None  # comma list of modules a model import path may come from
+    episodes: int = 1
+    protocol: str = "batch"
+    copies: int = 32
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ class AdaptOutcome:
 def _check_numbers(req: AdaptRequest) -> None:
     parse_actors(req.actors)
     for name, value, lo in (("steps", req.steps, 0), ("batch_size", req.batch_size, 1),
-                            ("seed", req.seed, 0)):
+                            ("seed", req.seed, 0), ("episodes", req.episodes, 1),
+                            ("copies", req.copies, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
             raise TTTPipeError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {value!r}")
     if req.lr is not None and not (isinstance(req.lr, (int, float)) and req.lr > 0 and np.isfinite(req.lr)):
@@ -140,6 +145,8 @@ def _check_numbers(req: AdaptRequest) -> None:
         raise TTTPipeError(f"--gpus-per-actor must be >= 0, got {req.gpus_per_actor!r}")
     if req.mode is not None and req.mode not in MODES:
         raise TTTPipeError(f"unknown mode {req.mode!r}; choose from: {', '.join(MODES)}")
+    if req.protocol not in PROTOCOLS:
+        raise TTTPipeError(f"unknown protocol {req.protocol!r}; choose from: {', '.join(PROTOCOLS)}")
 
 
 def _absolute(uri: str) -> str:
@@ -161,7 +168,9 @@ def _settings(req: AdaptRequest, ckpt: Checkpoint) -> AdaptSettings:
     return AdaptSettings(method=ckpt.method, weights_sha256=ckpt.manifest["weights_sha256"],
                          steps=int(pick(req.steps, "steps")), lr=float(pick(req.lr, "lr")),
                          batch_size=int(pick(req.batch_size, "batch_size")),
-                         mode=str(req.mode or config.get("mode", "episodic")), seed=int(req.seed))
+                         mode=str(req.mode or config.get("mode", "episodic")), seed=int(req.seed),
+                         episodes=int(req.episodes), protocol=req.protocol,
+                         copies=int(req.copies) if req.protocol == "per-sample" else 0)
 
 
 def _check_existing(uri: str, name: str, settings: AdaptSettings) -> None:
@@ -173,7 +182,9 @@ def _check_existing(uri: str, name: str, settings: AdaptSettings) -> None:
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise TTTPipeError(f"cannot read existing predictions {uri} ({exc}); delete it and rerun") from None
     ours = dataclasses.asdict(settings)
-    diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(AdaptSettings)}
+    theirs = {k: theirs.get(k, defaults[k]) for k in ours}  # keys added later: their default
+    diff = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
     if diff:
         raise TTTPipeError(
             f"predictions for shard {name} in the results folder were made with other settings "
@@ -193,6 +204,9 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
         raise TTTPipeError(f"checkpoint {req.checkpoint} has an invalid method config ({exc}); retrain it") from None
     if settings.steps < 0 or settings.batch_size < 1 or not settings.lr > 0 or settings.mode not in MODES:
         raise TTTPipeError(f"invalid adaptation settings {settings}; pass --steps, --lr, --batch-size, --mode")
+    if settings.mode == "online" and (settings.episodes > 1 or settings.protocol == "per-sample"):
+        raise TTTPipeError("--episodes > 1 and --protocol per-sample adapt independent episodes; "
+                           "use --mode episodic (or --episodes 1 --protocol batch for online)")
     if storage.exists(req.out) and not storage.is_dir(req.out):
         raise TTTPipeError(f"--out {req.out} is a file; pass a folder for the results")
     dataset = ckpt.dataset

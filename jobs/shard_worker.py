@@ -33,12 +33,14 @@ from pipeline.errors import TTTPipeError
 from pipeline.results import PREDICTION_SCHEMA, SUMMARY_KEY, summarize_predictions
 from pipeline.shards import Shard, read_shard
 
-__all__ = ["AdaptSettings", "ShardWorker", "predict_shard", "SETTINGS_KEY", "shard_seed"]
+__all__ = ["AdaptSettings", "PROTOCOLS", "ShardWorker", "predict_shard", "SETTINGS_KEY",
+           "shard_seed"]
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "ttt_pipe.adapt"  # Parquet key-value metadata of every predictions file
 MODES = ("episodic", "online")
+PROTOCOLS = ("batch", "per-sample")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class AdaptSettings:
     batch_size: int
     mode: str = "episodic"
     seed: int = 0
+    episodes: int = 1         # episodes adapted at once (engines/batched.py); episodic only
+    protocol: str = "batch"   # "batch": a batch is an episode; "per-sample": each image is
+    copies: int = 0           # one, adapted alone on `copies` augmented copies (0 for "batch")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -63,9 +68,47 @@ def shard_seed(seed: int, shard: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _adapt_batch(engine, x: torch.Tensor, settings: AdaptSettings):
-    """One engine call; online mode carries the adapted weights to the next batch."""
-    return engine.adapt(x, steps=settings.steps, lr=settings.lr, mode=settings.mode)
+def _copy_seeds(seed: int, sample_ids: np.ndarray) -> list[int]:
+    """Per-sample protocol: the seed of each sample's augmented copies, from (seed, sample id)
+    only (independent of shard, batch and worker)."""
+    return [shard_seed(seed, f"copies:{int(i)}") for i in sample_ids]
+
+
+def _adapt_batches(engine, shard: Shard, settings: AdaptSettings, device):
+    """(batch index, start, stop, logits (K+1, B, C), losses (K, B)) for every batch in order.
+
+    Batch boundaries are fixed by `batch_size` whatever `episodes` is. "batch": each batch is
+    an episode (online mode carries the weights on); `episodes` G > 1 adapts G consecutive
+    full batches at once (a shorter last batch alone). "per-sample": each image of a batch
+    is an episode of its `copies` augmented copies, G images at a time.
+    """
+    n, size, g = len(shard.sample_ids), settings.batch_size, settings.episodes
+    starts = list(range(0, n, size))
+    kwargs = {"steps": settings.steps, "lr": settings.lr}
+    if settings.protocol == "per-sample":
+        from engines.batched import adapt_per_sample
+        for b, start in enumerate(starts):
+            stop = min(start + size, n)
+            x = torch.from_numpy(np.array(shard.pixels(start, stop))).to(device)  # float32
+            seeds = _copy_seeds(settings.seed, shard.sample_ids[start:stop])
+            r = adapt_per_sample(engine, x, settings.copies, seeds, episodes=g, **kwargs)
+            yield b, start, stop, r.logits, r.losses
+        return
+    b = 0
+    while b < len(starts):
+        group = [s for s in starts[b:b + g] if s + size <= n] or starts[b:b + 1]
+        xs = torch.from_numpy(np.array(shard.pixels(group[0], min(group[-1] + size, n))))
+        if len(group) == 1:
+            r = engine.adapt(xs.to(device), mode=settings.mode, **kwargs)
+            logits, losses = r.logits[:, None], r.losses[:, None]     # (K+1, 1, B, C), (K, 1)
+        else:
+            r = engine.adapt_episodes(xs.reshape(len(group), size, *xs.shape[1:]).to(device),
+                                      **kwargs)
+            logits, losses = r.logits, r.losses
+        for j, start in enumerate(group):
+            bsz = min(start + size, n) - start
+            yield b + j, start, start + bsz, logits[:, j], losses[:, j, None].expand(-1, bsz)
+        b += len(group)
 
 
 def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.device | str = "cpu",
@@ -80,22 +123,19 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
     n, k = len(shard.sample_ids), settings.steps
     columns: dict[str, list[np.ndarray]] = {c: [] for c in
                                             ("sample_id", "step", "label", "pred", "conf", "batch", "loss")}
-    for b, start in enumerate(range(0, n, settings.batch_size)):
-        stop = min(start + settings.batch_size, n)
-        x = torch.from_numpy(np.array(shard.pixels(start, stop))).to(device)  # float32, writable: one copy in per batch
-        result = _adapt_batch(engine, x, settings)
+    for b, start, stop, logits, batch_losses in _adapt_batches(engine, shard, settings, device):
         steps, bsz = k + 1, stop - start
         with torch.no_grad():
-            probs = torch.softmax(result.logits.detach().float(), dim=-1)   # (K+1, B, C)
+            probs = torch.softmax(logits.detach().float(), dim=-1)          # (K+1, B, C)
             conf, pred = probs.max(dim=-1)                                   # (K+1, B) each
-            # conf, pred (exact in float32 below 2**24 classes) and the K losses in one tensor:
-            # a single device-to-host copy per batch, the only CPU-GPU sync of the batch.
+            # conf, pred (exact in float32 below 2**24 classes) and the K losses (K, B) in one
+            # tensor: a single device-to-host copy per batch, the only CPU-GPU sync of the batch.
             packed = torch.cat([conf.reshape(-1), pred.reshape(-1).float(),
-                                result.losses.detach().float().reshape(-1)[:k]]).cpu().numpy()
+                                batch_losses.detach().float()[:k].reshape(-1)]).cpu().numpy()
         conf = packed[:steps * bsz].reshape(steps, bsz)
         pred = packed[steps * bsz:2 * steps * bsz].astype(np.int64).reshape(steps, bsz)
-        losses = np.full(k + 1, np.nan, dtype=np.float32)
-        losses[:k] = packed[2 * steps * bsz:]
+        losses = np.full((steps, bsz), np.nan, dtype=np.float32)            # step K: no loss
+        losses[:k] = packed[2 * steps * bsz:].reshape(k, bsz)
         columns["sample_id"].append(np.tile(shard.sample_ids[start:stop], steps))
         if shard.labels is not None:
             columns["label"].append(np.tile(shard.labels[start:stop], steps))
@@ -103,7 +143,7 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
         columns["pred"].append(pred.reshape(-1))
         columns["conf"].append(conf.reshape(-1))
         columns["batch"].append(np.full(steps * bsz, b))
-        columns["loss"].append(np.repeat(losses, bsz))
+        columns["loss"].append(losses.reshape(-1))
         if after_batch is not None:
             after_batch(b)
     cat = {c: np.concatenate(v) if v else np.empty(0) for c, v in columns.items()}

@@ -11,12 +11,17 @@ import typer
 from jobs.commands import command_argv
 from jobs.console import cli_errors, console, err_console, progress
 
-__all__ = ["command", "Mode", "accuracy_rich_table", "adapt_with_progress"]
+__all__ = ["command", "Mode", "Protocol", "accuracy_rich_table", "adapt_with_progress"]
 
 
 class Mode(str, Enum):
     episodic = "episodic"
     online = "online"
+
+
+class Protocol(str, Enum):
+    batch = "batch"
+    per_sample = "per-sample"
 
 
 def _positive(value: float | None) -> float | None:
@@ -107,6 +112,17 @@ def command(
         callback=_actors, help="Adaptation actors: N, or MIN:MAX for a pool that starts MIN (waiting "
         "for the autoscaler if their GPUs are not up) and grows to MAX as nodes join "
         "[default: as many as fit the cluster]", show_default=False)] = None,
+    episodes: Annotated[int, typer.Option(
+        min=1, help="Episodes adapted at once (vmap over stacked weights; episodic mode): G "
+        "batches of a shard, or G images with --protocol per-sample. Same predictions as 1 "
+        "up to float rounding.")] = 1,
+    protocol: Annotated[Protocol, typer.Option(
+        case_sensitive=False, help="batch: each batch is an episode; per-sample: each image "
+        "is adapted alone on --copies augmented copies of itself (the TTT paper's protocol; "
+        "its setting: --steps 10 --lr 1e-3, SGD, rotations rand).")] = Protocol.batch,
+    copies: Annotated[int, typer.Option(
+        min=1, help="Augmented copies per image with --protocol per-sample (copy 0 is the "
+        "image; the rest random crops and flips).")] = 32,
     gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (0: CPU).")] = 0.0,
     cpus_per_actor: Annotated[float, typer.Option(
         callback=_positive, help="CPUs per actor; also its torch threads (results are bit-identical "
@@ -131,19 +147,22 @@ def command(
         argv = command_argv("adapt", checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                          batch_size=batch_size, mode=mode, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
-                         method=method, trust_model=trust_model)
+                         method=method, trust_model=trust_model,
+                         episodes=episodes, protocol=protocol, copies=copies)
         raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
     request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                            batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
-                           address=address, method=method, trust_model=trust_model)
+                           address=address, method=method, trust_model=trust_model,
+                           episodes=episodes, protocol=protocol.value, copies=copies)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
     skipped = len(plan.shards) - len(outcome.shard_summaries)
     s = plan.settings
     console.print(accuracy_rich_table(
         outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
-        f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"))
+        f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"
+        f"{f', per-sample x{s.copies}' if s.protocol == 'per-sample' else ''}"))
     pool = (f", {outcome.timings.get('actors_ready', outcome.pool.actors)} actor(s)"
             if outcome.pool else "")
     err_console.print(
