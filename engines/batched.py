@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from engines.base import _OPTIMIZERS, AdaptResult, Engine, _dense, _like
+from engines.base import _OPTIMIZERS, AdaptResult, Engine, _dense, _like, entropy_gate
 from engines.batched_pool import channel_pooling
 
 __all__ = ["adapt_episodes", "adapt_per_sample", "augmented_copies", "batched_refusal"]
@@ -209,7 +209,9 @@ def _batched(engine: Engine, xs: torch.Tensor, steps: int, lr: float, optimizer:
                 for b, k in zip(buffers, kept):
                     b.copy_(k)
     losses_t = torch.stack(losses) if losses else logits[0].new_zeros(0, g)
-    return AdaptResult(logits=torch.stack(logits), losses=losses_t)
+    out = torch.stack(logits)                                           # (K+1, G, B, classes)
+    return AdaptResult(logits=entropy_gate(out) if engine.config.gate == "entropy" else out,
+                       losses=losses_t)
 
 
 def augmented_copies(x: torch.Tensor, copies: int, seeds: Sequence[int]) -> torch.Tensor:

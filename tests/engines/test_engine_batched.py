@@ -37,6 +37,7 @@ def episodes(batch) -> torch.Tensor:
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("name, config", [
     ("ttt", {}), ("ttt", {"rotations": "rand"}), ("ttt", {"adapt_params": "all"}),
+    ("ttt", {"gate": "entropy"}),
     ("it3", {}), ("it3", {"variant": "torch_ttt", "lr": 1e-4}),
     ("it3", {"null": "learned", "adapt_params": "all"})])
 def test_equals_sequential_episodes(name, config, optimizer, make_engine, episodes, state_of):
