@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engines.config import GATES
 from jobs.pool import PoolPlan, parse_actors, plan_pool, run_pool
 from jobs.shard_worker import MODES, PROTOCOLS, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
@@ -96,6 +97,7 @@ class AdaptRequest:
     episodes: int = 1
     protocol: str = "batch"
     copies: int = 32
+    gate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def _check_numbers(req: AdaptRequest) -> None:
         raise TTTPipeError(f"--gpus-per-actor must be >= 0, got {req.gpus_per_actor!r}")
     if req.mode is not None and req.mode not in MODES:
         raise TTTPipeError(f"unknown mode {req.mode!r}; choose from: {', '.join(MODES)}")
+    if req.gate is not None and req.gate not in GATES:
+        raise TTTPipeError(f"unknown gate {req.gate!r}; choose from: {', '.join(GATES)}")
     if req.protocol not in PROTOCOLS:
         raise TTTPipeError(f"unknown protocol {req.protocol!r}; choose from: {', '.join(PROTOCOLS)}")
 
@@ -170,7 +174,17 @@ def _settings(req: AdaptRequest, ckpt: Checkpoint) -> AdaptSettings:
                          batch_size=int(pick(req.batch_size, "batch_size")),
                          mode=str(req.mode or config.get("mode", "episodic")), seed=int(req.seed),
                          episodes=int(req.episodes), protocol=req.protocol,
-                         copies=int(req.copies) if req.protocol == "per-sample" else 0)
+                         copies=int(req.copies) if req.protocol == "per-sample" else 0,
+                         gate=str(req.gate or config.get("gate", "none")))
+
+
+def _settings_diff(theirs: dict, settings: AdaptSettings) -> list[str]:
+    """How settings stored with predictions differ from ours; a key an older ttt-pipe did not
+    write counts as its default (so older results folders still resume and finalize)."""
+    ours = dataclasses.asdict(settings)
+    defaults = {f.name: f.default for f in dataclasses.fields(AdaptSettings)}
+    theirs = {k: theirs.get(k, defaults[k]) for k in ours}
+    return [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
 
 
 def _check_existing(uri: str, name: str, settings: AdaptSettings) -> None:
@@ -181,10 +195,7 @@ def _check_existing(uri: str, name: str, settings: AdaptSettings) -> None:
         theirs = json.loads(meta.get(SETTINGS_KEY.encode(), b"{}"))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise TTTPipeError(f"cannot read existing predictions {uri} ({exc}); delete it and rerun") from None
-    ours = dataclasses.asdict(settings)
-    defaults = {f.name: f.default for f in dataclasses.fields(AdaptSettings)}
-    theirs = {k: theirs.get(k, defaults[k]) for k in ours}  # keys added later: their default
-    diff = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
+    diff = _settings_diff(theirs, settings)
     if diff:
         raise TTTPipeError(
             f"predictions for shard {name} in the results folder were made with other settings "
@@ -312,8 +323,7 @@ def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings) -> dict:
     except (pa.ArrowException, OSError) as exc:
         raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
                            "delete it and rerun") from None
-    theirs = json.loads(meta.get(SETTINGS_KEY, "{}"))
-    if theirs != dataclasses.asdict(settings):
+    if _settings_diff(json.loads(meta.get(SETTINGS_KEY, "{}")), settings):
         raise TTTPipeError(f"predictions for shard {s.name} were made with other settings; "
                            f"delete {uri} and rerun")
     if SUMMARY_KEY in meta:

@@ -57,6 +57,8 @@ class AdaptSettings:
     episodes: int = 1         # episodes adapted at once (engines/batched.py); episodic only
     protocol: str = "batch"   # "batch": a batch is an episode; "per-sample": each image is
     copies: int = 0           # one, adapted alone on `copies` augmented copies (0 for "batch")
+    gate: str = "none"        # "entropy": step k's prediction only where it is less uncertain
+                              # than step 0's (engines.entropy_gate)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -201,6 +203,8 @@ class ShardWorker:
             raise TTTPipeError(f"checkpoint {checkpoint.uri} changed since the run started "
                                "(other weights sha256); rerun the command")
         self.engine = build_engine_from_checkpoint(checkpoint, self.device)
+        if self.engine.config.gate != settings.gate:  # an adaptation setting, not a trained one
+            self.engine.config = self.engine.config.replace(gate=settings.gate)
         self.engine.eval()  # test time, as the seeds' `engine.eval()`: no dropout, BN running stats
         self.settings = settings
         self.kill_marker = kill_marker

@@ -19,6 +19,11 @@ class Mode(str, Enum):
     online = "online"
 
 
+class Gate(str, Enum):
+    none = "none"
+    entropy = "entropy"
+
+
 class Protocol(str, Enum):
     batch = "batch"
     per_sample = "per-sample"
@@ -112,6 +117,10 @@ def command(
         callback=_actors, help="Adaptation actors: N, or MIN:MAX for a pool that starts MIN (waiting "
         "for the autoscaler if their GPUs are not up) and grows to MAX as nodes join "
         "[default: as many as fit the cluster]", show_default=False)] = None,
+    gate: Annotated[Gate | None, typer.Option(
+        case_sensitive=False, help="entropy: keep step k's prediction of a sample only where it is "
+        "less uncertain than the unadapted one (no labels used; removes most losses, "
+        "benchmarks/README.md) [default: the checkpoint's, none]", show_default=False)] = None,
     episodes: Annotated[int, typer.Option(
         min=1, help="Episodes adapted at once (vmap over stacked weights; episodic mode): G "
         "batches of a shard, or G images with --protocol per-sample. Same predictions as 1 "
@@ -148,13 +157,14 @@ def command(
                          batch_size=batch_size, mode=mode, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
                          method=method, trust_model=trust_model,
-                         episodes=episodes, protocol=protocol, copies=copies)
+                         episodes=episodes, protocol=protocol, copies=copies, gate=gate)
         raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
     request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                            batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
                            address=address, method=method, trust_model=trust_model,
-                           episodes=episodes, protocol=protocol.value, copies=copies)
+                           episodes=episodes, protocol=protocol.value, copies=copies,
+                           gate=gate.value if gate else None)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
     skipped = len(plan.shards) - len(outcome.shard_summaries)
