@@ -18,6 +18,7 @@ def command(
                                           "prefixes are handled."),
     dataset: str = typer.Option(..., help="Dataset the model classifies (its identity goes into the manifest)."),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...)."),
+    image_size: int = typer.Option(None, help="Image side for folder:/imagenet data (default 224)."),
     normalize: str = typer.Option(None, help="Normalisation the weights expect: none, dataset, imagenet, "
                                              "MEAN,STD or [m1,m2,m3],[s1,s2,s3] (default: the model's: "
                                              "wrn28_10 none, resnet18/50 imagenet, others dataset; your own none)."),
@@ -31,7 +32,7 @@ def command(
     from pipeline.model_import import import_model
 
     manifest = import_model(model, weights, dataset, out, normalize=normalize, method=method,
-                            model_kwargs=model_kwargs, trust_model=trust_model)
+                            model_kwargs=model_kwargs, trust_model=trust_model, image_size=image_size)
     t = manifest["training"]
     console.print(
         f"checkpoint {out}: {manifest['model']['name']} ({manifest['model']['normalize']} normalisation) "
