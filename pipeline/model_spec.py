@@ -242,8 +242,15 @@ def layer_check_model(spec: ModelSpec, trusted: Iterable[str] | None = None) -> 
 
 
 def layer_for(model_name: str, method: str, layer: str | None, model: nn.Module | None = None) -> str | None:
-    """`layer` if given, else the zoo's default for (model, method); your own model needs one."""
+    """`layer` if given, else the zoo's default for (model, method); your own model needs one.
+
+    Your own module behind a `Normalized` wrapper is `net`: `--layer fc2` means `net.fc2` there.
+    """
     if layer:
+        if isinstance(model, Normalized) and not layer.startswith("net."):
+            names = dict(model.named_modules())
+            if layer not in names and f"net.{layer}" in names:
+                return f"net.{layer}"
         return layer
     found = default_layer(model_name, method)
     if found is None and is_import_path(model_name):
