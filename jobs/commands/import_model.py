@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from jobs.commands import DATASET_HELP, check_dataset
 from jobs.console import cli_errors, console
 
 __all__ = ["command"]
@@ -16,11 +17,12 @@ def command(
     weights: str = typer.Option(..., help="State_dict file (torch.save; loaded with weights_only=True). "
                                           "Wrappers {'state_dict'|'model'|'net': ...} and module./model. "
                                           "prefixes are handled."),
-    dataset: str = typer.Option(..., help="Dataset the model classifies (its identity goes into the manifest)."),
+    dataset: str = typer.Option(..., help=f"{DATASET_HELP} The data the model classifies (its identity "
+                                          "goes into the manifest).", callback=check_dataset),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...)."),
     image_size: int = typer.Option(None, help="Image side for folder:/imagenet data (default 224)."),
     normalize: str = typer.Option(None, help="Normalisation the weights expect: none, dataset, imagenet, "
-                                             "MEAN,STD or [m1,m2,m3],[s1,s2,s3] (default: the model's: "
+                                             "MEAN,STD or \\[m1,m2,m3],\\[s1,s2,s3] (default: the model's: "
                                              "wrn28_10 none, resnet18/50 imagenet, others dataset; your own none)."),
     method: str = typer.Option("source", help="source (the model alone; train a method's part on it "
                                               "later) or a method that needs no joint training."),
