@@ -26,6 +26,7 @@ def command(
                                              "wrn28_10 none, resnet18/50 imagenet, others dataset; your own none)."),
     method: str = typer.Option("source", help="source (the model alone; train a method's part on it "
                                               "later) or a method that needs no joint training."),
+    layer: str = typer.Option(None, help="Layer for --method other than source (default: the zoo's)."),
     model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}'."""),
     trust_model: str = typer.Option(None, help="Comma list of modules a model import path may come from "
                                                "(also $TTT_PIPE_TRUSTED_MODULES); --model's own is trusted."),
@@ -34,7 +35,8 @@ def command(
     from pipeline.model_import import import_model
 
     manifest = import_model(model, weights, dataset, out, normalize=normalize, method=method,
-                            model_kwargs=model_kwargs, trust_model=trust_model, image_size=image_size)
+                            model_kwargs=model_kwargs, trust_model=trust_model, image_size=image_size,
+                            layer=layer)
     t = manifest["training"]
     console.print(
         f"checkpoint {out}: {manifest['model']['name']} ({manifest['model']['normalize']} normalisation) "
