@@ -49,16 +49,35 @@ def read_weights(uri: str) -> tuple[Any, str]:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- unpickling fails in many types
         text = str(exc)
-        if "Weights only load failed" in text or "weights_only" in text:
-            detail = next((line.strip() for line in text.splitlines()
-                           if "GLOBAL" in line or "Unsupported" in line), "it holds Python objects")
+        code = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line]
+        code = code or _pickle_globals(data)
+        if code:
             raise TTTPipeError(
-                f"weights {uri} are not plain tensors ({detail[:160]}); loading them would run code, "
+                f"weights {uri} are not plain tensors ({code[0][:160]}); loading them would run code, "
                 "so they are refused: save model.state_dict() with torch.save and import that") from None
-        first = (text.strip().splitlines() or [type(exc).__name__])[0]
-        raise TTTPipeError(f"cannot load weights {uri} ({first[:160]}); give a file written by "
-                           "torch.save(model.state_dict(), path)") from None
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
+                      (text.strip().splitlines() or [type(exc).__name__])[0])
+        raise TTTPipeError(f"cannot load weights {uri} ({detail[:160]}): not a torch.save file, or "
+                           "damaged; give a file written by torch.save(model.state_dict(), path)") from None
     return obj, sha
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """The Python objects a plain pickle would import (read with pickletools: nothing runs)."""
+    import pickletools
+
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name == "GLOBAL":
+                found.append("GLOBAL " + str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"GLOBAL {strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 -- not a (complete) pickle: nothing to report
+        pass
+    return found
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -123,7 +142,8 @@ def match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], uri: str 
 
 def import_model(model: str, weights: str, dataset: str, out: str, *, normalize: Any = None,
                  method: str = "source", model_kwargs: str | dict | None = None,
-                 trust_model: str | None = None, layer: str | None = None) -> dict[str, Any]:
+                 trust_model: str | None = None, layer: str | None = None,
+                 image_size: int | None = None) -> dict[str, Any]:
     """Check everything, then write the checkpoint at `out` atomically; return its manifest."""
     from pipeline.checkpoint import SOURCE_METHOD, dataset_entry, save_checkpoint
     from pipeline.datasets import get_dataset
@@ -135,7 +155,7 @@ def import_model(model: str, weights: str, dataset: str, out: str, *, normalize:
     if not str(out).strip():
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. ckpt/resnet50")
     check_model_name(model)
-    ds = get_dataset(dataset)
+    ds = get_dataset(dataset, image_size)
     trusted = parse_trusted(trust_model)
     if is_import_path(model):  # named on the command line: trusted for this command
         trusted = tuple(dict.fromkeys(trusted + (parse_import_path(model)[0],)))

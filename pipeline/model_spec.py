@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import TTTPipeError
-from pipeline.models import (Normalize, build_model, default_layer, get_entry, list_models,
+from pipeline.models import (Normalize, build_model, default_layer, get_entry,
                              model_kwargs_for, normalize_label, resolve_normalization)
 
 __all__ = ["TRUST_ENV", "ModelSpec", "Normalized", "is_import_path", "parse_import_path",
@@ -242,8 +242,15 @@ def layer_check_model(spec: ModelSpec, trusted: Iterable[str] | None = None) -> 
 
 
 def layer_for(model_name: str, method: str, layer: str | None, model: nn.Module | None = None) -> str | None:
-    """`layer` if given, else the zoo's default for (model, method); your own model needs one."""
+    """`layer` if given, else the zoo's default for (model, method); your own model needs one.
+
+    Your own module behind a `Normalized` wrapper is `net`: `--layer fc2` means `net.fc2` there.
+    """
     if layer:
+        if isinstance(model, Normalized) and not layer.startswith("net."):
+            names = dict(model.named_modules())
+            if layer not in names and f"net.{layer}" in names:
+                return f"net.{layer}"
         return layer
     found = default_layer(model_name, method)
     if found is None and is_import_path(model_name):
