@@ -32,7 +32,7 @@ def command(
     model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' """
                                                 "(your factory gets exactly these)."),
     normalize: str = typer.Option(None, help="Normalisation inside the model: none, dataset, imagenet, MEAN,STD "
-                                             "or [m1,m2,m3],[s1,s2,s3] (default: the model's; your own: none)."),
+                                             "or \\[m1,m2,m3],\\[s1,s2,s3] (default: the model's; your own: none)."),
     trust_model: str = typer.Option(None, help="Comma list of modules a model import path may come from "
                                                "(also $TTT_PIPE_TRUSTED_MODULES); --model's own is trusted."),
     layer: str = typer.Option(None, help="Layer the auxiliary part attaches to (default: the method's)."),
