@@ -96,12 +96,25 @@ def train_with_progress(spec, address: str | None = None) -> dict:
     """`jobs.train.train` with a progress bar and one line per epoch; returns the manifest."""
     from jobs.train import train
 
+    import time
+
     bar = progress()
     task = None
+    clock = {"start": 0.0, "first_epoch": 0}
+
+    def eta(epoch: int) -> str:
+        """Time left after `epoch`, from this run's epochs so far (also when the bar is off)."""
+        done = epoch - clock["first_epoch"]
+        left = spec.epochs - epoch
+        if done <= 0 or left <= 0:
+            return ""
+        seconds = (time.perf_counter() - clock["start"]) / done * left
+        return f"  eta {int(seconds // 60)}m{int(seconds % 60):02d}s"
 
     def on_event(kind: str, info: dict) -> None:
         nonlocal task
         if kind == "setup":
+            clock.update(start=time.perf_counter(), first_epoch=info["resumed_from_epoch"])
             r = info["recipe"]
             held = f" ({info['val_samples']} held out for validation)" if info["val_samples"] else ""
             err_console.print(
@@ -124,8 +137,9 @@ def train_with_progress(spec, address: str | None = None) -> dict:
                     f"epoch {m['epoch']}/{spec.epochs}: loss {m['loss']:.4f}  "
                     f"accuracy {m['accuracy']:.4f}  aux loss {m['aux_loss']:.4f}"
                     + (f"  val accuracy {m['val_accuracy']:.4f}" if "val_accuracy" in m else "")
-                    + (f"  {m['images_per_s']:.0f} images/s" if m.get("images_per_s") else ""),
-                    highlight=False)
+                    + (f"  {m['images_per_s']:.0f} images/s" if m.get("images_per_s") else "")
+                    + eta(m["epoch"]),
+                    highlight=False, soft_wrap=True)
             bar.update(task, completed=done)
 
     with bar:

@@ -72,6 +72,8 @@ def test_options_and_validation_in_the_manifest(uninterrupted):
     assert [m["epoch"] for m in t["metrics"]] == [1, 2]
     assert all(0 <= m["val_accuracy"] <= 1 and m["images_per_s"] > 0 for m in t["metrics"])
     assert "val accuracy" in result.output and "16 held out for validation" in result.output
+    assert "epoch 1/2:" in result.output and "eta " in result.output.split("epoch 1/2:")[1].splitlines()[0]
+    assert "eta " not in result.output.split("epoch 2/2:")[1].splitlines()[0]
 
 
 def test_other_settings_than_the_interrupted_run_are_refused(ray_local, idx_dir, tmp_path, monkeypatch):
