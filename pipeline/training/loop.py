@@ -37,7 +37,8 @@ class EpochLoop:
         self.epochs, self.batch_size = epochs, batch_size
         self.device = train.device
         self.batches_per_epoch = math.ceil(len(train) / batch_size)
-        self.optimizer = build_optimizer(engine.parameters(), recipe)
+        # only what trains: a caller freezing a part (requires_grad False) leaves it out
+        self.optimizer = build_optimizer([p for p in engine.parameters() if p.requires_grad], recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, epochs * self.batches_per_epoch)
         self.amp_dtype = autocast_dtype(recipe.precision)
         if recipe.precision == "fp16" and self.device.type != "cuda":

@@ -264,3 +264,18 @@ def test_damaged_state_is_a_one_line_error(tmp_path):
     (tmp_path / "ckpt.train-state" / "state.pt").write_bytes(b"not a torch file")
     with pytest.raises(TTTPipeError, match="delete .*ckpt.train-state to start the run over"):
         load_state(out)
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer():
+    images, labels = _gray(n=32)
+    engine = _engine()
+    for p in engine.model.parameters():
+        p.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    loop = EpochLoop(engine, TrainRecipe(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.01),
+                     Batches(images, labels, torch.device("cpu")), None, epochs=1, batch_size=16, seed=0)
+    n_trainable = sum(1 for p in engine.parameters() if p.requires_grad)
+    assert len(loop.optimizer.param_groups[0]["params"]) == n_trainable > 0
+    loop.run(10)
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
