@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import TTTPipeError
-from pipeline.models import (Normalize, build_model, default_layer, get_entry, list_models,
+from pipeline.models import (Normalize, build_model, default_layer, get_entry,
                              model_kwargs_for, normalize_label, resolve_normalization)
 
 __all__ = ["TRUST_ENV", "ModelSpec", "Normalized", "is_import_path", "parse_import_path",
