@@ -4,8 +4,8 @@ The driver (`train`) resolves and checks the settings (`resolve_spec`), connects
 (`jobs.cluster.connect`), starts one `Trainer` actor and drives it in chunks of batches so the
 CLI can show progress; the actor loads the train split itself (from a path its node can
 read), trains, and writes the checkpoint itself (`pipeline.checkpoint.save_checkpoint`, atomic;
-a local path or `s3://...` that every node can read). Nothing is written unless training
-finishes, so a failed or interrupted run leaves no checkpoint behind.
+a local path or `s3://...` that every node can read). No checkpoint is written unless training
+finishes, so a failed or interrupted run leaves no checkpoint behind (only its resume state).
 
 Deterministic given `seed` on CPU: the model's initial weights (global torch seed), the
 auxiliary part (`config.seed`) and the shuffling (a seeded `torch.Generator`) all follow it,
@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -239,7 +238,6 @@ class Trainer:
             self.loop.load_state_dict(state)
             self.resumed_from = self.loop.epoch
             log.info("resuming %s after epoch %d/%d", spec.out, self.loop.epoch, spec.epochs)
-        self.started = time.perf_counter()
         return {"samples": n, "train_samples": len(train_set), "val_samples": len(val_rows),
                 "batches_per_epoch": self.loop.batches_per_epoch, "epochs": spec.epochs,
                 "resumed_from_epoch": self.resumed_from, "device": str(self.device),
