@@ -4,12 +4,19 @@ The driver (`train`) resolves and checks the settings (`resolve_spec`), connects
 (`jobs.cluster.connect`), starts one `Trainer` actor and drives it in chunks of batches so the
 CLI can show progress; the actor loads the train split itself (from a path its node can
 read), trains, and writes the checkpoint itself (`pipeline.checkpoint.save_checkpoint`, atomic;
-a local path or `s3://...` that every node can read). Nothing is written unless training
-finishes, so a failed or interrupted run leaves no checkpoint behind.
+a local path or `s3://...` that every node can read). No checkpoint is written unless training
+finishes, so a failed or interrupted run leaves no checkpoint behind (only its resume state).
 
 Deterministic given `seed` on CPU: the model's initial weights (global torch seed), the
 auxiliary part (`config.seed`) and the shuffling (a seeded `torch.Generator`) all follow it,
 and the actor's thread count is fixed by the plan. On GPU, cuDNN kernels may differ slightly.
+
+The loop itself (recipe, augmentation, batches, validation, resumable state) is
+`pipeline.training`; the actor writes the state after every epoch to `<out>.train-state/` and a
+rerun of the same command continues from the last finished epoch with bit-identical weights
+(same thread count); the folder is removed once the checkpoint is written.
+Test hook: `TTT_PIPE_TRAIN_TEST_KILL_ONCE=<marker path>` makes the trainer that creates the
+marker `os._exit(1)` right after writing its first epoch's state.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,11 +36,12 @@ from jobs.pool import actor_env
 from pipeline import storage
 from pipeline.errors import TTTPipeError
 
-__all__ = ["DEFAULT_MODELS", "TrainSpec", "TrainPlan", "Trainer", "resolve_spec", "plan_trainer", "train"]
+__all__ = ["DEFAULT_MODELS", "KILL_ENV", "TrainSpec", "TrainPlan", "Trainer", "resolve_spec", "plan_trainer", "train"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = {"ttt": "seed_cnn", "it3": "seed_rescnn"}  # the seed tutorials' networks
+KILL_ENV = "TTT_PIPE_TRAIN_TEST_KILL_ONCE"
 _CHUNKS_PER_EPOCH = 20  # progress updates per epoch (one actor call each)
 
 
@@ -58,6 +65,7 @@ class TrainSpec:
     model_kwargs: dict = field(default_factory=dict)  # --model-kwargs (pipeline/model_spec.py)
     normalize: str | None = None  # --normalize; None: the model's default
     trusted: tuple[str, ...] = ()  # modules the trainer may import (--trust-model + --model's own)
+    recipe: dict = field(default_factory=dict)  # pipeline.training.TrainRecipe.to_dict(); {}: the seeds'
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,10 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                  aux_weight: float | None = None, layer: str | None = None, limit: int | None = None,
                  seed: int = 0, data_dir: str | None = None, gpus: float | None = None,
                  cpus: float = 1.0, model_kwargs: str | dict | None = None, normalize: str | None = None,
-                 trust_model: str | None = None) -> TrainSpec:
+                 trust_model: str | None = None, optimizer: str | None = None,
+                 weight_decay: float | None = None, momentum: float | None = None,
+                 schedule: str | None = None, augment: str | None = None,
+                 precision: str | None = None, val_fraction: float | None = None) -> TrainSpec:
     """Fill in the method's defaults (its config class, the seed tutorials) and check every value."""
     import engines
     from pipeline.datasets import get_dataset
@@ -112,6 +123,15 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
             raise TTTPipeError(f"{flag} must be an integer >= {low}, got {value!r}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise TTTPipeError(f"--lr must be a positive number, got {lr!r}")
+    from pipeline.training import resolve_recipe
+
+    recipe = resolve_recipe(ds.name, method_lr=_config_cls(method)().train_lr if lr is None else lr,
+                            optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                            schedule=schedule, augment=augment, precision=precision,
+                            val_fraction=val_fraction, image_shape=ds.image_shape)
+    if recipe.precision == "fp16" and gpus is not None and gpus == 0:
+        raise TTTPipeError("--precision fp16 needs a CUDA GPU (its GradScaler); "
+                           "use --precision bf16 on the CPU")
     if aux_weight is not None and not (math.isfinite(aux_weight) and aux_weight >= 0):
         raise TTTPipeError(f"--aux-weight must be a number >= 0, got {aux_weight!r}")
     if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
@@ -124,7 +144,7 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
     check_model = layer_check_model(model_spec, trusted)  # zoo: on the meta device
     layer = layer_for(model, method, layer, check_model)
     changes = {"seed": int(seed)}
-    for key, value in (("train_epochs", epochs), ("train_batch_size", batch_size), ("train_lr", lr),
+    for key, value in (("train_epochs", epochs), ("train_batch_size", batch_size), ("train_lr", recipe.lr),
                        ("aux_weight", aux_weight), ("layer", layer)):
         if value is not None:
             changes[key] = value
@@ -138,7 +158,7 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                      lr=config.train_lr, config=config.to_dict(), seed=int(seed), limit=limit,
                      data_dir=_local_abspath(data_dir), gpus=gpus, cpus=float(cpus),
                      model_kwargs=parse_model_kwargs(model_kwargs), normalize=normalize,
-                     trusted=trusted)
+                     trusted=trusted, recipe=recipe.to_dict())
 
 
 def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, local: bool,
@@ -171,13 +191,15 @@ class Trainer:
     ordinary exception of `setup()` rather than a dead actor.
     """
 
-    def __init__(self, spec: TrainSpec, threads: int):
-        self.spec, self.threads = spec, threads
+    def __init__(self, spec: TrainSpec, threads: int, kill_marker: str | None = None):
+        self.spec, self.threads, self.kill_marker = spec, threads, kill_marker
 
     def setup(self) -> dict:
         from pipeline.checkpoint import dataset_entry
-        from pipeline.datasets import load_split, to_float
+        from pipeline.datasets import load_split
         from pipeline.model_spec import build_model_from_spec, make_engine, resolve_model_spec
+        from pipeline.training import Batches, EpochLoop, TrainRecipe, load_state, split_train_val
+        from pipeline.training.data import to_pixels
 
         spec = self.spec
         torch.set_num_threads(self.threads)
@@ -187,74 +209,101 @@ class Trainer:
         if n == 0:
             raise TTTPipeError(f"the {spec.dataset} train split is empty; pass the full files with --data-dir")
         ds = split.spec
-        self.x = torch.from_numpy(to_float(split.images[:n])).to(self.device)  # (N, C, H, W) pixel units
-        self.y = torch.from_numpy(split.labels[:n]).to(self.device)            # (N,) int64
+        recipe = TrainRecipe(**spec.recipe) if spec.recipe else TrainRecipe(lr=spec.lr)
+        images = torch.from_numpy(split.images[:n])  # uint8 (N, C, H, W), converted per batch
+        labels = torch.from_numpy(split.labels[:n])  # (N,) int64
+        train_rows, val_rows = split_train_val(n, recipe.val_fraction, spec.seed)
+        if len(val_rows):
+            train_set = Batches(images[train_rows], labels[train_rows], self.device)
+            val_set = Batches(images[val_rows], labels[val_rows], self.device)
+        else:
+            train_set, val_set = Batches(images, labels, self.device), None
         self.model_spec = resolve_model_spec(spec.model, ds, normalize=spec.normalize,
                                              model_kwargs=spec.model_kwargs)
         self.dataset_info = dataset_entry(ds)
+        self.samples, self.val_samples, self.recipe = n, len(val_rows), recipe
         torch.manual_seed(spec.seed)  # the model's initial weights
         model = build_model_from_spec(self.model_spec, spec.trusted)
         config = _config_cls(spec.method).from_dict(spec.config)
-        self.engine = make_engine(spec.method, model, self.x[:1].cpu(), config, spec.model).to(self.device)
+        self.engine = make_engine(spec.method, model, to_pixels(images[:1]), config, spec.model).to(self.device)
         self.engine.train()
-        self.optimizer = torch.optim.Adam(self.engine.parameters(), lr=spec.lr)
-        self.shuffle = torch.Generator().manual_seed(spec.seed)
-        self.batches_per_epoch = math.ceil(n / spec.batch_size)
-        self.epoch, self.batch, self.metrics = 0, 0, []
-        self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, aux, correct
-        self.started = time.perf_counter()
-        return {"samples": n, "batches_per_epoch": self.batches_per_epoch, "epochs": spec.epochs,
-                "device": str(self.device), "threads": self.threads, "source": split.source}
+        self.loop = EpochLoop(self.engine, recipe, train_set, val_set, epochs=spec.epochs,
+                              batch_size=spec.batch_size, seed=spec.seed)
+        self.resumed_from = 0
+        state = load_state(spec.out)
+        if state is not None:
+            if state.get("fingerprint") != _fingerprint(spec):
+                raise TTTPipeError(f"{spec.out}.train-state holds an interrupted run with other settings; "
+                                   "rerun it with the same ones or delete that folder to start over")
+            self.loop.load_state_dict(state)
+            self.resumed_from = self.loop.epoch
+            log.info("resuming %s after epoch %d/%d", spec.out, self.loop.epoch, spec.epochs)
+        return {"samples": n, "train_samples": len(train_set), "val_samples": len(val_rows),
+                "batches_per_epoch": self.loop.batches_per_epoch, "epochs": spec.epochs,
+                "resumed_from_epoch": self.resumed_from, "device": str(self.device),
+                "threads": self.threads, "source": split.source, "recipe": recipe.to_dict()}
 
     def run(self, max_batches: int) -> dict:
-        """Train up to `max_batches` batches, stopping at the end of an epoch; report progress."""
-        spec, n = self.spec, len(self.y)
-        if self.batch == 0:
-            self.order = torch.randperm(n, generator=self.shuffle).to(self.device)
-            self._sums.zero_()
-        stop = min(self.batch + max_batches, self.batches_per_epoch)
-        for b in range(self.batch, stop):
-            idx = self.order[b * spec.batch_size:(b + 1) * spec.batch_size]
-            x, y = self.x[idx], self.y[idx]
-            loss, logits, aux_loss = self.engine.joint_loss(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            with torch.no_grad():  # sums stay on the device: no CPU-GPU sync per batch
-                self._sums += torch.stack([loss.detach() * len(y), aux_loss.detach() * len(y),
-                                           (logits.argmax(1) == y).sum()]).double()
-        self.batch = stop
-        loss_sum = float(self._sums[0])  # one sync per chunk
-        if not math.isfinite(loss_sum):
-            raise TTTPipeError(f"training diverged (loss is {loss_sum}) in epoch {self.epoch + 1}; "
-                               "lower --lr or --aux-weight")
-        report = {"epoch": self.epoch + 1, "batches_done": self.batch,
-                  "batches_per_epoch": self.batches_per_epoch, "epoch_metrics": None,
-                  "finished": False}
-        if self.batch == self.batches_per_epoch:
-            loss, aux, correct = (float(v) / n for v in self._sums)
-            self.epoch, self.batch = self.epoch + 1, 0
-            metrics = {"epoch": self.epoch, "loss": loss, "accuracy": correct, "aux_loss": aux}
-            self.metrics.append(metrics)
-            report.update(epoch_metrics=metrics, finished=self.epoch == spec.epochs)
+        """Train up to `max_batches` batches, stopping at the end of an epoch; report progress.
+
+        After an epoch that is not the last, its state is written (atomically) for a resume.
+        """
+        from pipeline.training import save_state
+
+        report = self.loop.run(max_batches)
+        m = report["epoch_metrics"]
+        if m:
+            log.info("epoch %d/%d: loss %.4f, accuracy %.4f, aux loss %.4f%s, %.0f images/s",
+                     m["epoch"], self.spec.epochs, m["loss"], m["accuracy"], m["aux_loss"],
+                     f", val accuracy {m['val_accuracy']:.4f}" if "val_accuracy" in m else "",
+                     m["images_per_s"] or 0.0)
+            if not report["finished"]:
+                save_state(self.spec.out, {**self.loop.state_dict(), "fingerprint": _fingerprint(self.spec)})
+                self._maybe_die()
         return report
 
-    def save(self) -> dict:
-        """Write the checkpoint to `spec.out` (atomically); return its manifest."""
-        from pipeline.checkpoint import save_checkpoint
+    def _maybe_die(self) -> None:
+        if not self.kill_marker:
+            return
+        try:
+            fd = os.open(self.kill_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)
 
-        spec = self.spec
+    def save(self) -> dict:
+        """Write the checkpoint to `spec.out` (atomically), drop the training state; return the manifest."""
+        from pipeline.checkpoint import save_checkpoint
+        from pipeline.training import remove_state
+
+        spec, recipe = self.spec, self.recipe
         manifest = {
             "model": self.model_spec.to_manifest(),
             "method": {"name": spec.method, "config": spec.config},
             "dataset": self.dataset_info,
-            "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-                         "optimizer": "adam", "seed": spec.seed, "limit": spec.limit,
-                         "samples": len(self.y), "metrics": self.metrics,
-                         "seconds": round(time.perf_counter() - self.started, 3),
+            "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": recipe.lr,
+                         "optimizer": recipe.optimizer, "weight_decay": recipe.weight_decay,
+                         "momentum": recipe.momentum, "schedule": recipe.schedule,
+                         "augment": recipe.augment, "precision": recipe.precision,
+                         "val_fraction": recipe.val_fraction, "val_samples": self.val_samples,
+                         "seed": spec.seed, "limit": spec.limit, "samples": self.samples,
+                         "train_samples": self.samples - self.val_samples,
+                         "metrics": self.loop.metrics, "resumed_from_epoch": self.resumed_from,
+                         "seconds": round(self.loop.seconds, 3),
                          "device": str(self.device), "torch": torch.__version__},
         }
-        return save_checkpoint(spec.out, self.engine.state_dict(), manifest)
+        written = save_checkpoint(spec.out, self.engine.state_dict(), manifest)
+        remove_state(spec.out)
+        return written
+
+
+def _fingerprint(spec: TrainSpec) -> str:
+    """What a resumed run must share with the interrupted one (not where it runs or reads from)."""
+    import json
+
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("gpus", "cpus", "data_dir")}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _unwrap(exc: ray.exceptions.RayTaskError) -> BaseException:
@@ -284,7 +333,7 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
         actor = ray.remote(Trainer).options(
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0,
             runtime_env={"env_vars": actor_env()},  # MKL_CBWR: same kernels in every process
-        ).remote(spec, plan.threads)
+        ).remote(spec, plan.threads, os.environ.get(KILL_ENV))
         try:
             info = ray.get(actor.setup.remote())
             emit("setup", {**info, **dataclasses.asdict(plan)})
@@ -292,10 +341,6 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
             while True:
                 report = ray.get(actor.run.remote(chunk))
                 emit("progress", report)
-                if report["epoch_metrics"]:
-                    m = report["epoch_metrics"]
-                    log.info("epoch %d/%d: loss %.4f, accuracy %.4f, aux loss %.4f",
-                             m["epoch"], spec.epochs, m["loss"], m["accuracy"], m["aux_loss"])
                 if report["finished"]:
                     break
             manifest = ray.get(actor.save.remote())

@@ -38,7 +38,22 @@ def command(
     layer: str = typer.Option(None, help="Layer the auxiliary part attaches to (default: the method's)."),
     epochs: int = typer.Option(None, help="Training epochs (default: the method's: ttt 1, it3 2)."),
     batch_size: int = typer.Option(None, help="Training batch size (default: ttt 64, it3 256)."),
-    lr: float = typer.Option(None, help="Adam learning rate (default: ttt 1e-2, it3 1e-3)."),
+    lr: float = typer.Option(None, help="Learning rate (default: adam the method's, ttt 1e-2, it3 1e-3; sgd 0.1)."),
+    optimizer: str = typer.Option(None, help="adam (the seeds' recipe, default) or sgd (momentum, weight "
+                                             "decay, cosine schedule by default)."),
+    weight_decay: float = typer.Option(None, help="Weight decay (default: adam 0, sgd 5e-4; adam with "
+                                                  "weight decay is AdamW)."),
+    momentum: float = typer.Option(None, help="SGD momentum (default 0.9; sgd only)."),
+    schedule: str = typer.Option(None, help="Learning-rate schedule: none or cosine (per batch, to 0 at "
+                                            "the end; default: adam none, sgd cosine)."),
+    augment: str = typer.Option(None, help="none, cifar (crop with padding 4 + flip), imagenet "
+                                           "(random-resized crop + flip) or auto (default: none on "
+                                           "MNIST-like data, cifar on 32x32 RGB, imagenet on other RGB)."),
+    precision: str = typer.Option(None, help="fp32 (default), bf16 (autocast; CPU or GPU) or fp16 "
+                                             "(autocast + GradScaler; CUDA only)."),
+    val_fraction: float = typer.Option(None, help="Share of the train split held out for per-epoch "
+                                                  "validation accuracy (seeded; default: 0 on MNIST-like "
+                                                  "data, 0.1 on RGB; 0 turns it off)."),
     aux_weight: float = typer.Option(None, help="Joint loss = CE + aux_weight * aux loss "
                                                 "(default: ttt 0.35, it3 1.0)."),
     limit: int = typer.Option(None, help="Train on the first N samples only."),
@@ -60,12 +75,17 @@ def command(
                         batch_size=batch_size, lr=lr, aux_weight=aux_weight, layer=layer,
                         limit=limit, seed=seed, data_dir=None if data_dir is None else str(data_dir),
                         gpus=gpus, cpus=cpus, model_kwargs=model_kwargs, normalize=normalize,
-                        trust_model=trust_model)
+                        trust_model=trust_model, optimizer=optimizer, weight_decay=weight_decay,
+                        momentum=momentum, schedule=schedule, augment=augment, precision=precision,
+                        val_fraction=val_fraction)
     if is_job_address(address):
         argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
                      aux_weight=aux_weight, limit=limit, seed=seed, gpus=gpus, cpus=cpus,
-                     model_kwargs=model_kwargs, normalize=normalize, trust_model=trust_model)
+                     model_kwargs=model_kwargs, normalize=normalize, trust_model=trust_model,
+                     optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
+                     schedule=schedule, augment=augment, precision=precision,
+                     val_fraction=val_fraction)
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)
@@ -76,17 +96,38 @@ def train_with_progress(spec, address: str | None = None) -> dict:
     """`jobs.train.train` with a progress bar and one line per epoch; returns the manifest."""
     from jobs.train import train
 
+    import time
+
     bar = progress()
     task = None
+    clock = {"start": 0.0, "first_epoch": 0}
+
+    def eta(epoch: int) -> str:
+        """Time left after `epoch`, from this run's epochs so far (also when the bar is off)."""
+        done = epoch - clock["first_epoch"]
+        left = spec.epochs - epoch
+        if done <= 0 or left <= 0:
+            return ""
+        seconds = (time.perf_counter() - clock["start"]) / done * left
+        return f"  eta {int(seconds // 60)}m{int(seconds % 60):02d}s"
 
     def on_event(kind: str, info: dict) -> None:
         nonlocal task
         if kind == "setup":
+            clock.update(start=time.perf_counter(), first_epoch=info["resumed_from_epoch"])
+            r = info["recipe"]
+            held = f" ({info['val_samples']} held out for validation)" if info["val_samples"] else ""
             err_console.print(
-                f"training {spec.method} on {spec.dataset}: {info['samples']} samples, "
-                f"{spec.epochs} epoch(s) of {info['batches_per_epoch']} batches, "
-                f"device {info['device']}", highlight=False, soft_wrap=True)
-            task = bar.add_task("train", total=spec.epochs * info["batches_per_epoch"])
+                f"training {spec.method} on {spec.dataset}: {info['samples']} samples{held}, "
+                f"{spec.epochs} epoch(s) of {info['batches_per_epoch']} batches, {r['optimizer']} "
+                f"lr {r['lr']:g}, schedule {r['schedule']}, augment {r['augment']}, "
+                f"{r['precision']}, device {info['device']}", highlight=False, soft_wrap=True)
+            resumed = info["resumed_from_epoch"]
+            if resumed:
+                err_console.print(f"resuming after epoch {resumed}/{spec.epochs} "
+                                  f"(state in {spec.out}.train-state)", highlight=False, soft_wrap=True)
+            task = bar.add_task("train", total=spec.epochs * info["batches_per_epoch"],
+                                completed=resumed * info["batches_per_epoch"])
         elif kind == "progress":
             done = (info["epoch"] - 1) * info["batches_per_epoch"] + info["batches_done"]
             if info["epoch_metrics"]:
@@ -94,7 +135,11 @@ def train_with_progress(spec, address: str | None = None) -> dict:
                 m = info["epoch_metrics"]
                 bar.console.print(
                     f"epoch {m['epoch']}/{spec.epochs}: loss {m['loss']:.4f}  "
-                    f"accuracy {m['accuracy']:.4f}  aux loss {m['aux_loss']:.4f}", highlight=False)
+                    f"accuracy {m['accuracy']:.4f}  aux loss {m['aux_loss']:.4f}"
+                    + (f"  val accuracy {m['val_accuracy']:.4f}" if "val_accuracy" in m else "")
+                    + (f"  {m['images_per_s']:.0f} images/s" if m.get("images_per_s") else "")
+                    + eta(m["epoch"]),
+                    highlight=False, soft_wrap=True)
             bar.update(task, completed=done)
 
     with bar:
