@@ -12,6 +12,8 @@ actors run on the CPU since there is no CUDA):
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -154,9 +156,12 @@ def test_node_removed_mid_run_its_shard_goes_to_another_actor(
             _hold_until(lambda: len(reported) == 2, 30.0)  # both actors at work
             if len(reported) == 2:
                 # take away the node of the actor that just finished: the pool has its next
-                # shard queued for it (prefetched), so that call must fail and be retried. (Taking
-                # the other, busy, node raced its shard finishing first on an idle machine.)
+                # shard queued for it (prefetched), so that call must fail and be retried. Its
+                # process goes too, at once: a worker outlives its killed raylet for a moment
+                # and could still finish that shard. (Taking the other, busy, node raced its
+                # shard finishing first.)
                 nodes.remove(nodes.by_id(summary["node"]))
+                os.kill(summary["pid"], signal.SIGKILL)
 
     outcome = run_adapt(AdaptRequest(ttt_checkpoint, str(small_shards), str(out), actors=2,
                                      gpus_per_actor=1, address="auto"), on_shard_done=on_done)
