@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/ttt_failures.py diagnose --seed 3
     .venv/bin/python benchmarks/ttt_failures.py gate --seed 4 --first 1000 --count 2000
     .venv/bin/python benchmarks/ttt_failures.py shortcut --seed 3
+    .venv/bin/python benchmarks/ttt_failures.py stepsize --seed 3
 
 `diagnose` (test labels used to understand, never to choose a default): for the clean images
 and a few severity-5 corruptions, the accuracy after steps 0..3 of TTT's defaults, the rotation
@@ -12,6 +13,9 @@ between the rotation-loss gradient and the (oracle) cross-entropy gradient at st
 `shortcut`: content-free images (uniform noise) with and without motion blur. Online TTT on
 512 of them, then the rotation head's accuracy on 512 others: if it rises far above chance
 (25 %), the rotation task is solvable from the corruption alone, with no content to learn.
+
+`stepsize` (diagnosis on test labels): the gain after steps 1, 3, 5 for Adam and SGD at lr
+1e-2 and 1e-3 on the diagnosed corruptions: whether a smaller step removes the losses.
 
 `gate`: every corruption at severities 3 and 5 on test images [first, first + count), the gain of
 step 3 without and with `gate="entropy"` (per sample), and per batch (step 3 only if the batch's
@@ -139,6 +143,33 @@ def shortcut(engine: engines.Engine, args) -> None:
     engine.load_state_dict(start)
 
 
+def stepsize(engine: engines.Engine, args) -> None:
+    clean, y, ids, std = test_images(args.first, args.count, args.data_dir)
+    sets = {name: _corrupted(clean, name, 5, ids, std, args.corruption_seed)
+            for name in ["identity", *DIAGNOSED]}
+    state = engine.state_dict()
+    for optimizer, lr in (("adam", 1e-2), ("adam", 1e-3), ("sgd", 1e-2), ("sgd", 1e-3)):
+        probe = build_engine("ttt", engine_spec(args), args.seed,
+                             engine.config.replace(optimizer=optimizer, lr=lr))
+        probe.load_state_dict(state)
+        probe.eval()
+        cells = []
+        for name, x in sets.items():
+            hits = np.zeros(6)
+            for i in range(0, len(x), 32):
+                logits = probe.adapt(x[i:i + 32], steps=5).logits
+                hits += (logits.argmax(-1) == y[i:i + 32]).sum(1).numpy()
+            acc = 100 * hits / len(x)
+            cells.append(f"{name[:10]} {acc[0]:.1f} {acc[1] - acc[0]:+.1f}/{acc[3] - acc[0]:+.1f}/"
+                         f"{acc[5] - acc[0]:+.1f}")
+        print(f"{optimizer} lr {lr:g} (unadapted, gain after steps 1/3/5): " + " | ".join(cells),
+              flush=True)
+
+
+def engine_spec(args):
+    return load_split("fashion-mnist", "train", data_dir=args.data_dir).spec
+
+
 def _rotation_accuracy(engine: engines.Engine, x: torch.Tensor) -> float:
     with torch.no_grad():
         rotated, labels = rotate_batch(x)
@@ -149,7 +180,7 @@ def _rotation_accuracy(engine: engines.Engine, x: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("what", choices=("diagnose", "gate", "shortcut"))
+    ap.add_argument("what", choices=("diagnose", "gate", "shortcut", "stepsize"))
     ap.add_argument("--seed", type=int, default=3, help="training seed")
     ap.add_argument("--first", type=int, default=0, help="first test image")
     ap.add_argument("--count", type=int, default=1000, help="number of test images")
@@ -160,7 +191,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = trained_engine(args.seed, args.cache, args.data_dir)
-    {"diagnose": diagnose, "gate": gate, "shortcut": shortcut}[args.what](engine, args)
+    {"diagnose": diagnose, "gate": gate, "shortcut": shortcut,
+     "stepsize": stepsize}[args.what](engine, args)
 
 
 if __name__ == "__main__":
