@@ -51,19 +51,17 @@ def not_a_module():
 
 
 @pytest.fixture(scope="module")
-def user_ray(tmp_path_factory):
+def user_ray(tmp_path_factory, ray_cluster):
     """A local Ray whose workers can import the test's own package (written to a temp dir and
     put on PYTHONPATH before the workers start, as an installed package would be); the shared
-    session cluster is shut down for this module and started again afterwards."""
+    session cluster is left for this module and rejoined afterwards."""
     import ray
 
     root = tmp_path_factory.mktemp("userpkg")
     (root / PACKAGE).mkdir()
     (root / PACKAGE / "__init__.py").write_text("")
     (root / PACKAGE / "nets.py").write_text(textwrap.dedent(NETS))
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
+    ray.shutdown()  # leave the shared cluster (its nodes stay up) for this module's own Ray
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -77,11 +75,11 @@ def user_ray(tmp_path_factory):
             ray.shutdown()
             sys.modules.pop(f"{PACKAGE}.nets", None)
             sys.modules.pop(PACKAGE, None)
-    if was_up:  # the shared cluster (tests/jobs/conftest.py) as it was
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RAY_AUTH_MODE", "disabled")
-            mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    # back to the shared cluster itself (tests/jobs/conftest.py), not a new local Ray: the
+    # autoscaling tests add nodes to that cluster and wait for them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(address=ray_cluster.address, logging_level=logging.WARNING)
 
 
 def _run(*args: str, env: dict | None = None):
