@@ -101,35 +101,31 @@ def run_tasks(write: Callable[[Any, Any], dict], plan, tasks: Sequence, *,
 def run_corrupt(plan, *, address: str | None = None, cpus_per_task: float = 1.0,
                 progress: Progress | None = None) -> dict:
     """Write every shard of a `pipeline.shard_maker.MakePlan` on Ray; timings and the summary."""
-    from pipeline.shard_maker import remove_written, write_task
+    from pipeline.shard_maker import write_task
 
-    t0 = time.perf_counter()
-    try:
-        with connect(address):
-            t1 = time.perf_counter()
-            run_tasks(write_task, plan, plan.tasks, remove=remove_written,
-                      cpus_per_task=cpus_per_task, progress=progress)
-    except BaseException:
-        remove_written(plan, [])  # e.g. no cluster: the (empty) folder, if this run made it
-        raise
-    t2 = time.perf_counter()
-    return {"summary": plan.summary(), "connect_s": t1 - t0, "write_s": t2 - t1}
+    return _run_plan(write_task, plan, address, cpus_per_task, progress)
 
 
 def run_import(plan, *, address: str | None = None, cpus_per_task: float = 1.0,
                progress: Progress | None = None) -> dict:
     """Write every shard of a `pipeline.shard_import.ImportPlan` on Ray; timings and summary."""
     from pipeline.shard_import import write_import_task
+
+    return _run_plan(write_import_task, plan, address, cpus_per_task, progress)
+
+
+def _run_plan(task_fn, plan, address: str | None, cpus_per_task: float,
+              progress: Progress | None) -> dict:
     from pipeline.shard_maker import remove_written
 
     t0 = time.perf_counter()
     try:
         with connect(address):
             t1 = time.perf_counter()
-            run_tasks(write_import_task, plan, plan.tasks, remove=remove_written,
+            run_tasks(task_fn, plan, plan.tasks, remove=remove_written,
                       cpus_per_task=cpus_per_task, progress=progress)
     except BaseException:
-        remove_written(plan, [])
+        remove_written(plan, [])  # e.g. no cluster: the (empty) folder, if this run made it
         raise
     t2 = time.perf_counter()
     return {"summary": plan.summary(), "connect_s": t1 - t0, "write_s": t2 - t1}

@@ -117,17 +117,6 @@ def write_import_task(plan: ImportPlan, task: ImportTask) -> dict:
 def import_shards(*args, progress=None, **kwargs) -> ShardSummary:
     """:func:`plan_import_shards` + every task in this process (no Ray); the job is
     ``jobs.corrupt.run_import``. Removes what it wrote on failure."""
-    from pipeline.shard_maker import remove_written
+    from pipeline.shard_maker import write_in_process
 
-    plan = plan_import_shards(*args, **kwargs)
-    written: list[str] = []
-    try:
-        for task in plan.tasks:
-            written.append(task.uri)
-            write_import_task(plan, task)
-            if progress is not None:
-                progress(len(written), len(plan.tasks), task.uri)
-    except BaseException:
-        remove_written(plan, written)
-        raise
-    return plan.summary()
+    return write_in_process(plan_import_shards(*args, **kwargs), write_import_task, progress)

@@ -36,6 +36,7 @@ from pipeline.errors import TTTPipeError
 from pipeline.shards import SUFFIX, shard_name, write_shard
 
 __all__ = ["ShardSummary", "ShardTask", "MakePlan", "make_shards", "plan_make", "plan_shards",
+           "write_in_process",
            "write_task", "remove_written", "DEFAULT_SHARD_SIZE", "IDENTITY"]
 
 log = logging.getLogger(__name__)
@@ -171,19 +172,25 @@ def make_shards(dataset: str | DatasetSpec, out: str, corruptions: str | Iterabl
     plan = plan_make(dataset, out, corruptions, severities, data_dir=data_dir, identity=identity,
                      shard_size=shard_size, limit=limit, seed=seed, download=download,
                      image_size=image_size)
+    summary = write_in_process(plan, write_task, progress)
+    log.info("wrote %d shards (%d rows) to %s", len(plan.tasks), summary.rows, out)
+    return summary
+
+
+def write_in_process(plan, task_fn, progress: Progress | None = None):
+    """Run ``task_fn(plan, task)`` for every task of ``plan`` here, in order; on any failure
+    (or Ctrl-C) remove what was written. The plan's summary."""
     written: list[str] = []
     try:
         for task in plan.tasks:
             written.append(task.uri)  # before writing: a failed write is cleaned up too
-            write_task(plan, task)
+            task_fn(plan, task)
             if progress is not None:
                 progress(len(written), len(plan.tasks), task.uri)
     except BaseException:
         remove_written(plan, written)
         raise
-    summary = plan.summary()
-    log.info("wrote %d shards (%d rows) to %s", len(written), summary.rows, out)
-    return summary
+    return plan.summary()
 
 
 def remove_written(plan: MakePlan, uris: Iterable[str]) -> None:

@@ -133,6 +133,18 @@ def draw(rngs: Sequence[np.random.Generator], fn: Callable[[np.random.Generator]
     return np.stack([np.asarray(fn(g)) for g in rngs])
 
 
+def check_ids_and_seed(sample_ids, n: int, seed) -> np.ndarray:
+    """`sample_ids` as an array of `n` non-negative integers and a non-negative integer `seed`,
+    or a one-line TTTPipeError (every suite's corrupt() checks these the same way)."""
+    ids = np.asarray(sample_ids)
+    if ids.shape != (n,) or (len(ids) and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0)):
+        raise TTTPipeError(f"sample_ids must be {n} non-negative integers (one per image), "
+                           f"got shape {ids.shape} dtype {ids.dtype}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TTTPipeError(f"seed must be a non-negative integer, got {seed!r}")
+    return ids
+
+
 def _check_inputs(images, sample_ids, seed, norm_std) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(images)
     if x.ndim != 4 or x.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
@@ -141,12 +153,7 @@ def _check_inputs(images, sample_ids, seed, norm_std) -> tuple[np.ndarray, np.nd
     if not np.issubdtype(x.dtype, np.floating):
         raise TTTPipeError(f"corrupt() needs float pixel-unit images, got dtype {x.dtype}; "
                            "convert with pipeline.datasets.to_float")
-    ids = np.asarray(sample_ids)
-    if ids.shape != (len(x),) or (len(ids) and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0)):
-        raise TTTPipeError(f"sample_ids must be {len(x)} non-negative integers (one per image), "
-                           f"got shape {ids.shape} dtype {ids.dtype}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise TTTPipeError(f"seed must be a non-negative integer, got {seed!r}")
+    ids = check_ids_and_seed(sample_ids, len(x), seed)
     if not np.isfinite(norm_std) or norm_std <= 0:
         raise TTTPipeError(f"norm_std must be positive (the dataset's normalisation std), got {norm_std!r}")
     return x, ids

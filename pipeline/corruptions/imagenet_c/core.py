@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.corruptions.core import SEVERITIES, sample_rngs
+from pipeline.corruptions.core import SEVERITIES, check_ids_and_seed, sample_rngs
 from pipeline.corruptions.imagenet_c.registry import RGB_CORRUPTIONS
 from pipeline.errors import TTTPipeError
 
@@ -64,12 +64,7 @@ def _check(images, sample_ids, seed) -> tuple[np.ndarray, np.ndarray]:
                            "pass the split's uint8 pixels")
     if min(x.shape[2:]) < 4:
         raise TTTPipeError(f"imagenet-c corruptions need images of at least 4x4 pixels, got {x.shape[2:]}")
-    ids = np.asarray(sample_ids)
-    if ids.shape != (len(x),) or (len(ids) and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0)):
-        raise TTTPipeError(f"sample_ids must be {len(x)} non-negative integers (one per image), "
-                           f"got shape {ids.shape} dtype {ids.dtype}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise TTTPipeError(f"seed must be a non-negative integer, got {seed!r}")
+    ids = check_ids_and_seed(sample_ids, len(x), seed)
     return x, ids
 
 
