@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,15 @@ def test_reference_run_is_complete(reference, samples):
 
 def test_two_actors_give_identical_bytes(reference, ttt_checkpoint, shard_dir, samples, tmp_path):
     out = tmp_path / "two"
-    outcome = run_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(out), actors=2))
+    done: list[int] = []
+
+    def hold_first(summary):  # the pool dispatches as soon as one actor is up: on an idle
+        done.append(summary["pid"])  # machine that one could take all 4 tiny shards before the
+        if len(done) == 1:  # second has started, so hold the driver (bounded) after the first
+            time.sleep(15.0)
+
+    outcome = run_adapt(AdaptRequest(ttt_checkpoint, str(shard_dir), str(out), actors=2),
+                        on_shard_done=hold_first)
     assert outcome.pool.actors == 2
     assert len({s["pid"] for s in outcome.shard_summaries}) == 2  # both actors worked
     assert_complete(out, samples, STEPS)
