@@ -275,7 +275,7 @@ def fog(x: torch.Tensor, rngs, *, strength, decay):
     mapsize = 1 << (max(h, w) - 1).bit_length()  # the next power of two >= the longer side
     haze = torch.from_numpy(plasma_fractal(rngs, mapsize, decay)[:, :h, :w]).to(x.device)
     top = x.amax(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    return (x + strength * haze.unsqueeze(1)) * top / (top + strength)
+    return (x + strength * haze.unsqueeze(1)).mul_(top / (top + strength))
 
 
 # -------------------------------------------------------------------------------- spatter
