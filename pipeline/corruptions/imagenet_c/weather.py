@@ -5,7 +5,7 @@ Algorithms and constants are Hendrycks' `make_cifar_c.py` (table `cifar`, 32x32)
 runs them: snow's ImageMagick motion blur is its numpy `_motion_blur`, frost crops one of the
 frost photos shipped in the `imagecorruptions` package, fog adds a diamond-square plasma
 fractal, spatter's OpenCV steps (Canny, chamfer distance transform, histogram equalisation,
-box filters) are re-expressed here in torch/scipy with OpenCV's integer arithmetic.
+box filters) are re-expressed here in numpy/scipy with OpenCV's arithmetic (no cv2 at run time).
 
 Every function takes `x` (N, 3, H, W) float32 in [0, 1] and one numpy Generator per sample,
 draws each sample's randomness from its own generator in the reference's order, and does the
@@ -275,7 +275,7 @@ def fog(x: torch.Tensor, rngs, *, strength, decay):
     mapsize = 1 << (max(h, w) - 1).bit_length()  # the next power of two >= the longer side
     haze = torch.from_numpy(plasma_fractal(rngs, mapsize, decay)[:, :h, :w]).to(x.device)
     top = x.amax(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    return (x + strength * haze.unsqueeze(1)) * top / (top + strength)
+    return (x + strength * haze.unsqueeze(1)).mul_(top / (top + strength))
 
 
 # -------------------------------------------------------------------------------- spatter
