@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
 
 from engines.base import register_engine
 from engines.config import TTAConfig
-from engines.tta import TTAEngine, softmax_entropy
+from engines.tta import TTAEngine
 
 __all__ = ["SourceConfig", "SourceEngine"]
 
@@ -42,8 +40,4 @@ class SourceEngine(TTAEngine):
     config_cls = SourceConfig
     config: SourceConfig
 
-    def _step(self, x: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            logits = self.model(x)
-        return logits, softmax_entropy(logits).mean()
+    _step = TTAEngine._no_update_step

@@ -79,6 +79,13 @@ class TTAEngine(Engine):
     config_cls: ClassVar[type[TTAConfig]] = TTAConfig
     config: TTAConfig
 
+    def _no_update_step(self, x: torch.Tensor, params: list[nn.Parameter],
+                        opt: torch.optim.Optimizer | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step that changes nothing (norm, source): the logits and their mean entropy."""
+        with torch.no_grad():
+            logits = self.model(x)
+        return logits, softmax_entropy(logits).mean()
+
     def _build_aux(self, probe: DryRun, generator: torch.Generator,
                    device: torch.device, dtype: torch.dtype) -> None:
         self.num_classes = int(probe.logits.shape[1])

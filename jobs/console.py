@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from pipeline.errors import TTTPipeError
 
-__all__ = ["console", "err_console", "fail", "cli_errors", "progress"]
+__all__ = ["console", "err_console", "fail", "cli_errors", "progress", "run_with_bar"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -55,3 +55,15 @@ def progress(transient: bool = False):
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
         transient=transient, disable=not sys.stderr.isatty(),
     )
+
+
+def run_with_bar(label: str, total: int, run):
+    """`run(advance)` under a progress bar of `total` steps; `advance(done, total, item)` is
+    the (done, total, ...) callback the jobs take. Returns what `run` returns."""
+    with progress() as bar:
+        task = bar.add_task(label, total=total)
+
+        def advance(done: int, total: int, *_) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return run(advance)

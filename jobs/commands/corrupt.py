@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from jobs.commands import DATASET_HELP, check_dataset, command_argv
-from jobs.console import cli_errors, console, progress
+from jobs.console import cli_errors, console, run_with_bar
 from pipeline.corruptions import list_corruptions
 from pipeline.corruptions.suites import suite_names
 from pipeline.datasets import CACHE_ROOT
@@ -103,11 +103,6 @@ def command(
     plan = plan_make(form, out, corruptions, severities, data_dir=data_dir, identity=identity,
                      shard_size=shard_size, limit=limit, seed=seed, download=download,
                      image_size=image_size)
-    with progress() as bar:
-        task = bar.add_task("corrupt", total=len(plan.tasks))
-
-        def advance(done: int, total: int, uri: str) -> None:
-            bar.update(task, completed=done, total=total)
-
-        result = run_corrupt(plan, address=address, cpus_per_task=cpus_per_task, progress=advance)
+    result = run_with_bar("corrupt", len(plan.tasks), lambda advance: run_corrupt(
+        plan, address=address, cpus_per_task=cpus_per_task, progress=advance))
     print_summary(result["summary"], time.perf_counter() - start)

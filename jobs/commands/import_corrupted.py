@@ -10,7 +10,7 @@ import typer
 
 from jobs.commands import command_argv
 from jobs.commands.corrupt import print_summary
-from jobs.console import cli_errors, progress
+from jobs.console import cli_errors, run_with_bar
 from pipeline.shard_import import TARGET_SHARD_BYTES
 
 __all__ = ["command"]
@@ -77,11 +77,6 @@ def command(
     plan = plan_import_shards(layout, src, dataset, out, corruptions, severities, limit=limit,
                               shard_size=shard_size, seed=seed, data_dir=data_dir,
                               image_size=image_size)
-    with progress() as bar:
-        task = bar.add_task("import", total=len(plan.tasks))
-
-        def advance(done: int, total: int, uri: str) -> None:
-            bar.update(task, completed=done, total=total)
-
-        result = run_import(plan, address=address, cpus_per_task=cpus_per_task, progress=advance)
+    result = run_with_bar("import", len(plan.tasks), lambda advance: run_import(
+        plan, address=address, cpus_per_task=cpus_per_task, progress=advance))
     print_summary(result["summary"], time.perf_counter() - start)
