@@ -11,6 +11,7 @@ import torch
 import engines
 from pipeline.models import build_model
 from engine_helpers import MODEL_FOR, TinyNet, digits, make_tiny_engine, rgb_batch
+from gpu_helpers import DEVICE, needs_gpu
 
 ENGINES = engines.list_engines()
 JOINT = [n for n in ENGINES if engines.get_engine(n).needs_joint_training]
@@ -299,11 +300,11 @@ class TestJointContract:
             make_engine(name, layer="fc9")
         assert "\n" not in str(e.value)
 
-    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    @needs_gpu
     def test_cuda_matches_cpu(self, name, make_engine, batch):
         engine = make_engine(name)
         cpu = engine.adapt(batch[0], steps=2, lr=1e-2)
-        engine.cuda()
-        gpu = engine.adapt(batch[0].cuda(), steps=2, lr=1e-2)
-        assert gpu.logits.is_cuda and gpu.losses.is_cuda
+        engine.to(DEVICE)
+        gpu = engine.adapt(batch[0].to(DEVICE), steps=2, lr=1e-2)
+        assert gpu.logits.device == DEVICE and gpu.losses.device == DEVICE
         torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, atol=1e-4, rtol=1e-4)
