@@ -18,6 +18,7 @@ import html
 import io
 from dataclasses import dataclass, field
 
+from pipeline.gain import GAIN_NOISE, gain_class
 from pipeline.report.baseline import Baseline, choose_baselines, reported_step
 from pipeline.report.table import CLEAN, Series, _code, series_of
 from pipeline.results import Results
@@ -25,21 +26,7 @@ from pipeline.results import Results
 __all__ = ["GAIN_NOISE", "gain_class", "Entry", "CompareRow", "SideBySide", "side_by_side",
            "stream_table"]
 
-# Gains within +-1 point are noise at our sample sizes: the binomial standard error of an
-# accuracy p on n samples is sqrt(p(1-p)/n), 1.1 points at p = 0.5 and n = 2000 (the
-# demo's samples per corruption, README "Quick start"). Beyond it: a loss (red) or a gain.
-GAIN_NOISE = 1.0
-
 Key = tuple[str | None, str, int]  # (stream, corruption, severity)
-
-
-def gain_class(points: float | None) -> str | None:
-    """"loss" below -GAIN_NOISE points, "gain" above +GAIN_NOISE, else "neutral" (-1.0
-    exactly is neutral; rounded to 1e-9 first so float noise in 0.5 - 0.51 cannot flip it)."""
-    if points is None:
-        return None
-    p = round(points, 9)
-    return "loss" if p < -GAIN_NOISE else "gain" if p > GAIN_NOISE else "neutral"
 
 
 def _cells(s: Series, step: int) -> dict[Key, float]:

@@ -192,6 +192,6 @@ def gain_heatmap(table) -> bytes | None:
         ax.set_xlabel("severity")
         ax.set_title(f"{e.label} (step {e.step}), gain {e.baseline.why.split(' (')[0]}", fontsize=10)
     fig.suptitle(f"Accuracy gain (points) over the unadapted model: red < -{GAIN_NOISE:g}, "
-                 f"grey within +-{GAIN_NOISE:g} (noise), green > +{GAIN_NOISE:g}", fontsize=11)
+                 f"grey within ±{GAIN_NOISE:g} (noise), green > +{GAIN_NOISE:g}", fontsize=11)
     fig.tight_layout()
     return to_png(fig)

@@ -46,7 +46,8 @@ def test_default_table(folders):
 
 def test_csv_is_clean_on_stdout_and_compares_runs(folders):
     root, full, partial = folders
-    result = runner.invoke(app, ["report", str(full), str(partial), "-f", "csv", "-o", str(root / "rep_csv")])
+    result = runner.invoke(app, ["report", str(full), str(partial), "-f", "csv", "-t", "steps",
+                                 "-o", str(root / "rep_csv")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))  # stdout holds the csv only
     assert list(rows[0])[:3] == ["corruption", "severity", "ttt step 0"]
@@ -62,7 +63,8 @@ def test_csv_is_clean_on_stdout_and_compares_runs(folders):
 
 def test_markdown(folders):
     root, _, partial = folders
-    result = runner.invoke(app, ["report", str(partial), "--format", "markdown", "--out", str(root / "rep_md")])
+    result = runner.invoke(app, ["report", str(partial), "--format", "markdown", "--table", "steps",
+                                 "--out", str(root / "rep_md")])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("| corruption | severity | it3 step 0")
@@ -90,7 +92,8 @@ def test_bad_format_is_rejected(folders):
 
 def test_console_table_never_truncates_numbers(folders):
     root, full, partial = folders
-    result = runner.invoke(app, ["report", str(full), str(partial), "-o", str(root / "rep_two")])
+    result = runner.invoke(app, ["report", str(full), str(partial), "-t", "steps",
+                                 "-o", str(root / "rep_two")])
     assert result.exit_code == 0, result.output
     assert "…" not in result.stdout  # CliRunner's console is 80 columns wide
     assert "A = ttt" in result.stdout and "B = it3" in result.stdout
