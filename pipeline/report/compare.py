@@ -53,9 +53,12 @@ class Entry:
         return self.series.label
 
     def gain(self, key: Key) -> float | None:
-        if not self.baseline.compared or key not in self.values or key not in self.base:
+        """Accuracy at `step` minus the baseline's on the same cell. A source run has no
+        streams (it keeps no state), so a stream's cell is compared with its shard alone."""
+        base = self.base.get(key, self.base.get((None, key[1], key[2])))
+        if not self.baseline.compared or key not in self.values or base is None:
             return None
-        return self.values[key] - self.base[key]
+        return self.values[key] - base
 
 
 @dataclass(frozen=True)
