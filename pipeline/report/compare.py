@@ -89,6 +89,10 @@ class SideBySide:
     notes: list[str] = field(default_factory=list)  # source runs not used, partial means
 
     @property
+    def series(self) -> list[Series]:
+        return [e.series for e in self.entries]
+
+    @property
     def streams(self) -> bool:
         return any(r.stream is not None for r in self.rows)
 
