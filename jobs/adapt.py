@@ -59,6 +59,7 @@ from engines.config import GATES
 from jobs.pool import PoolPlan, parse_actors, plan_pool, run_pool
 from jobs.shard_worker import MODES, PROTOCOLS, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
+from pipeline.cost import COST_FILE, read_costs
 from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
 from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
@@ -295,6 +296,7 @@ def _start_results(plan: AdaptPlan) -> None:
                                storage.join(out, RUN_FILE))
     if plan.pending:
         storage.remove(storage.join(out, ACCURACY_FILE))
+        storage.remove(storage.join(out, COST_FILE))
 
 
 _FOOTER_THREADS = 16  # footers are small reads: object stores answer them in parallel
@@ -359,6 +361,12 @@ def finalize_results(plan: AdaptPlan) -> pa.Table:
     accuracy = accuracy_from_summaries(summaries)
     storage.atomic_write_table(accuracy, storage.join(plan.request.out, ACCURACY_FILE),
                                metadata={SETTINGS_KEY: plan.settings.to_json()})
+    # cost.parquet: the shards' cost sidecars in one table (shards of older versions have none)
+    cost_file = storage.join(plan.request.out, COST_FILE)
+    storage.remove(cost_file)  # so read_costs reads the sidecars, never a stale table
+    costs = read_costs(plan.request.out, [uri for _, uri in jobs], threads=_FOOTER_THREADS)
+    if costs.num_rows:
+        storage.atomic_write_table(costs, cost_file)
     return accuracy
 
 

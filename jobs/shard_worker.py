@@ -29,6 +29,7 @@ import torch
 
 from pipeline import storage
 from pipeline.checkpoint import Checkpoint, build_engine_from_checkpoint, load_checkpoint
+from pipeline.cost import cost_uri, max_rss_bytes
 from pipeline.errors import TTTPipeError
 from pipeline.results import PREDICTION_SCHEMA, SUMMARY_KEY, summarize_predictions
 from pipeline.shards import Shard, read_shard
@@ -213,6 +214,7 @@ class ShardWorker:
         self.init_seconds = time.perf_counter() - started
         self.pid = os.getpid()
         self.node = _ray_node_id()
+        self.base_rss = max_rss_bytes()  # the process's peak once the checkpoint is loaded
 
     def _take(self, shard_uri: str) -> Shard:
         """The shard, from the prefetch started by the previous call if it was this one."""
@@ -242,11 +244,23 @@ class ShardWorker:
         t0 = time.perf_counter()
         shard = self._take(shard_uri)
         self._prefetch(next_uri)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device) if cuda else self.base_rss
         t1 = time.perf_counter()
         table = predict_shard(self.engine, shard, self.settings, self.device,
                               after_batch=self._maybe_die if self.kill_marker else None)
+        adapt_s = time.perf_counter() - t1
         summary = summarize_predictions(table, shard.name, self.settings.steps + 1)
         t2 = time.perf_counter()
+        # the cost beside the predictions, written first (pipeline.cost says why not in them)
+        storage.atomic_write_bytes(json.dumps({
+            "shard": shard.name, "method": self.settings.method, "samples": len(shard.sample_ids),
+            "adapt_s": adapt_s, "actor": f"{self.node or 'local'}:{self.pid}",
+            "device": str(self.device), "memory": "cuda_max_allocated" if cuda else "cpu_max_rss",
+            "peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else max_rss_bytes(),
+            "base_bytes": base}, sort_keys=True).encode(), cost_uri(out_uri))
         storage.atomic_write_table(table, out_uri, metadata={
             SETTINGS_KEY: self.settings.to_json(), SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
         t3 = time.perf_counter()

@@ -41,7 +41,7 @@ def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -
     return 0.5 * images + 0.12 * severity  # fog and any other name: a haze
 
 
-def write_shards(shard_dir: Path, shards=SHARDS, n: int = N) -> list[str]:
+def write_shards(shard_dir: Path, shards=SHARDS, n: int = N, seed: int = 0) -> list[str]:
     """Real shards through pipeline.shards.write_shard (validated, contract schema)."""
     storage.makedirs(str(shard_dir))
     images, labels = clean_images(n)
@@ -51,7 +51,7 @@ def write_shards(shard_dir: Path, shards=SHARDS, n: int = N) -> list[str]:
         x = corrupt(images, corruption, severity)[:, None]  # (n, 1, 28, 28)
         write_shard(uri, np.arange(n, dtype=np.int64), labels.astype(np.int64), x.astype(np.float32),
                     corruption=corruption, severity=severity, dataset="synthetic",
-                    mean=0.1307, std=0.3081, seed=0)
+                    mean=0.1307, std=0.3081, seed=seed)
         uris.append(uri)
     return uris
 
@@ -82,7 +82,8 @@ def predictions(shard: str, corruption: str, severity: int, method: str, steps: 
 
 
 def write_results(root: Path, shard_uris: list[str], method: str = "ttt", done=None,
-                  offset: int = 0, steps: int = STEPS) -> Path:
+                  offset: int = 0, steps: int = STEPS, settings: dict | None = None,
+                  n: int = N) -> Path:
     """A results folder; `done` (shard names) limits which shards have predictions (partial)."""
     (root / "predictions").mkdir(parents=True, exist_ok=True)
     tables = []
@@ -91,16 +92,63 @@ def write_results(root: Path, shard_uris: list[str], method: str = "ttt", done=N
         corruption, sev = name.rsplit("-", 1)[0].rsplit("-s", 1)
         if done is not None and name not in done:
             continue
-        t = predictions(name, corruption, int(sev), method, steps=steps, offset=offset)
+        t = predictions(name, corruption, int(sev), method, steps=steps, offset=offset, n=n)
         pq.write_table(t, root / "predictions" / f"{name}.parquet")
         tables.append(t)
     if done is None:
         pq.write_table(accuracy_table(pa.concat_tables(tables)), root / "accuracy.parquet")
     run = {"method": method, "steps": steps, "checkpoint": "/ckpt/demo", "shards": list(shard_uris),
            "batch_size": BATCH, "seed": 0}
+    if settings is not None:  # as `ttt-pipe adapt` writes it: the resolved settings
+        run["settings"] = {"method": method, "steps": steps, "mode": "episodic", **settings}
     (root / "run.json").write_text(json.dumps(run))
     return root
 
 
 def expected_accuracy(corruption: str, severity: int, step: int, offset: int = 0, n: int = N) -> float:
     return sum(is_correct(i, step, corruption, severity, offset) for i in range(n)) / n
+
+
+def counted_predictions(shard: str, corruption: str, severity: int, method: str,
+                        correct: list[int], n: int) -> pa.Table:
+    """Predictions where the first `correct[k]` samples (by id) are right at step k."""
+    steps = len(correct)
+    ids = np.repeat(np.arange(n), steps)
+    step = np.tile(np.arange(steps), n)
+    ok = ids < np.asarray(correct)[step]
+    label = (ids % 10).astype(np.int16)
+    return pa.table({
+        "sample_id": ids.astype(np.int64), "shard": [shard] * len(ids),
+        "corruption": [corruption] * len(ids), "severity": np.full(len(ids), severity, np.int8),
+        "method": [method] * len(ids), "step": step.astype(np.int16), "label": label,
+        "pred": np.where(ok, label, (label + 1) % 10).astype(np.int16), "correct": ok,
+        "confidence": np.full(len(ids), 0.5, np.float32), "batch": (ids // BATCH).astype(np.int32),
+        "loss": np.where(step == steps - 1, np.nan, 1.0).astype(np.float32)}, schema=PREDICTION_SCHEMA)
+
+
+def write_counted(root: Path, method: str, cells: dict[tuple[str, int], list[int]], n: int,
+                  mode: str = "episodic") -> Path:
+    """A results folder with known correct counts per (corruption, severity) and step; its
+    shards (named, not written) are `<corruption>-s<severity>-00000`."""
+    (root / "predictions").mkdir(parents=True, exist_ok=True)
+    names = []
+    for (corruption, severity), correct in cells.items():
+        name = shard_name(corruption, severity, 0)
+        pq.write_table(counted_predictions(name, corruption, severity, method, correct, n),
+                       root / "predictions" / f"{name}.parquet")
+        names.append(name)
+    steps = len(next(iter(cells.values()))) - 1
+    run = {"settings": {"method": method, "steps": steps, "mode": mode},
+           "shards": [f"/nowhere/{name}.parquet" for name in names],
+           "samples": {name: n for name in names}}
+    (root / "run.json").write_text(json.dumps(run))
+    return root
+
+
+def write_cost(root: Path, shard: str, method: str, samples: int, adapt_s: float, actor: str,
+               peak: int, base: int, memory: str = "cpu_max_rss") -> None:
+    """A shard's cost sidecar as the actor writes it (pipeline.cost)."""
+    record = {"shard": shard, "method": method, "samples": samples, "adapt_s": adapt_s,
+              "actor": actor, "device": "cpu", "memory": memory, "peak_bytes": peak,
+              "base_bytes": base}
+    (root / "predictions" / f"{shard}.cost.json").write_text(json.dumps(record))

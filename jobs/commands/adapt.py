@@ -50,7 +50,10 @@ def accuracy_rich_table(accuracy, title: str = "Accuracy (%) before and after ad
     """corruption, severity, acc@0, acc@K, gain (K = last step), one row per method and shard kind."""
     from rich.table import Table
 
+    from pipeline.gain import GAIN_NOISE, gain_class
+
     rows = accuracy.to_pylist()
+    losses = 0
     last = max((r["step"] for r in rows), default=0)
     by_key: dict = {}
     for r in rows:
@@ -68,10 +71,17 @@ def accuracy_rich_table(accuracy, title: str = "Accuracy (%) before and after ad
             continue
         a0, ak = steps[0]["accuracy"] * 100, steps[last]["accuracy"] * 100
         gain = ak - a0
-        style = "green" if gain > 0 else ("red" if gain < 0 else "")
+        kind = gain_class(gain)  # a loss beyond GAIN_NOISE points: red and marked, never missed
+        text = f"{gain:+.1f}" + ("!" if kind == "loss" else "")
+        style = {"loss": "bold white on red", "gain": "green"}.get(kind)
         cells = [corruption, str(severity), str(steps[0]["n"]), f"{a0:.1f}", f"{ak:.1f}",
-                 f"[{style}]{gain:+.1f}[/]" if style else f"{gain:+.1f}"]
-        table.add_row(*([method] if len(methods) > 1 else []), *cells)
+                 f"[{style}]{text}[/]" if style else text]
+        losses += kind == "loss"
+        table.add_row(*([method] if len(methods) > 1 else []), *cells,
+                      style="red" if kind == "loss" else None)
+    if losses:
+        table.caption = (f"{losses} row(s) lose more than {GAIN_NOISE:g} point(s) (! and red); "
+                         "gain = last step minus step 0; ttt-pipe report compares with a source run")
     return table
 
 

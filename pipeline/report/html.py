@@ -19,6 +19,7 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 tr.mean td{font-weight:bold;border-top:2px solid #888}
 td.up{color:#137333}td.down{color:#b3261e}
+td.loss{background:#d73027;color:#fff;font-weight:bold}td.gain{background:#d9f0d3;color:#137333}
 .warn{background:#fff4e5;border-left:4px solid #f0a030;padding:.6em 1em;margin:1em 0}
 .note{color:#555;font-size:.9em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
@@ -63,9 +64,12 @@ def _missing(results: list[Results]) -> str:
     return "\n".join(parts)
 
 
-def render_html(table_html: str, figures: list[tuple[str, str, bytes]], results: list[Results],
-                notes: list[str]) -> str:
-    """`figures`: (title, caption, png bytes). Everything is embedded; no external resources."""
+def render_html(compare_html: str, steps_html: str, cost_html: str, streams_html: str | None,
+                figures: list[tuple[str, str, bytes]], results: list[Results],
+                notes: list[str], error: bool = False, lead: int = 0) -> str:
+    """The tables (side by side, per stream, cost, per step) and `figures` (title, caption,
+    png bytes; the first `lead` go with the comparison, the rest after the per-step table).
+    Everything is embedded; no external resources."""
     figs = []
     for title, caption, png in figures:
         data = base64.b64encode(png).decode("ascii")
@@ -79,13 +83,23 @@ def render_html(table_html: str, figures: list[tuple[str, str, bytes]], results:
 <style>{_CSS}</style></head>
 <body>
 <h1>ttt-pipe report</h1>
-<p class="note">Generated {stamp}. Accuracy in %, gain in percentage points (last step minus step 0).</p>
+<p class="note">Generated {stamp}. {'Error' if error else 'Accuracy'} in %, gain in percentage
+points over the unadapted model, at each method's configured last step.</p>
 {_missing(results)}
 <h2>Runs</h2>
 {_runs(results)}
-<h2>Accuracy</h2>
-{table_html}
+<h2>Methods side by side ({'error' if error else 'accuracy'})</h2>
+{compare_html}
 {('<ul class="note">' + note_html + '</ul>') if notes else ''}
-{''.join(figs)}
+{'' if streams_html is None else '<h2>Per stream</h2>' + streams_html}
+<h2>Cost</h2>
+{cost_html}
+{''.join(figs[:lead])}
+<h2>Per-step curve (accuracy at every step)</h2>
+<p class="note">For insight only: the comparison above uses each method's configured last step,
+never the best step on test labels. Gain here: last step minus step 0 of the same run, which is
+the unadapted model only for episodic ttt/it3.</p>
+{steps_html}
+{''.join(figs[lead:])}
 </body></html>
 """

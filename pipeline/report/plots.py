@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from pipeline.report.table import CLEAN, Series  # noqa: E402
 
-__all__ = ["batch_accuracy", "accuracy_vs_steps", "batch_boxplots", "gain_bars", "to_png",
+__all__ = ["batch_accuracy", "accuracy_vs_steps", "batch_boxplots", "gain_heatmap", "to_png",
            "series_colors"]
 
 _STYLES = ["-", "--", ":", "-."]
@@ -50,8 +50,9 @@ def _corruptions(series: list[Series]) -> list[str]:
 
 
 def accuracy_vs_steps(series: list[Series]) -> bytes:
-    """Small multiples, one panel per corruption: accuracy (%) against adaptation step, one
-    line per severity (colour) and series (line style)."""
+    """The per-step curve (every step, for insight; the tables show each method's configured
+    last step, never the best one): one panel per corruption, accuracy (%) against
+    adaptation step, one line per severity (colour) and series (line style)."""
     corruptions = _corruptions(series)
     severities = sorted({sev for s in series for (c, sev, _) in s.accuracy if c != CLEAN})
     cmap = plt.get_cmap("plasma")
@@ -86,7 +87,7 @@ def accuracy_vs_steps(series: list[Series]) -> bytes:
         handles += [Line2D([], [], color="grey", linestyle=_STYLES[j % len(_STYLES)],
                            marker=_MARKERS[j % len(_MARKERS)], label=s.label)
                     for j, s in enumerate(series)]
-    fig.suptitle("Accuracy vs adaptation steps" + (f" ({series[0].label})" if len(series) == 1 else ""),
+    fig.suptitle("Per-step curve: accuracy vs adaptation steps" + (f" ({series[0].label})" if len(series) == 1 else ""),
                  fontsize=14, fontweight="bold")
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(len(handles), 6), frameon=False)
@@ -144,44 +145,53 @@ def batch_boxplots(series: list[Series]) -> bytes:
     return to_png(fig)
 
 
-def gain_bars(series: list[Series]) -> bytes:
-    """Mean gain (last step over step 0, percentage points, averaged over severities) per
-    corruption, one bar per series; the last group is the table's mean row."""
-    adapted = [s for s in series if len(s.steps) > 1]
-    corruptions = _corruptions(adapted)
-    groups = corruptions + (["mean (corrupted)"] if any(c != CLEAN for c in corruptions) else [])
-    colors = series_colors(len(series))
-    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.6 * len(groups) * max(1, len(adapted)) + 2)),
-                                    4.6))
-    width = 0.8 / max(1, len(adapted))
-    for j, s in enumerate(adapted):
-        first, last = s.steps[0], s.last_step
-        row_gain = {(c, sev): s.accuracy[(c, sev, last)] - s.accuracy[(c, sev, first)]
-                    for (c, sev, k) in s.accuracy
-                    if k == first and (c, sev, last) in s.accuracy}
-        gains = {c: 100 * float(np.mean([g for (cc, _), g in row_gain.items() if cc == c]))
-                 if any(cc == c for cc, _ in row_gain) else np.nan for c in corruptions}
-        corrupted = [g for (c, _), g in row_gain.items() if c != CLEAN]
-        # the table's mean row: mean over corrupted (corruption, severity) rows
-        gains["mean (corrupted)"] = 100 * float(np.mean(corrupted)) if corrupted else np.nan
-        x = np.arange(len(groups)) + (j - (len(adapted) - 1) / 2) * width
-        y = [gains.get(g, np.nan) for g in groups]
-        bars = ax.bar(x, y, width=width * 0.95, color=colors[series.index(s)],
-                      label=f"{s.label} (step {last} vs {first})", edgecolor="black", linewidth=0.6)
-        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:+.1f}" for v in y], fontsize=8,
-                     padding=2)
-    ax.axhline(0, color="black", linewidth=0.9)
-    ax.set_xticks(np.arange(len(groups)))
-    ax.set_xticklabels(["clean (identity)" if g == CLEAN else g for g in groups],
-                       rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
-    ax.set_ylabel("accuracy gain (percentage points)")
-    ax.set_title("Mean gain from adaptation per corruption (last step vs step 0)", fontsize=12)
-    ax.grid(True, axis="y", linestyle="--", alpha=0.6)
-    ax.margins(y=0.15)
-    if adapted:
-        ax.legend(fontsize=9, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no adaptation steps in these results (step 0 only)",
-                transform=ax.transAxes, ha="center", va="center")
+def gain_heatmap(table) -> bytes | None:
+    """Gain over the baseline (percentage points) per (corruption, severity), one panel per
+    compared series of a `compare.SideBySide`, with each corruption's mean over its severities
+    (last column) and each severity's mean over corruptions (last row). Three colours only,
+    by `compare.gain_class`: red a loss beyond GAIN_NOISE points, grey within it (noise),
+    green a gain beyond it. None when no series is compared with a baseline."""
+    from matplotlib.colors import ListedColormap
+
+    from pipeline.report.compare import GAIN_NOISE, gain_class
+
+    entries = [e for e in table.entries if e.baseline.compared]
+    if not entries:
+        return None
+    keys = sorted({k for e in entries for k in e.values}, key=lambda k: (k[1] != CLEAN, k[1], k[2]))
+    corruptions = list(dict.fromkeys(k[1] for k in keys))
+    severities = sorted({k[2] for k in keys})
+    rows, cols = corruptions + ["mean"], [str(v) for v in severities] + ["mean"]
+    cmap = ListedColormap(["#d73027", "#e6e6e6", "#1a9850"])  # loss, neutral, gain
+    index = {"loss": 0, "neutral": 1, "gain": 2}
+    fig, axes = plt.subplots(1, len(entries), squeeze=False,
+                             figsize=(1.0 * len(cols) * len(entries) + 2.5 * len(entries),
+                                      0.42 * len(rows) + 1.6))
+    for ax, e in zip(axes[0], entries):
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for i, c in enumerate(rows):
+            for j, sev in enumerate(severities + [None]):
+                mine = [k for k in keys if (c == "mean" and k[1] != CLEAN or k[1] == c)
+                        and (sev is None or k[2] == sev)]
+                gains = [g for g in (e.gain(k) for k in mine) if g is not None]
+                if gains:
+                    grid[i, j] = 100 * float(np.mean(gains))
+        classes = np.array([[np.nan if np.isnan(v) else index[gain_class(float(v))] for v in line]
+                            for line in grid], dtype=float)
+        ax.imshow(np.ma.masked_invalid(classes), cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto")
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if not np.isnan(grid[i, j]):
+                    loss = classes[i, j] == 0
+                    ax.text(j, i, f"{grid[i, j]:+.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if loss else "black", fontweight="bold" if loss else None)
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks(range(len(rows)), ["clean (identity)" if r == CLEAN else r for r in rows])
+        ax.axhline(len(rows) - 1.5, color="black", linewidth=1)
+        ax.axvline(len(cols) - 1.5, color="black", linewidth=1)
+        ax.set_xlabel("severity")
+        ax.set_title(f"{e.label} (step {e.step}), gain {e.baseline.why.split(' (')[0]}", fontsize=10)
+    fig.suptitle(f"Accuracy gain (points) over the unadapted model: red < -{GAIN_NOISE:g}, "
+                 f"grey within ±{GAIN_NOISE:g} (noise), green > +{GAIN_NOISE:g}", fontsize=11)
     fig.tight_layout()
     return to_png(fig)

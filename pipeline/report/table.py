@@ -27,10 +27,17 @@ class Series:
 
     @cached_property
     def accuracy(self) -> dict[tuple[str, int, int], float]:
-        """(corruption, severity, step) -> accuracy for this series."""
-        rows = self.results.accuracy.to_pylist()
-        return {(r["corruption"], r["severity"], r["step"]): r["accuracy"]
-                for r in rows if r["method"] == self.method and r["accuracy"] is not None}
+        """(corruption, severity, step) -> accuracy for this series. Rows that differ in
+        another key (a `stream` column) are pooled, weighted by their sample counts."""
+        pooled: dict[tuple[str, int, int], list[float]] = {}
+        for r in self.results.accuracy.to_pylist():
+            if r["method"] == self.method and r["accuracy"] is not None:
+                acc = pooled.setdefault((r["corruption"], r["severity"], r["step"]), [0.0, 0, []])
+                acc[0] += r["accuracy"] * r["n"]
+                acc[1] += r["n"]
+                acc[2].append(r["accuracy"])
+        # one row: its accuracy exactly as stored; several: the n-weighted mean
+        return {k: v[2][0] if len(v[2]) == 1 else v[0] / v[1] for k, v in pooled.items()}
 
     @cached_property
     def steps(self) -> list[int]:

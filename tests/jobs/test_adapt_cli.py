@@ -39,7 +39,8 @@ def test_adapt_prints_the_accuracy_table_and_writes_results(ray_local, ttt_check
     assert result.exit_code == 0, result.output
     for text in ("acc@0", "acc@1", "gain", "gaussian_noise", "identity", "4 shard(s), 64 samples"):
         assert text in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.parquet", "predictions", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.parquet", "cost.parquet",
+                                                     "predictions", "run.json"]
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["steps"] == 1 and run["settings"]["batch_size"] == 8
     assert run["checkpoint"]["method"]["name"] == "ttt" and len(run["shards"]) == 4

@@ -106,7 +106,13 @@ def test_process_writes_settings_metadata_and_nothing_else(ttt_checkpoint, shard
     assert json.loads(meta[SETTINGS_KEY.encode()]) == dataclasses.asdict(settings)
     footer = json.loads(meta[SUMMARY_KEY.encode()])  # the summary travels with the rows
     assert footer == {k: summary[k] for k in footer} and footer["rows"] == summary["rows"]
-    assert listing(tmp_path) == ["p.parquet"]
+    # beside it only its cost (kept out of the predictions: they stay byte-identical)
+    assert listing(tmp_path) == ["p.cost.json", "p.parquet"]
+    cost = json.loads((tmp_path / "p.cost.json").read_text())
+    assert cost["shard"] == summary["shard"] and cost["samples"] == summary["samples"]
+    assert cost["method"] == "ttt" and cost["device"] == "cpu" and cost["memory"] == "cpu_max_rss"
+    assert 0 < cost["adapt_s"] < 60 and cost["peak_bytes"] >= cost["base_bytes"] > 10 * 2**20
+    assert cost["actor"] == f"local:{worker.pid}"
 
 
 # --- validation before any Ray work -----------------------------------------------------
@@ -236,6 +242,12 @@ def test_finalize_fails_loudly_on_missing_or_duplicated_rows(ttt_checkpoint, sha
         worker.process(s.uri, str(out / "predictions" / f"{s.name}.parquet"))
     accuracy = finalize_results(plan)
     assert sorted(set(accuracy.column("step").to_pylist())) == [0, 1, 2]
+    cost = pq.read_table(out / "cost.parquet")  # the shards' cost sidecars, gathered
+    assert cost.column("shard").to_pylist() == sorted(s.name for s in plan.shards)
+    assert cost.column("samples").to_pylist() == [16] * len(plan.shards)
+    (out / "predictions" / f"{plan.shards[0].name}.cost.json").unlink()  # an older shard: no cost
+    finalize_results(plan)
+    assert pq.read_table(out / "cost.parquet").num_rows == len(plan.shards) - 1
     assert accuracy.column("n").to_pylist() == [32] * len(accuracy)  # 2 shards of 16 per kind
     everything = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None)
                                    for p in sorted((out / "predictions").glob("*.parquet"))])

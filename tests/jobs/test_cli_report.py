@@ -46,7 +46,8 @@ def test_default_table(folders):
 
 def test_csv_is_clean_on_stdout_and_compares_runs(folders):
     root, full, partial = folders
-    result = runner.invoke(app, ["report", str(full), str(partial), "-f", "csv", "-o", str(root / "rep_csv")])
+    result = runner.invoke(app, ["report", str(full), str(partial), "-f", "csv", "-t", "steps",
+                                 "-o", str(root / "rep_csv")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))  # stdout holds the csv only
     assert list(rows[0])[:3] == ["corruption", "severity", "ttt step 0"]
@@ -62,7 +63,8 @@ def test_csv_is_clean_on_stdout_and_compares_runs(folders):
 
 def test_markdown(folders):
     root, _, partial = folders
-    result = runner.invoke(app, ["report", str(partial), "--format", "markdown", "--out", str(root / "rep_md")])
+    result = runner.invoke(app, ["report", str(partial), "--format", "markdown", "--table", "steps",
+                                 "--out", str(root / "rep_md")])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("| corruption | severity | it3 step 0")
@@ -90,9 +92,30 @@ def test_bad_format_is_rejected(folders):
 
 def test_console_table_never_truncates_numbers(folders):
     root, full, partial = folders
-    result = runner.invoke(app, ["report", str(full), str(partial), "-o", str(root / "rep_two")])
+    result = runner.invoke(app, ["report", str(full), str(partial), "-t", "steps",
+                                 "-o", str(root / "rep_two")])
     assert result.exit_code == 0, result.output
     assert "…" not in result.stdout  # CliRunner's console is 80 columns wide
     assert "A = ttt" in result.stdout and "B = it3" in result.stdout
     assert "intermediate steps left out" in result.stdout
     assert "+30.0" in result.stdout  # fog s3 gain of ttt: 33/40 - 21/40
+
+
+def test_compare_error_and_cost_tables(folders):
+    root, full, partial = folders
+    result = runner.invoke(app, ["report", str(full), str(partial), "-o", str(root / "rep_cmp")])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "side by side" in out and "Cost per method" in out and "n/a" in out
+    assert "A = ttt: step 3 (configured last step); gain vs its own step 0 (no source run" in out
+    assert "+30.0" in out  # fog s3 ttt: 33/40 at step 3 vs 21/40 at step 0
+    result = runner.invoke(app, ["report", str(full), "--error", "-f", "csv", "-o", str(root / "rep_err")])
+    assert result.exit_code == 0, result.output
+    rows = {(r["corruption"], r["severity"]): r for r in csv.DictReader(io.StringIO(result.stdout))}
+    assert float(rows[("fog", "3")]["ttt err"]) == pytest.approx(17.5)
+    assert float(rows[("fog", "3")]["ttt gain"]) == pytest.approx(30.0)
+    result = runner.invoke(app, ["report", str(full), "-t", "cost", "-f", "markdown", "-o", str(root / "rep_cost")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("| method | shards timed | ms / sample |") and "| n/a |" in result.stdout
+    result = runner.invoke(app, ["report", str(full), "-t", "streams", "-o", str(root / "rep_st")])
+    assert result.exit_code == 1 and "no accuracy row has a stream" in result.stderr

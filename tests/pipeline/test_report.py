@@ -70,7 +70,7 @@ def test_build_report_writes_pngs_and_self_contained_html(full, tmp_path):
     summary = build_report([str(full)], out=str(out), fmt="table")
     names = sorted(Path(f).name for f in summary.files)
     assert names == ["accuracy_vs_steps.png", "batch_accuracy_boxplot.png",
-                     "gain_per_corruption.png", "index.html", "samples.png"]
+                     "gain_heatmap.png", "index.html", "samples.png"]
     for f in summary.files:
         if f.endswith(".png"):
             check_png(Path(f))
@@ -163,9 +163,11 @@ def test_no_reachable_shard_means_no_sample_figure(tmp_path, shards):
 
 def test_step_zero_only_results(tmp_path, shards):
     res = rf.write_results(tmp_path / "r0", shards, "ttt", steps=0)
-    summary = build_report([str(res)], fmt="csv")
+    summary = build_report([str(res)], fmt="csv", show="steps")
     assert summary.table_text.splitlines()[0] == "corruption,severity,ttt step 0"
-    check_png(Path(summary.out_dir) / "gain_per_corruption.png")
+    # episodic ttt, no source run: its step 0 is the baseline, so a gain of 0 everywhere
+    assert format_table(summary.table, "csv").splitlines()[0] == "corruption,severity,ttt acc,ttt gain"
+    check_png(Path(summary.out_dir) / "gain_heatmap.png")
 
 
 def test_errors(tmp_path):
