@@ -115,13 +115,6 @@ def test_manifest_records_init_and_scope(runs, source, scope):
     assert manifest["dataset"] == src["dataset"]
 
 
-def test_plain_training_records_no_init(runs, idx_dir, tmp_path):
-    result = _train(idx_dir, tmp_path / "plain", "--dataset", "mnist", "--epochs", "1")
-    assert result.exit_code == 0, result.output
-    training = json.loads((tmp_path / "plain" / "manifest.json").read_text())["training"]
-    assert training["train"] == "all" and training["init"] is None
-
-
 def test_killed_init_run_resumes_bit_identically(runs, idx_dir, source, tmp_path, monkeypatch):
     whole, _ = runs["ttt", "aux"]  # 2 epochs, uninterrupted
     out = tmp_path / "ckpt"
