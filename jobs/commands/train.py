@@ -100,7 +100,8 @@ def command(
                      model_kwargs=model_kwargs, normalize=normalize, trust_model=trust_model,
                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
                      schedule=schedule, augment=augment, precision=precision,
-                     val_fraction=val_fraction, image_size=image_size, init=init, train=train)
+                     val_fraction=val_fraction, image_size=image_size, init=init,
+                     train=None if train is Scope.all else train)  # all: the default
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)
