@@ -15,6 +15,10 @@ The loop itself (recipe, augmentation, batches, validation, resumable state) is
 `pipeline.training`; the actor writes the state after every epoch to `<out>.train-state/` and a
 rerun of the same command continues from the last finished epoch with bit-identical weights
 (same thread count); the folder is removed once the checkpoint is written.
+
+`--init CKPT` starts from an existing checkpoint's model (pipeline/training/init.py): with
+`--train aux` the model is frozen and only the method's auxiliary part trains (the model part
+of the written checkpoint is bit-identical to the init's), with `--train all` both fine-tune.
 Test hook: `TTT_PIPE_TRAIN_TEST_KILL_ONCE=<marker path>` makes the trainer that creates the
 marker `os._exit(1)` right after writing its first epoch's state.
 """
@@ -66,6 +70,9 @@ class TrainSpec:
     normalize: str | None = None  # --normalize; None: the model's default
     trusted: tuple[str, ...] = ()  # modules the trainer may import (--trust-model + --model's own)
     recipe: dict = field(default_factory=dict)  # pipeline.training.TrainRecipe.to_dict(); {}: the seeds'
+    image_size: int | None = None  # --image-size (imagenet, folder:PATH); None: the dataset's
+    init: dict | None = None  # --init: InitSource.manifest_entry() + its `model` entry
+    train_scope: str = "all"  # --train: all (model + auxiliary part) or aux (model frozen)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ def _local_abspath(uri: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = None,
+def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  aux_weight: float | None = None, layer: str | None = None, limit: int | None = None,
                  seed: int = 0, data_dir: str | None = None, gpus: float | None = None,
@@ -102,21 +109,42 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                  trust_model: str | None = None, optimizer: str | None = None,
                  weight_decay: float | None = None, momentum: float | None = None,
                  schedule: str | None = None, augment: str | None = None,
-                 precision: str | None = None, val_fraction: float | None = None) -> TrainSpec:
-    """Fill in the method's defaults (its config class, the seed tutorials) and check every value."""
+                 precision: str | None = None, val_fraction: float | None = None,
+                 image_size: int | None = None, init: str | None = None,
+                 train: str | None = None) -> TrainSpec:
+    """Fill in the method's defaults (its config class, the seed tutorials) and check every value.
+
+    With `init` the model, dataset and image size come from that checkpoint
+    (pipeline.training.resolve_init; `model`, `model_kwargs`, `normalize`, `image_size` and
+    `dataset` must then be None, bar `dataset="folder:PATH"` for a folder checkpoint)."""
     import engines
     from pipeline.datasets import get_dataset
-    from pipeline.model_spec import (check_model_name, is_import_path, layer_check_model, layer_for,
-                                     parse_import_path, parse_model_kwargs, parse_trusted,
+    from pipeline.model_spec import (ModelSpec, check_model_name, is_import_path, layer_check_model,
+                                     layer_for, parse_import_path, parse_model_kwargs, parse_trusted,
                                      resolve_model_spec)
+    from pipeline.training import check_scope, resolve_init
 
-    ds = get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
-    model = model or DEFAULT_MODELS.get(method, "")
-    check_model_name(model)
-    trusted = parse_trusted(trust_model)
-    if is_import_path(model):  # naming it on the command line trusts it for this run
-        trusted = tuple(dict.fromkeys(trusted + (parse_import_path(model)[0],)))
-    model_spec = resolve_model_spec(model, ds, normalize=normalize, model_kwargs=model_kwargs)
+    scope = check_scope(train, init)
+    source = None
+    if init is not None:
+        source = resolve_init(_local_abspath(str(init)), dataset=dataset, model=model,
+                              model_kwargs=model_kwargs, normalize=normalize,
+                              image_size=image_size, trust_model=trust_model)
+        dataset, image_size, model = source.dataset, source.image_size, source.model["name"]
+    elif dataset is None:
+        raise TTTPipeError("--dataset is missing; name the dataset to train on (or pass --init "
+                           "CKPT to train from a checkpoint's model and dataset)")
+    ds = get_dataset(dataset, image_size)  # unknown name -> TTTPipeError listing the valid ones
+    if source is not None:
+        trusted = source.trusted
+        model_spec = ModelSpec.from_manifest(source.model)
+    else:
+        model = model or DEFAULT_MODELS.get(method, "")
+        check_model_name(model)
+        trusted = parse_trusted(trust_model)
+        if is_import_path(model):  # naming it on the command line trusts it for this run
+            trusted = tuple(dict.fromkeys(trusted + (parse_import_path(model)[0],)))
+        model_spec = resolve_model_spec(model, ds, normalize=normalize, model_kwargs=model_kwargs)
     checks = [(epochs, "--epochs", 1), (batch_size, "--batch-size", 1), (limit, "--limit", 1)]
     for value, flag, low in checks:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -157,8 +185,10 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                      epochs=config.train_epochs, batch_size=config.train_batch_size,
                      lr=config.train_lr, config=config.to_dict(), seed=int(seed), limit=limit,
                      data_dir=_local_abspath(data_dir), gpus=gpus, cpus=float(cpus),
-                     model_kwargs=parse_model_kwargs(model_kwargs), normalize=normalize,
-                     trusted=trusted, recipe=recipe.to_dict())
+                     model_kwargs={} if source else parse_model_kwargs(model_kwargs),
+                     normalize=None if source else normalize, trusted=trusted,
+                     recipe=recipe.to_dict(), image_size=image_size, train_scope=scope,
+                     init=None if source is None else {**source.manifest_entry(), "model": source.model})
 
 
 def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, local: bool,
@@ -197,14 +227,15 @@ class Trainer:
     def setup(self) -> dict:
         from pipeline.checkpoint import dataset_entry
         from pipeline.datasets import load_split
-        from pipeline.model_spec import build_model_from_spec, make_engine, resolve_model_spec
-        from pipeline.training import Batches, EpochLoop, TrainRecipe, load_state, split_train_val
+        from pipeline.model_spec import ModelSpec, build_model_from_spec, make_engine, resolve_model_spec
+        from pipeline.training import (Batches, EpochLoop, TrainRecipe, load_init_model, load_state,
+                                       split_train_val)
         from pipeline.training.data import to_pixels
 
         spec = self.spec
         torch.set_num_threads(self.threads)
         self.device = actor_device()
-        split = load_split(spec.dataset, "train", data_dir=spec.data_dir)
+        split = load_split(spec.dataset, "train", data_dir=spec.data_dir, image_size=spec.image_size)
         n = len(split.labels) if spec.limit is None else min(spec.limit, len(split.labels))
         if n == 0:
             raise TTTPipeError(f"the {spec.dataset} train split is empty; pass the full files with --data-dir")
@@ -218,17 +249,25 @@ class Trainer:
             val_set = Batches(images[val_rows], labels[val_rows], self.device)
         else:
             train_set, val_set = Batches(images, labels, self.device), None
-        self.model_spec = resolve_model_spec(spec.model, ds, normalize=spec.normalize,
-                                             model_kwargs=spec.model_kwargs)
         self.dataset_info = dataset_entry(ds)
         self.samples, self.val_samples, self.recipe = n, len(val_rows), recipe
-        torch.manual_seed(spec.seed)  # the model's initial weights
-        model = build_model_from_spec(self.model_spec, spec.trusted)
+        torch.manual_seed(spec.seed)  # the model's initial weights (or, with --init, the RNG's start)
+        if spec.init is not None:
+            self.model_spec = ModelSpec.from_manifest(spec.init["model"])
+            model, _ = load_init_model(spec.init["uri"], spec.init["weights_sha256"], spec.trusted)
+        else:
+            self.model_spec = resolve_model_spec(spec.model, ds, normalize=spec.normalize,
+                                                 model_kwargs=spec.model_kwargs)
+            model = build_model_from_spec(self.model_spec, spec.trusted)
         config = _config_cls(spec.method).from_dict(spec.config)
         self.engine = make_engine(spec.method, model, to_pixels(images[:1]), config, spec.model).to(self.device)
+        frozen = ()
+        if spec.train_scope == "aux":  # only the auxiliary part trains; BN statistics kept
+            self.engine.model.requires_grad_(False)
+            frozen = (self.engine.model,)
         self.engine.train()
         self.loop = EpochLoop(self.engine, recipe, train_set, val_set, epochs=spec.epochs,
-                              batch_size=spec.batch_size, seed=spec.seed)
+                              batch_size=spec.batch_size, seed=spec.seed, frozen=frozen)
         self.resumed_from = 0
         state = load_state(spec.out)
         if state is not None:
@@ -291,7 +330,10 @@ class Trainer:
                          "train_samples": self.samples - self.val_samples,
                          "metrics": self.loop.metrics, "resumed_from_epoch": self.resumed_from,
                          "seconds": round(self.loop.seconds, 3),
-                         "device": str(self.device), "torch": torch.__version__},
+                         "device": str(self.device), "torch": torch.__version__,
+                         "train": spec.train_scope,
+                         "init": None if spec.init is None else
+                         {k: v for k, v in spec.init.items() if k != "model"}},
         }
         written = save_checkpoint(spec.out, self.engine.state_dict(), manifest)
         remove_state(spec.out)

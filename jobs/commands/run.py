@@ -56,18 +56,25 @@ def reusable_checkpoint(uri: str, spec) -> bool:
     """True if `uri` holds a valid checkpoint trained exactly as `spec` says; False if there is
     none; TTTPipeError if there is a different one (we never overwrite a user's checkpoint)."""
     from pipeline import storage
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint import checkpoint_image_shape, load_checkpoint
     from pipeline.datasets import get_dataset
+    from pipeline.model_spec import resolve_model_spec
 
     if not storage.exists(storage.join(uri, "manifest.json")):
         return False
-    manifest = load_checkpoint(uri, expect_method=spec.method).manifest  # sha-verified
+    ckpt = load_checkpoint(uri, expect_method=spec.method)  # sha-verified
+    manifest = ckpt.manifest
     training = manifest["training"]
     # the identity (folder:PATH -> folder:<dirname>-<hash>), as train.py writes it
-    wanted = {"method": spec.method, "dataset": get_dataset(spec.dataset).name, "model": spec.model,
+    ds = get_dataset(spec.dataset, spec.image_size)
+    model_entry = resolve_model_spec(spec.model, ds, normalize=spec.normalize,
+                                     model_kwargs=spec.model_kwargs).to_manifest()
+    wanted = {"method": spec.method, "dataset": ds.name, "model": spec.model,
+              "image_shape": tuple(ds.image_shape), "model_entry": model_entry,
               **{k: getattr(spec, k) for k in _TRAINING_KEYS}}
     found = {"method": manifest["method"]["name"], "dataset": manifest["dataset"]["name"],
-             "model": manifest["model"]["name"], **{k: training.get(k) for k in _TRAINING_KEYS}}
+             "model": manifest["model"]["name"], "image_shape": checkpoint_image_shape(ckpt),
+             "model_entry": manifest["model"], **{k: training.get(k) for k in _TRAINING_KEYS}}
     config_diff = _config_diff(spec.method, manifest["method"]["config"], spec.config)
     if found != wanted or config_diff:
         diff = ", ".join(f"{k}: {found[k]!r} != {wanted[k]!r}" for k in wanted if found[k] != wanted[k])
@@ -108,6 +115,19 @@ def command(
              "it3, for images up to 64 px: mnist, fashion-mnist, cifar10, cifar100; resnet18 "
              "for larger ones). E.g. resnet26 for the TTT paper's CIFAR network.",
         show_default=False)] = None,
+    model_kwargs: Annotated[str | None, typer.Option(
+        help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' (as 'ttt-pipe train').""",
+        show_default=False)] = None,
+    normalize: Annotated[str | None, typer.Option(
+        help="Normalisation inside the model: none, dataset, imagenet, MEAN,STD or "
+             "\\[m1,m2,m3],\\[s1,s2,s3] (default: the model's; your own: none).",
+        show_default=False)] = None,
+    trust_model: Annotated[str | None, typer.Option(
+        help="Comma list of modules a model import path may come from (also "
+             "$TTT_PIPE_TRUSTED_MODULES); --model's own is trusted.", show_default=False)] = None,
+    image_size: Annotated[int | None, typer.Option(
+        min=1, help="Image side for folder:/imagenet data (default 224); train, shards and "
+                    "adaptation all use it.", show_default=False)] = None,
     corruptions: Annotated[str | None, typer.Option(
         help="Comma-separated corruptions, or 'all' (RGB: also 'common', 'validation'). "
              f"Default: grayscale {DEMO_CORRUPTIONS}; RGB {DEMO_RGB_CORRUPTIONS}.",
@@ -151,15 +171,18 @@ def command(
     methods = ["ttt", "it3"] if method == RunMethod.both else [method.value]
     data = None if data_dir is None else str(data_dir)
     # Check every argument before the first (slow) stage starts.
-    suite = suite_for(get_dataset(dataset).image_shape)
+    ds = get_dataset(dataset, image_size)
+    suite = suite_for(ds.image_shape)
     corruptions = corruptions or DEMO[suite]
     parse_corruptions(corruptions, suite)
     parse_severities(severities)
     specs = {m: resolve_spec(m, dataset, storage.join(out, "checkpoints", m),
-                             model=model or default_model(m, get_dataset(dataset)), epochs=epochs,
-                             limit=train_limit, seed=seed, data_dir=data) for m in methods}
+                             model=model or default_model(m, ds), epochs=epochs,
+                             limit=train_limit, seed=seed, data_dir=data, model_kwargs=model_kwargs,
+                             normalize=normalize, trust_model=trust_model, image_size=image_size)
+             for m in methods}
     for split in ("train", "test"):  # unreadable files fail here, before anything is written
-        next(iter_split(dataset, split, data, batch=1, rows=slice(0, 1)), None)
+        next(iter_split(dataset, split, data, batch=1, rows=slice(0, 1), image_size=image_size), None)
     shards = storage.join(out, "shards")
     with connect(address):  # one Ray for every stage
         for m, spec in specs.items():
@@ -171,7 +194,7 @@ def command(
         err_console.print(f"[2/4] corrupt: {corruptions} at severities {severities}",
                           highlight=False, soft_wrap=True)
         plan = plan_make(dataset, shards, corruptions, severities, data_dir=data, limit=limit,
-                         seed=seed)
+                         seed=seed, image_size=image_size)
         made = run_corrupt(plan, address=address)["summary"]  # Ray tasks on this Ray
         err_console.print(f"      {len(made.shards)} shards, {made.rows:,} rows in {shards}",
                           highlight=False)
@@ -181,7 +204,8 @@ def command(
             result = storage.join(out, "results", m)
             adapt_with_progress(AdaptRequest(checkpoint=spec.out, shards=shards, out=result,
                                              steps=steps, actors=actors, seed=seed,
-                                             address=address, method=m))
+                                             address=address, method=m,
+                                             trust_model=",".join(spec.trusted) or None))
             results.append(result)
     err_console.print("[4/4] report", highlight=False)
     print_summary(build_report(results, out=storage.join(out, "report")))

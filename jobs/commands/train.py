@@ -16,12 +16,18 @@ class Method(str, Enum):
     it3 = "it3"
 
 
+class Scope(str, Enum):
+    all = "all"
+    aux = "aux"
+
+
 
 
 @cli_errors
 def command(
     method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
-    dataset: str = typer.Option(..., help=f"{DATASET_HELP} Its train split is used.",
+    dataset: str = typer.Option(None, help=f"{DATASET_HELP} Its train split is used. Required "
+                                "unless --init gives it (a folder checkpoint: pass its folder:PATH).",
                                 callback=check_dataset),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
                                       "on a cluster, storage every node can read)."),
@@ -36,6 +42,13 @@ def command(
     trust_model: str = typer.Option(None, help="Comma list of modules a model import path may come from "
                                                "(also $TTT_PIPE_TRUSTED_MODULES); --model's own is trusted."),
     layer: str = typer.Option(None, help="Layer the auxiliary part attaches to (default: the method's)."),
+    init: str = typer.Option(None, help="Start from this checkpoint's model (ttt-pipe import-model's "
+                                        "source checkpoint, or any checkpoint's model part); it also "
+                                        "fixes the dataset, normalisation and model kwargs."),
+    train: Scope = typer.Option(Scope.all, help="What trains: all (model and auxiliary part) or aux "
+                                                "(the --init model frozen, BN statistics too; only "
+                                                "the head/embedder trains)."),
+    image_size: int = typer.Option(None, help="Image side for folder:/imagenet data (default 224)."),
     epochs: int = typer.Option(None, help="Training epochs (default: the method's: ttt 1, it3 2)."),
     batch_size: int = typer.Option(None, help="Training batch size (default: ttt 64, it3 256)."),
     lr: float = typer.Option(None, help="Learning rate (default: adam the method's, ttt 1e-2, it3 1e-3; sgd 0.1)."),
@@ -67,7 +80,8 @@ def command(
                                      "http://head:8265 to submit this command as a job "
                                      "(default: a local Ray for this command)."),
 ) -> None:
-    """Train a model jointly with the method's auxiliary task and write a checkpoint."""
+    """Train a model jointly with the method's auxiliary task and write a checkpoint
+    (with --init: from a checkpoint's model, --train aux for the auxiliary part alone)."""
     from jobs.cluster import is_job_address, submit_job
     from jobs.train import resolve_spec
 
@@ -77,7 +91,8 @@ def command(
                         gpus=gpus, cpus=cpus, model_kwargs=model_kwargs, normalize=normalize,
                         trust_model=trust_model, optimizer=optimizer, weight_decay=weight_decay,
                         momentum=momentum, schedule=schedule, augment=augment, precision=precision,
-                        val_fraction=val_fraction)
+                        val_fraction=val_fraction, image_size=image_size, init=init,
+                        train=train.value)
     if is_job_address(address):
         argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -85,7 +100,8 @@ def command(
                      model_kwargs=model_kwargs, normalize=normalize, trust_model=trust_model,
                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
                      schedule=schedule, augment=augment, precision=precision,
-                     val_fraction=val_fraction)
+                     val_fraction=val_fraction, image_size=image_size, init=init,
+                     train=None if train is Scope.all else train)  # all: the default
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)
@@ -118,7 +134,7 @@ def train_with_progress(spec, address: str | None = None) -> dict:
             r = info["recipe"]
             held = f" ({info['val_samples']} held out for validation)" if info["val_samples"] else ""
             err_console.print(
-                f"training {spec.method} on {spec.dataset}: {info['samples']} samples{held}, "
+                f"training {spec.method} on {spec.dataset}{_init_note(spec)}: {info['samples']} samples{held}, "
                 f"{spec.epochs} epoch(s) of {info['batches_per_epoch']} batches, {r['optimizer']} "
                 f"lr {r['lr']:g}, schedule {r['schedule']}, augment {r['augment']}, "
                 f"{r['precision']}, device {info['device']}", highlight=False, soft_wrap=True)
@@ -144,6 +160,13 @@ def train_with_progress(spec, address: str | None = None) -> dict:
 
     with bar:
         return train(spec, address=address, on_event=on_event)
+
+
+def _init_note(spec) -> str:
+    if spec.init is None:
+        return ""
+    what = "its auxiliary part only, model frozen" if spec.train_scope == "aux" else "model and auxiliary part"
+    return f" from {spec.init['uri']} ({what})"
 
 
 def summary(out: str, manifest: dict) -> None:

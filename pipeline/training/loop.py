@@ -8,6 +8,12 @@ held-out rows and returns the epoch's metrics. No other device value is read on 
 `state_dict()` (between epochs) holds the engine, optimizer, scheduler, grad scaler, the
 shuffle/augmentation/global RNG states, the epoch and the metrics so far; `load_state_dict`
 continues from it with bit-identical results (same thread count, same device).
+
+`frozen` modules (e.g. the model under `--train aux`) stay in eval mode whenever the engine
+trains: their BatchNorm running statistics are not updated and dropout is off, so a module whose
+parameters also have `requires_grad=False` leaves training bit-identical. Eval mode is also the
+mode adaptation runs the model in (jobs/shard_worker.py), so an auxiliary part trained on a
+frozen model sees the features it will see at test time.
 """
 
 from __future__ import annotations
@@ -32,13 +38,18 @@ class EpochLoop:
     """Train `engine` (its `joint_loss`) for `epochs` epochs of `train` batches."""
 
     def __init__(self, engine: torch.nn.Module, recipe: TrainRecipe, train: Batches,
-                 val: Batches | None, *, epochs: int, batch_size: int, seed: int):
+                 val: Batches | None, *, epochs: int, batch_size: int, seed: int,
+                 frozen: tuple[torch.nn.Module, ...] = ()):
         self.engine, self.recipe, self.train, self.val = engine, recipe, train, val
+        self.frozen = tuple(frozen)
         self.epochs, self.batch_size = epochs, batch_size
         self.device = train.device
         self.batches_per_epoch = math.ceil(len(train) / batch_size)
         # only what trains: a caller freezing a part (requires_grad False) leaves it out
-        self.optimizer = build_optimizer([p for p in engine.parameters() if p.requires_grad], recipe)
+        trainable = [p for p in engine.parameters() if p.requires_grad]
+        if not trainable:
+            raise TTTPipeError("nothing to train: every parameter is frozen")
+        self.optimizer = build_optimizer(trainable, recipe)
         self.scheduler = build_scheduler(self.optimizer, recipe, epochs * self.batches_per_epoch)
         self.amp_dtype = autocast_dtype(recipe.precision)
         if recipe.precision == "fp16" and self.device.type != "cuda":
@@ -73,7 +84,7 @@ class EpochLoop:
             self.order = torch.randperm(n, generator=self.shuffle).to(self.train.index_device)
             self._sums.zero_()
             self._epoch_started = time.perf_counter()
-            self.engine.train()
+            self._train_mode()
         stop = min(self.batch + max_batches, self.batches_per_epoch)
         for b in range(self.batch, stop):
             x, y = self.train.batch(self.order, b, bs)
@@ -134,8 +145,15 @@ class EpochLoop:
                     logits = self.engine.predict(x)
                 correct += (logits.argmax(1) == y).sum()
         finally:
-            self.engine.train(was_training)
+            if was_training:
+                self._train_mode()
         return correct.item() / len(self.val)
+
+    def _train_mode(self) -> None:
+        """The engine in train mode, the frozen modules in eval mode."""
+        self.engine.train()
+        for module in self.frozen:
+            module.eval()
 
     # -- resumable state ------------------------------------------------------------------
     def state_dict(self) -> dict:

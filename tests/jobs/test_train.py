@@ -61,6 +61,7 @@ def test_checkpoint_files_manifest_and_sha(trained, method):
     assert manifest["dataset"]["name"] == "mnist" and manifest["dataset"]["std"] == pytest.approx(0.3081)
     training = manifest["training"]
     assert training["epochs"] == 2 and training["limit"] == 64 and training["samples"] == 64
+    assert training["train"] == "all" and training["init"] is None  # no --init
     assert [m["epoch"] for m in training["metrics"]] == [1, 2]
     assert all(set(m) >= {"loss", "accuracy", "aux_loss"} for m in training["metrics"])
     assert "epoch 2/2" in result.output and "checkpoint" in result.output

@@ -279,3 +279,35 @@ def test_frozen_parameters_stay_out_of_the_optimizer():
     loop.run(10)
     for k, v in engine.model.state_dict().items():
         assert torch.equal(v, frozen[k]), k
+
+
+@pytest.mark.parametrize("method", ["ttt", "it3"])
+def test_frozen_module_keeps_its_batchnorm_statistics(method):
+    """`frozen` stays in eval mode while the engine trains: with requires_grad off, a BN model is
+    bit-identical after training (validation included), and without `frozen` its statistics move."""
+    images, labels = _gray(n=32)
+    results = {}
+    for frozen in (True, False):
+        engine = _engine(method, model="seed_cnn_bn")
+        engine.model.requires_grad_(False)
+        before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+        aux = {k: v.clone() for k, v in engine.state_dict().items() if not k.startswith("model.")}
+        data = Batches(images, labels, torch.device("cpu"))
+        loop = EpochLoop(engine, TrainRecipe(lr=1e-2), data, Batches(images[:8], labels[:8], data.device),
+                         epochs=2, batch_size=16, seed=0, frozen=(engine.model,) if frozen else ())
+        while not loop.finished:
+            loop.run(10)
+        moved = [k for k, v in engine.model.state_dict().items() if not torch.equal(v, before[k])]
+        results[frozen] = moved
+        assert all(not torch.equal(engine.state_dict()[k], v) for k, v in aux.items() if k.endswith("weight"))
+    assert results[True] == []
+    assert any("running_mean" in k for k in results[False])
+
+
+def test_nothing_to_train_is_a_one_line_error():
+    images, labels = _gray(n=16)
+    engine = _engine()
+    engine.requires_grad_(False)
+    with pytest.raises(TTTPipeError, match="nothing to train"):
+        EpochLoop(engine, TrainRecipe(), Batches(images, labels, torch.device("cpu")), None,
+                  epochs=1, batch_size=16, seed=0)
