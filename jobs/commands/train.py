@@ -14,13 +14,16 @@ from jobs.console import cli_errors, console, err_console, progress
 class Method(str, Enum):
     ttt = "ttt"
     it3 = "it3"
+    source = "source"
 
 
 
 
 @cli_errors
 def command(
-    method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
+    method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly "
+                                            "(ttt, it3), or source: the model alone, plain supervised "
+                                            "training (then ttt-pipe adapt --method norm|tent|eata|...)."),
     dataset: str = typer.Option(..., help=f"{DATASET_HELP} Its train split is used.",
                                 callback=check_dataset),
     out: str = typer.Option(..., help="Checkpoint directory to write (local path or s3://...; "
@@ -28,7 +31,7 @@ def command(
     data_dir: Path = typer.Option(None, help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help')."),
     model: str = typer.Option(None, help="Zoo model (seed_cnn, seed_rescnn, seed_cnn_bn, resnet26, wrn28_10, "
                                          "resnet18, resnet50; default: seed_cnn for ttt, seed_rescnn for "
-                                         "it3) or your own package.module:factory (installed on every node)."),
+                                         "it3, seed_cnn_bn for source) or your own package.module:factory (installed on every node)."),
     model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' """
                                                 "(your factory gets exactly these)."),
     normalize: str = typer.Option(None, help="Normalisation inside the model: none, dataset, imagenet, MEAN,STD "
