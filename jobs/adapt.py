@@ -13,8 +13,8 @@ Design
   and retry its shard. The driver hands shards to idle actors as they free up.
 - Resume: shards whose predictions file exists are skipped, after checking that the file was
   made with the same settings (checkpoint sha256, method, steps, lr, batch size, mode, seed,
-  episodes, protocol, copies: stored in each file's metadata; a key older files lack counts
-  as its default). Stale hidden temp files of killed writers are removed.
+  episodes, protocol, copies, --method-config, EATA's Fisher data and sample count: stored in
+  each file's metadata; a key older files lack counts as its default). Stale hidden temp files of killed writers are removed.
 - Only complete files ever appear: `run.json` is written (atomically) after validation and
   before any Ray work, `accuracy.parquet` is deleted when shards are pending and rewritten at
   the end. The driver never loads predictions: each actor checks exactly one row per
@@ -29,8 +29,12 @@ Design
   not reproducible from one process to the next, and Adam amplifies the last bits.
   Actors ask Ray for `cpus_per_actor` CPUs, or a fraction so that the pool fits the cluster.
   Actors read and write their own files: there are no extra Ray tasks to starve.
+- The method (`--method`, default the checkpoint's; `pipeline.methods`): ttt/it3 adapt only
+  their own joint checkpoint; every method without joint training adapts any checkpoint's
+  model (its engine is built once in the driver as a check, then by each actor; EATA's Fisher
+  is computed in the actor from clean images whose location the driver checked).
 - Everything that needs no pixels is validated before Ray starts: the checkpoint (missing,
-  truncated, tampered, other method than `method`), every shard from its Parquet footer only
+  truncated, tampered), the method and its config, every shard from its Parquet footer only
   (schema, empty, other dataset or image shape than the checkpoint's, duplicate names, an id
   range too small for the rows), the numbers and the results folder. The content checks
   (NaN pixels, duplicate sample ids, mixed corruption values) run in the actor that reads
@@ -62,7 +66,8 @@ from pipeline import storage
 from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
 from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
-from pipeline.methods import FISHER_TRAIN, FisherSource, MethodChoice, resolve_fisher, resolve_method
+from pipeline.methods import (FISHER_TRAIN, FisherSource, MethodChoice, check_method_engine,
+                              resolve_fisher, resolve_method)
 from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, SUMMARY_KEY,
                               accuracy_from_summaries, predictions_uri, shard_name,
                               summarize_predictions)
@@ -232,6 +237,7 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     # the method to run (default: the checkpoint's); a joint method needs its own checkpoint
     choice = resolve_method(ckpt, req.method, req.method_config)
     check_adaptable(ckpt, req.trust_model, method=choice.name)  # an untrusted import path: fail here
+    check_method_engine(ckpt, choice, trusted_modules(req.trust_model))  # e.g. tent, no norm layer
     fisher = resolve_fisher(choice, ckpt, req.fisher_data, req.fisher_samples, req.data_dir)
     try:
         settings = _settings(req, ckpt, choice, fisher)

@@ -116,6 +116,7 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
                                      resolve_model_spec)
 
     ds = get_dataset(dataset)  # unknown name -> TTTPipeError listing the valid ones
+    _check_trainable(method, aux_weight, layer)
     model = model or DEFAULT_MODELS.get(method, "")
     check_model_name(model)
     trusted = parse_trusted(trust_model)
@@ -146,7 +147,6 @@ def resolve_spec(method: str, dataset: str, out: str, *, model: str | None = Non
     if not str(out).strip():
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. runs/ttt-ckpt")
     config_cls = _config_cls(method)
-    _check_trainable(method, aux_weight, layer)
     check_model = layer_check_model(model_spec, trusted)  # zoo: on the meta device
     layer = layer_for(model, method, layer, check_model) if config_cls.requires_layer else None
     changes = {"seed": int(seed)}

@@ -33,7 +33,7 @@ import torch
 from pipeline.errors import TTTPipeError
 
 __all__ = ["FISHER_SAMPLES", "FISHER_TRAIN", "MethodChoice", "checkpoint_agnostic_methods", "parse_method_config", "resolve_method",
-           "build_method_engine", "FisherSource", "resolve_fisher", "fisher_images",
+           "build_method_engine", "check_method_engine", "FisherSource", "resolve_fisher", "fisher_images",
            "attach_fisher"]
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,14 @@ def build_method_engine(ckpt, name: str, config: dict[str, Any], device: str | t
         return engine.to(device)
     model = build_model_from_checkpoint(ckpt, "cpu", trusted)
     return make_engine(name, model, example, cfg, model_name).to(device)
+
+
+def check_method_engine(ckpt, choice: MethodChoice, trusted=None) -> None:
+    """Build the engine once on the CPU and drop it, so what the actors would hit (a model
+    without norm layers for adapt_params "norm", a forward LAME's features do not fit) is one
+    line in the driver. Joint methods are skipped: their engine was built when training."""
+    if not choice.needs_joint_training:
+        build_method_engine(ckpt, choice.name, choice.config, "cpu", trusted)
 
 
 # -- EATA's Fisher information ----------------------------------------------------------------
