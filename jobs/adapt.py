@@ -14,7 +14,8 @@ Design
 - Resume: shards whose predictions file exists are skipped, after checking that the file was
   made with the same settings (checkpoint sha256, method, steps, lr, batch size, mode, seed,
   episodes, protocol, copies, --method-config, EATA's Fisher data and sample count: stored in
-  each file's metadata; a key older files lack counts as its default). Stale hidden temp files of killed writers are removed.
+  each file's metadata; a key older files lack counts as its default). Stale hidden temp
+  files of killed writers are removed.
 - Only complete files ever appear: `run.json` is written (atomically) after validation and
   before any Ray work, `accuracy.parquet` is deleted when shards are pending and rewritten at
   the end. The driver never loads predictions: each actor checks exactly one row per

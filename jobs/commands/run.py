@@ -36,8 +36,8 @@ _SEED_NET_MAX_SIDE = 64
 
 def default_model(method: str, spec) -> str:
     """`run`'s model when --model is not given: the seed net of `method` (seed_cnn for ttt,
-    seed_rescnn for it3, seed_cnn_bn for the shared source checkpoint) for images up to 64 px (MNIST, Fashion-MNIST, CIFAR-10/100), else
-    resnet18."""
+    seed_rescnn for it3, seed_cnn_bn for the shared source checkpoint: it has BatchNorm for
+    norm/tent/...) for images up to 64 px (MNIST, Fashion-MNIST, CIFAR-10/100), else resnet18."""
     from jobs.train import DEFAULT_MODELS
 
     if max(spec.image_shape[1:]) <= _SEED_NET_MAX_SIDE:
@@ -216,7 +216,8 @@ def command(
             adapt_with_progress(AdaptRequest(checkpoint=specs[checkpoint_method(m)].out,
                                              shards=shards, out=result,
                                              steps=steps, actors=actors, seed=seed,
-                                             address=address, method=m))
+                                             address=address, method=m,
+                                             data_dir=data))  # eata's Fisher: the train split
             results.append(result)
     err_console.print("[4/4] report", highlight=False)
     print_summary(build_report(results, out=storage.join(out, "report")))

@@ -1,4 +1,5 @@
-"""`ttt-pipe train`: joint training of a zoo model and a method's auxiliary part on Ray."""
+"""`ttt-pipe train`: joint training of a zoo model and a method's auxiliary part on Ray (or of the
+model alone, `--method source`, for the methods that need no joint training)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def command(
     data_dir: Path = typer.Option(None, help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help')."),
     model: str = typer.Option(None, help="Zoo model (seed_cnn, seed_rescnn, seed_cnn_bn, resnet26, wrn28_10, "
                                          "resnet18, resnet50; default: seed_cnn for ttt, seed_rescnn for "
-                                         "it3, seed_cnn_bn for source) or your own package.module:factory (installed on every node)."),
+                                         "it3, seed_cnn_bn for source) or your own package.module:factory "
+                                         "(installed on every node)."),
     model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' """
                                                 "(your factory gets exactly these)."),
     normalize: str = typer.Option(None, help="Normalisation inside the model: none, dataset, imagenet, MEAN,STD "
@@ -70,7 +72,8 @@ def command(
                                      "http://head:8265 to submit this command as a job "
                                      "(default: a local Ray for this command)."),
 ) -> None:
-    """Train a model jointly with the method's auxiliary task and write a checkpoint."""
+    """Train a model jointly with the method's auxiliary task (or alone: --method source) and
+    write a checkpoint."""
     from jobs.cluster import is_job_address, submit_job
     from jobs.train import resolve_spec
 
