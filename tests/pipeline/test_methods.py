@@ -176,6 +176,15 @@ def test_fisher_options_are_for_eata_only(source_ckpt, idx_dir):
         resolve_fisher(eata, source_ckpt, None, 0, str(idx_dir / "mnist"))
 
 
+def test_fisher_from_clean_shards_checks_their_footers(source_ckpt, shard_dir, tmp_path):
+    eata = resolve_method(source_ckpt, "eata")
+    assert resolve_fisher(eata, source_ckpt, str(shard_dir), 10) == FisherSource(str(shard_dir), 10)
+    other = load_checkpoint(_checkpoint(tmp_path / "fm", model="seed_cnn_bn"))
+    other.manifest["dataset"]["name"] = "fashion-mnist"
+    with pytest.raises(TTTPipeError, match="holds 'mnist' images .* the checkpoint 'fashion-mnist'"):
+        resolve_fisher(eata, other, str(shard_dir), 10)
+
+
 def test_missing_fisher_data_is_one_line_error(source_ckpt, tmp_path):
     eata = resolve_method(source_ckpt, "eata")
     with pytest.raises(TTTPipeError, match="EATA's Fisher reads clean mnist train images: mnist "
