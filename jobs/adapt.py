@@ -13,8 +13,9 @@ Design
   and retry its shard. The driver hands shards to idle actors as they free up.
 - Resume: shards whose predictions file exists are skipped, after checking that the file was
   made with the same settings (checkpoint sha256, method, steps, lr, batch size, mode, seed,
-  episodes, protocol, copies: stored in each file's metadata; a key older files lack counts
-  as its default). Stale hidden temp files of killed writers are removed.
+  episodes, protocol, copies, --method-config, EATA's Fisher data and sample count: stored in
+  each file's metadata; a key older files lack counts as its default). Stale hidden temp
+  files of killed writers are removed.
 - Only complete files ever appear: `run.json` is written (atomically) after validation and
   before any Ray work, `accuracy.parquet` is deleted when shards are pending and rewritten at
   the end. The driver never loads predictions: each actor checks exactly one row per
@@ -29,8 +30,12 @@ Design
   not reproducible from one process to the next, and Adam amplifies the last bits.
   Actors ask Ray for `cpus_per_actor` CPUs, or a fraction so that the pool fits the cluster.
   Actors read and write their own files: there are no extra Ray tasks to starve.
+- The method (`--method`, default the checkpoint's; `pipeline.methods`): ttt/it3 adapt only
+  their own joint checkpoint; every method without joint training adapts any checkpoint's
+  model (its engine is built once in the driver as a check, then by each actor; EATA's Fisher
+  is computed in the actor from clean images whose location the driver checked).
 - Everything that needs no pixels is validated before Ray starts: the checkpoint (missing,
-  truncated, tampered, other method than `method`), every shard from its Parquet footer only
+  truncated, tampered), the method and its config, every shard from its Parquet footer only
   (schema, empty, other dataset or image shape than the checkpoint's, duplicate names, an id
   range too small for the rows), the numbers and the results folder. The content checks
   (NaN pixels, duplicate sample ids, mixed corruption values) run in the actor that reads
@@ -63,6 +68,8 @@ from pipeline.cost import COST_FILE, read_costs
 from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
 from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
+from pipeline.methods import (FISHER_TRAIN, FisherSource, MethodChoice, check_method_engine,
+                              resolve_fisher, resolve_method)
 from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, SUMMARY_KEY,
                               accuracy_from_summaries, predictions_uri, shard_name,
                               summarize_predictions)
@@ -74,6 +81,7 @@ __all__ = ["AdaptRequest", "AdaptPlan", "ShardInfo", "AdaptOutcome", "KILL_ENV",
 log = logging.getLogger(__name__)
 
 KILL_ENV = "TTT_PIPE_TEST_KILL_ONCE"
+_WHERE_KEYS = ("fisher_dir",)  # settings that say where data is, not what: not compared on resume
 _SHARD_FIX = "regenerate it with ttt-pipe corrupt or import-corrupted"
 
 
@@ -99,6 +107,10 @@ class AdaptRequest:
     protocol: str = "batch"
     copies: int = 32
     gate: str | None = None
+    method_config: str | dict | None = None  # JSON object of the method's config fields
+    fisher_data: str | None = None      # EATA: "train" (default) or clean shards
+    fisher_samples: int | None = None   # EATA: clean images for the Fisher (default 2000)
+    data_dir: str | None = None         # where "train" is searched (then $TTT_PIPE_DATA, cache)
 
 
 @dataclass(frozen=True)
@@ -159,30 +171,45 @@ def _absolute(uri: str) -> str:
     return str(uri) if storage.is_uri(uri) else os.path.abspath(os.path.expanduser(str(uri)))
 
 
-def _settings(req: AdaptRequest, ckpt: Checkpoint) -> AdaptSettings:
-    config = ckpt.manifest["method"].get("config", {}) or {}
+def _absolute_paths(req: AdaptRequest) -> AdaptRequest:
+    paths = {k: _absolute(getattr(req, k)) for k in ("checkpoint", "shards", "out")}
+    for key in ("data_dir", "fisher_data"):  # optional; "train" is a name, not a path
+        value = getattr(req, key)
+        if value is not None and not (key == "fisher_data" and value == FISHER_TRAIN):
+            paths[key] = _absolute(value)
+    return dataclasses.replace(req, **paths)
+
+
+def _settings(req: AdaptRequest, ckpt: Checkpoint, choice: MethodChoice,
+              fisher: FisherSource) -> AdaptSettings:
+    """The settings of this run: the flags, else the method's resolved config (the checkpoint's
+    own when it is the checkpoint's method, else the method's defaults; `pipeline.methods`)."""
+    config = choice.config
 
     def pick(value, key):
         if value is not None:
             return value
         if key not in config:
-            raise TTTPipeError(f"checkpoint {ckpt.uri} has no default {key!r} in its method config; "
+            raise TTTPipeError(f"method {choice.name} has no default {key!r} in its config; "
                                f"pass --{key.replace('_', '-')}")
         return config[key]
 
-    return AdaptSettings(method=ckpt.method, weights_sha256=ckpt.manifest["weights_sha256"],
+    return AdaptSettings(method=choice.name, weights_sha256=ckpt.manifest["weights_sha256"],
                          steps=int(pick(req.steps, "steps")), lr=float(pick(req.lr, "lr")),
                          batch_size=int(pick(req.batch_size, "batch_size")),
                          mode=str(req.mode or config.get("mode", "episodic")), seed=int(req.seed),
                          episodes=int(req.episodes), protocol=req.protocol,
                          copies=int(req.copies) if req.protocol == "per-sample" else 0,
-                         gate=str(req.gate or config.get("gate", "none")))
+                         gate=str(req.gate or config.get("gate", "none")),
+                         method_config=json.dumps(choice.overrides, sort_keys=True),
+                         fisher_data=fisher.data, fisher_samples=int(fisher.samples),
+                         fisher_dir=fisher.data_dir or "")
 
 
 def _settings_diff(theirs: dict, settings: AdaptSettings) -> list[str]:
     """How settings stored with predictions differ from ours; a key an older ttt-pipe did not
     write counts as its default (so older results folders still resume and finalize)."""
-    ours = dataclasses.asdict(settings)
+    ours = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _WHERE_KEYS}
     defaults = {f.name: f.default for f in dataclasses.fields(AdaptSettings)}
     theirs = {k: theirs.get(k, defaults[k]) for k in ours}
     return [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
@@ -207,11 +234,15 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     """Validate everything (no Ray): numbers, checkpoint, shards, the results folder."""
     started = time.perf_counter()
     _check_numbers(req)
-    req = dataclasses.replace(req, **{k: _absolute(getattr(req, k)) for k in ("checkpoint", "shards", "out")})
-    ckpt = load_checkpoint(req.checkpoint, expect_method=req.method)
-    check_adaptable(ckpt, req.trust_model)  # a source model or an untrusted import path: fail here
+    req = _absolute_paths(req)
+    ckpt = load_checkpoint(req.checkpoint)
+    # the method to run (default: the checkpoint's); a joint method needs its own checkpoint
+    choice = resolve_method(ckpt, req.method, req.method_config)
+    check_adaptable(ckpt, req.trust_model, method=choice.name)  # an untrusted import path: fail here
+    check_method_engine(ckpt, choice, trusted_modules(req.trust_model))  # e.g. tent, no norm layer
+    fisher = resolve_fisher(choice, ckpt, req.fisher_data, req.fisher_samples, req.data_dir)
     try:
-        settings = _settings(req, ckpt)
+        settings = _settings(req, ckpt, choice, fisher)
     except (TypeError, ValueError) as exc:
         raise TTTPipeError(f"checkpoint {req.checkpoint} has an invalid method config ({exc}); retrain it") from None
     if settings.steps < 0 or settings.batch_size < 1 or not settings.lr > 0 or settings.mode not in MODES:
@@ -263,6 +294,9 @@ def _run_config(plan: AdaptPlan) -> dict:
                        "created": m.get("created"),
                        "training": {**training, "final": metrics[-1] if metrics else None}},
         "settings": dataclasses.asdict(plan.settings),
+        "method": {"name": plan.settings.method,  # the config the actors resolve and run
+                   "config": resolve_method(plan.checkpoint, plan.settings.method,
+                                            json.loads(plan.settings.method_config)).config},
         "args": dataclasses.asdict(plan.request),
         "shards": [s.uri for s in plan.shards],
         "samples": {s.name: s.samples for s in plan.shards},

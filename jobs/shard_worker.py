@@ -28,14 +28,14 @@ import pyarrow as pa
 import torch
 
 from pipeline import storage
-from pipeline.checkpoint import Checkpoint, build_engine_from_checkpoint, load_checkpoint
+from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.cost import cost_uri, max_rss_bytes
 from pipeline.errors import TTTPipeError
 from pipeline.results import PREDICTION_SCHEMA, SUMMARY_KEY, summarize_predictions
 from pipeline.shards import Shard, read_shard
 
-__all__ = ["AdaptSettings", "PROTOCOLS", "ShardWorker", "predict_shard", "SETTINGS_KEY",
-           "shard_seed"]
+__all__ = ["AdaptSettings", "PROTOCOLS", "ShardWorker", "build_adapt_engine", "predict_shard",
+           "SETTINGS_KEY", "shard_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,13 @@ class AdaptSettings:
     copies: int = 0           # one, adapted alone on `copies` augmented copies (0 for "batch")
     gate: str = "none"        # "entropy": step k's prediction only where it is less uncertain
                               # than step 0's (engines.entropy_gate)
+    # The method's hyper-parameters beyond steps/lr/batch size (--method-config, canonical
+    # JSON of the overrides; pipeline/methods.py resolves them against the method's config)
+    # and EATA's Fisher source (--fisher-data "train" or shards, --fisher-samples; "" / 0: none).
+    method_config: str = "{}"
+    fisher_data: str = ""
+    fisher_samples: int = 0
+    fisher_dir: str = ""      # where "train" is searched (--data-dir): not compared on resume
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -174,6 +181,24 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
     return pa.Table.from_arrays([arrays[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
 
 
+def build_adapt_engine(checkpoint: Checkpoint, settings: AdaptSettings,
+                       device: torch.device | str = "cpu", trusted=None):
+    """`settings.method`'s engine for `checkpoint` (pipeline/methods.py: its own engine for a
+    joint method, else the method around the checkpoint's model), its gate, in eval mode, and
+    for EATA its Fisher information from `settings`' clean images."""
+    from pipeline.methods import FisherSource, attach_fisher, build_method_engine, resolve_method
+
+    choice = resolve_method(checkpoint, settings.method, json.loads(settings.method_config))
+    engine = build_method_engine(checkpoint, choice.name, choice.config, device, trusted)
+    if engine.config.gate != settings.gate:  # an adaptation setting, not a trained one
+        engine.config = engine.config.replace(gate=settings.gate)
+    engine.eval()  # test time, as the seeds' `engine.eval()`: no dropout, BN running stats
+    attach_fisher(engine, FisherSource(settings.fisher_data, settings.fisher_samples,
+                                       settings.fisher_dir or None),
+                  checkpoint, settings.seed, settings.batch_size)
+    return engine
+
+
 def _ray_node_id() -> str | None:
     """The Ray node this worker runs on, for the summaries; None outside Ray (no Ray import)."""
     ray = sys.modules.get("ray")
@@ -199,14 +224,11 @@ class ShardWorker:
             device = actor_device()
         self.device = torch.device(device)
         if not isinstance(checkpoint, Checkpoint):
-            checkpoint = load_checkpoint(checkpoint, expect_method=settings.method)
+            checkpoint = load_checkpoint(checkpoint)
         if checkpoint.manifest["weights_sha256"] != settings.weights_sha256:
             raise TTTPipeError(f"checkpoint {checkpoint.uri} changed since the run started "
                                "(other weights sha256); rerun the command")
-        self.engine = build_engine_from_checkpoint(checkpoint, self.device)
-        if self.engine.config.gate != settings.gate:  # an adaptation setting, not a trained one
-            self.engine.config = self.engine.config.replace(gate=settings.gate)
-        self.engine.eval()  # test time, as the seeds' `engine.eval()`: no dropout, BN running stats
+        self.engine = build_adapt_engine(checkpoint, settings, self.device)
         self.settings = settings
         self.kill_marker = kill_marker
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")

@@ -44,7 +44,9 @@ __all__ = ["DEFAULT_MODELS", "KILL_ENV", "TrainSpec", "TrainPlan", "Trainer", "r
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = {"ttt": "seed_cnn", "it3": "seed_rescnn"}  # the seed tutorials' networks
+# the seed tutorials' networks; source (plain supervised training, adapted later by norm, tent,
+# ...) the seed CNN with BatchNorm, so the norm-based methods have layers to adapt
+DEFAULT_MODELS = {"ttt": "seed_cnn", "it3": "seed_rescnn", "source": "seed_cnn_bn"}
 KILL_ENV = "TTT_PIPE_TRAIN_TEST_KILL_ONCE"
 _CHUNKS_PER_EPOCH = 20  # progress updates per epoch (one actor call each)
 
@@ -84,14 +86,17 @@ class TrainPlan:
     threads: int
 
 
-def _config_cls(method: str):
+def _engine_cls(method: str):
     import engines
 
     try:
-        engine_cls = engines.get_engine(method)
+        return engines.get_engine(method)
     except (KeyError, ValueError) as exc:
         raise TTTPipeError(exc.args[0] if exc.args else str(exc)) from None
-    return engine_cls.config_cls
+
+
+def _config_cls(method: str):
+    return _engine_cls(method).config_cls
 
 
 def _local_abspath(uri: str | None) -> str | None:
@@ -125,6 +130,10 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
     from pipeline.training import check_scope, resolve_init
 
     scope = check_scope(train, init)
+    _check_trainable(method, aux_weight, layer)
+    if scope == "aux" and method == "source":
+        raise TTTPipeError("--train aux trains a method's auxiliary part, and source has none; "
+                           "use --train all to fine-tune the model, or --method ttt|it3")
     source = None
     if init is not None:
         source = resolve_init(_local_abspath(str(init)), dataset=dataset, model=model,
@@ -170,7 +179,7 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. runs/ttt-ckpt")
     config_cls = _config_cls(method)
     check_model = layer_check_model(model_spec, trusted)  # zoo: on the meta device
-    layer = layer_for(model, method, layer, check_model)
+    layer = layer_for(model, method, layer, check_model) if config_cls.requires_layer else None
     changes = {"seed": int(seed)}
     for key, value in (("train_epochs", epochs), ("train_batch_size", batch_size), ("train_lr", recipe.lr),
                        ("aux_weight", aux_weight), ("layer", layer)):
@@ -178,7 +187,8 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
             changes[key] = value
     try:
         config = config_cls(**changes)
-        engines.find_module(check_model, config.layer)  # a bad --layer fails before Ray
+        if config.layer:
+            engines.find_module(check_model, config.layer)  # a bad --layer fails before Ray
     except (TypeError, ValueError) as exc:
         raise TTTPipeError(str(exc).splitlines()[0]) from None
     return TrainSpec(method=method, dataset=dataset, out=_local_abspath(str(out)), model=model,
@@ -189,6 +199,21 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
                      normalize=None if source else normalize, trusted=trusted,
                      recipe=recipe.to_dict(), image_size=image_size, train_scope=scope,
                      init=None if source is None else {**source.manifest_entry(), "model": source.model})
+
+
+def _check_trainable(method: str, aux_weight: float | None, layer: str | None) -> None:
+    """`source` trains the model alone; the other methods without joint training have nothing
+    to train (they adapt a source checkpoint)."""
+    from pipeline.training.supervised import trains_model_alone
+
+    if trains_model_alone(method):
+        if aux_weight is not None or layer:
+            raise TTTPipeError("--aux-weight and --layer belong to a method's auxiliary part; "
+                               "source trains the model alone: drop them")
+        return
+    if not _engine_cls(method).needs_joint_training:
+        raise TTTPipeError(f"{method} has no part to train; train the model with ttt-pipe train "
+                           f"--method source, then adapt it with ttt-pipe adapt --method {method}")
 
 
 def plan_trainer(gpus: float | None, cluster_gpus: float, max_node_cpus: float, local: bool,
@@ -227,10 +252,11 @@ class Trainer:
     def setup(self) -> dict:
         from pipeline.checkpoint import dataset_entry
         from pipeline.datasets import load_split
-        from pipeline.model_spec import ModelSpec, build_model_from_spec, make_engine, resolve_model_spec
+        from pipeline.model_spec import ModelSpec, build_model_from_spec, resolve_model_spec
         from pipeline.training import (Batches, EpochLoop, TrainRecipe, load_init_model, load_state,
                                        split_train_val)
         from pipeline.training.data import to_pixels
+        from pipeline.training.supervised import trainable_engine
 
         spec = self.spec
         torch.set_num_threads(self.threads)
@@ -260,7 +286,8 @@ class Trainer:
                                                  model_kwargs=spec.model_kwargs)
             model = build_model_from_spec(self.model_spec, spec.trusted)
         config = _config_cls(spec.method).from_dict(spec.config)
-        self.engine = make_engine(spec.method, model, to_pixels(images[:1]), config, spec.model).to(self.device)
+        self.engine = trainable_engine(spec.method, model, to_pixels(images[:1]), config,
+                                       spec.model).to(self.device)
         frozen = ()
         if spec.train_scope == "aux":  # only the auxiliary part trains; BN statistics kept
             self.engine.model.requires_grad_(False)
@@ -315,6 +342,7 @@ class Trainer:
         """Write the checkpoint to `spec.out` (atomically), drop the training state; return the manifest."""
         from pipeline.checkpoint import save_checkpoint
         from pipeline.training import remove_state
+        from pipeline.training.supervised import checkpoint_weights
 
         spec, recipe = self.spec, self.recipe
         manifest = {
@@ -335,7 +363,7 @@ class Trainer:
                          "init": None if spec.init is None else
                          {k: v for k, v in spec.init.items() if k != "model"}},
         }
-        written = save_checkpoint(spec.out, self.engine.state_dict(), manifest)
+        written = save_checkpoint(spec.out, checkpoint_weights(spec.method, self.engine), manifest)
         remove_state(spec.out)
         return written
 

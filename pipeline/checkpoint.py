@@ -245,16 +245,26 @@ def dataset_entry(spec) -> dict[str, Any]:
             "num_classes": int(spec.num_classes), "image_shape": [int(v) for v in spec.image_shape]}
 
 
-def check_adaptable(ckpt: Checkpoint, trusted=None) -> None:
+def check_adaptable(ckpt: Checkpoint, trusted=None, method: str | None = None) -> None:
     """Fail now, in one line, if adaptation actors could not build `ckpt`'s engine: a source
-    checkpoint (no method part), or a model import path whose module is not trusted."""
+    checkpoint (no method part) without a `method` that needs no joint training
+    (pipeline/methods.py), or a model import path whose module is not trusted."""
     from pipeline.model_spec import check_trusted, is_import_path
 
-    if ckpt.method == SOURCE_METHOD:
-        raise TTTPipeError(_source_message(ckpt.uri, None))
+    if ckpt.method == SOURCE_METHOD and (method is None or _needs_joint_training(method)):
+        raise TTTPipeError(_source_message(ckpt.uri, method))
     name = ckpt.manifest["model"].get("name", "")
     if is_import_path(name):
         check_trusted(name, trusted, ckpt.uri)
+
+
+def _needs_joint_training(method: str) -> bool:
+    import engines
+
+    try:
+        return engines.get_engine(method).needs_joint_training
+    except ValueError as exc:
+        raise TTTPipeError(exc.args[0]) from None
 
 
 def model_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

@@ -8,7 +8,10 @@ variant that matches the architecture's keys best is taken. Missing/unexpected k
 mismatches are one line with counts and a few names. The result is the usual checkpoint
 (pipeline/checkpoint.py: manifest + sha256, atomic), by default a `source` checkpoint: the model
 alone, no method part (adapt it with a method that needs no joint training, or train TTT/IT3's
-auxiliary part on it first).
+auxiliary part on it first). `method` a method without joint training (norm, tent, eata, ...)
+writes that method's checkpoint: its default config (layer: the zoo's, or `layer`) and the
+engine's state_dict, the method's own state as the engine initialises it; `ttt-pipe adapt`
+then runs that method by default (any other such method with `--method`, pipeline/methods.py).
 """
 
 from __future__ import annotations
@@ -184,13 +187,17 @@ def import_model(model: str, weights: str, dataset: str, out: str, *, normalize:
         import engines
 
         try:
-            config_cls = engines.get_engine(method).config_cls
+            engine_cls = engines.get_engine(method)
         except (KeyError, ValueError) as exc:
             raise TTTPipeError(f"{exc.args[0] if exc.args else exc} (or source)") from None
-        chosen = layer_for(model, method, layer, net)
+        config_cls = engine_cls.config_cls
+        chosen = layer_for(model, method, layer, net) if (layer or config_cls.requires_layer) else None
         config = config_cls(**({"layer": chosen} if chosen else {}))
         engine = make_engine(method, net, example[:1], config, model)
-        aux = sorted({k.split(".")[0] for k in engine.state_dict() if not k.startswith("model.")})
+        # A method without joint training has no trained part: its own state (method_state.*,
+        # e.g. a step counter, CoTTA's teacher) is stored as the engine initialises it.
+        aux = sorted({k.split(".")[0] for k in engine.state_dict() if not k.startswith("model.")}
+                     if engine_cls.needs_joint_training else ())
         if aux:
             raise TTTPipeError(
                 f"{method} has an auxiliary part ({', '.join(aux)}) that needs training: import with "

@@ -148,7 +148,22 @@ def command(
         "across actor counts for a fixed value).")] = 1.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed for any randomness in adaptation.")] = 0,
     method: Annotated[str | None, typer.Option(
-        help="Expected method (ttt, it3): fail if the checkpoint was trained for another.",
+        help="Method to adapt with: ttt, it3 (their own joint checkpoint only) or source, norm, "
+        "tent, eata, sar, memo, cotta, lame (any checkpoint: its model alone) [default: the "
+        "checkpoint's]", show_default=False)] = None,
+    method_config: Annotated[str | None, typer.Option(
+        help="""JSON object of the method's config fields, e.g. '{"e_margin": 0.3}' or """
+        """'{"adapt_params": "model"}' (engines/config.py, engines/<method>.py); the flags above """
+        "win over it.", show_default=False)] = None,
+    fisher_data: Annotated[str | None, typer.Option(
+        help="eata: clean images for its Fisher penalty: 'train' (the checkpoint dataset's train "
+        "split, searched in --data-dir, $TTT_PIPE_DATA, the cache) or clean shards (folder, glob, "
+        "file) [default: train]", show_default=False)] = None,
+    fisher_samples: Annotated[int | None, typer.Option(
+        min=1, help="eata: clean images for the Fisher, a seeded subset (EATA's 2000) "
+        "[default: 2000]", show_default=False)] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="Folder with the dataset's files, for --fisher-data train [default: search]",
         show_default=False)] = None,
     trust_model: Annotated[str | None, typer.Option(
         help="Comma list of modules the checkpoint's model import path may come from "
@@ -157,7 +172,7 @@ def command(
         help="Ray cluster: auto, host:port, ray://host:10001, or http://head:8265 to submit a "
         "job [default: a local Ray for this command]", show_default=False)] = None,
 ) -> None:
-    """Adapt every shard with TTT/IT3 on a pool of Ray actors; write per-sample predictions
+    """Adapt every shard with a test-time method (--method) on a pool of Ray actors; write per-sample predictions
     (every step 0..K; step 0 is the unadapted baseline) and accuracy.parquet to OUT."""
     from jobs.adapt import AdaptRequest
     from jobs.cluster import is_job_address, submit_job
@@ -167,14 +182,18 @@ def command(
                          batch_size=batch_size, mode=mode, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
                          method=method, trust_model=trust_model,
-                         episodes=episodes, protocol=protocol, copies=copies, gate=gate)
+                         episodes=episodes, protocol=protocol, copies=copies, gate=gate,
+                         method_config=method_config, fisher_data=fisher_data,
+                         fisher_samples=fisher_samples, data_dir=data_dir)
         raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
     request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                            batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, seed=seed,
                            address=address, method=method, trust_model=trust_model,
                            episodes=episodes, protocol=protocol.value, copies=copies,
-                           gate=gate.value if gate else None)
+                           gate=gate.value if gate else None, method_config=method_config,
+                           fisher_data=fisher_data, fisher_samples=fisher_samples,
+                           data_dir=data_dir)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
     skipped = len(plan.shards) - len(outcome.shard_summaries)

@@ -25,8 +25,12 @@ def command(
                                              "MEAN,STD or \\[m1,m2,m3],\\[s1,s2,s3] (default: the model's: "
                                              "wrn28_10 none, resnet18/50 imagenet, others dataset; your own none)."),
     method: str = typer.Option("source", help="source (the model alone; train a method's part on it "
-                                              "later) or a method that needs no joint training."),
-    layer: str = typer.Option(None, help="Layer for --method other than source (default: the zoo's)."),
+                                              "later) or a method that needs no joint training (norm, "
+                                              "tent, eata, sar, memo, cotta, lame): its checkpoint, "
+                                              "adapted with it by default (any such method with "
+                                              "ttt-pipe adapt --method)."),
+    layer: str = typer.Option(None, help="Layer for --method lame (its feature layer; default: the "
+                                         "classifier's input)."),
     model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}'."""),
     trust_model: str = typer.Option(None, help="Comma list of modules a model import path may come from "
                                                "(also $TTT_PIPE_TRUSTED_MODULES); --model's own is trusted."),

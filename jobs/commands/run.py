@@ -1,13 +1,16 @@
 """`ttt-pipe run`: train -> corrupt -> adapt -> report in one command (the quick start).
 
 Layout under `--out`:  checkpoints/<method>/  shards/  results/<method>/  report/
+`--method` is a comma list (`both` = ttt,it3): ttt and it3 train their joint checkpoints
+(checkpoints/ttt/, checkpoints/it3/); every method without joint training (source, norm, tent,
+eata, ...) adapts ONE source checkpoint trained once (checkpoints/source/, plain supervised
+training). Each method's results go to results/<method>/; the report covers them all.
 Rerunning the same command resumes: a checkpoint trained with the same settings is reused,
 the shards are rewritten byte-identically, and adaptation skips finished shards.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +21,7 @@ from jobs.console import cli_errors, err_console
 from pipeline.errors import TTTPipeError
 
 __all__ = ["command", "DEMO_CORRUPTIONS", "DEMO_RGB_CORRUPTIONS", "default_model",
-           "reusable_checkpoint"]
+           "parse_run_methods", "checkpoint_method", "reusable_checkpoint"]
 
 
 # A spread of each suite (noise, blur, weather, digital) that adapts in a few minutes on 2 cores.
@@ -33,8 +36,8 @@ _SEED_NET_MAX_SIDE = 64
 
 def default_model(method: str, spec) -> str:
     """`run`'s model when --model is not given: the seed net of `method` (seed_cnn for ttt,
-    seed_rescnn for it3) for images up to 64 px (MNIST, Fashion-MNIST, CIFAR-10/100), else
-    resnet18."""
+    seed_rescnn for it3, seed_cnn_bn for the shared source checkpoint: it has BatchNorm for
+    norm/tent/...) for images up to 64 px (MNIST, Fashion-MNIST, CIFAR-10/100), else resnet18."""
     from jobs.train import DEFAULT_MODELS
 
     if max(spec.image_shape[1:]) <= _SEED_NET_MAX_SIDE:
@@ -42,10 +45,36 @@ def default_model(method: str, spec) -> str:
     return "resnet18"
 
 
-class RunMethod(str, Enum):
-    ttt = "ttt"
-    it3 = "it3"
-    both = "both"
+_BOTH = ("ttt", "it3")  # `--method both`
+
+
+def parse_run_methods(text: str) -> list[str]:
+    """`--method` -> the methods in the order given, each once: a comma list of registered
+    methods, `both` standing for ttt,it3. One-line error naming the valid ones."""
+    from pipeline.methods import checkpoint_agnostic_methods
+    import engines
+
+    names: list[str] = []
+    for part in str(text).split(","):
+        name = part.strip().lower()
+        for m in (_BOTH if name == "both" else (name,)):
+            if m not in engines.list_engines():
+                raise TTTPipeError(f"unknown method {m!r} in --method {text!r}; choose from: "
+                                   f"{', '.join(engines.list_engines())} or both (ttt,it3)")
+            if m not in names:
+                names.append(m)
+    if not names:
+        raise TTTPipeError("--method is empty; name one or more methods, e.g. ttt or source,tent,ttt "
+                           f"(any of {', '.join(sorted(checkpoint_agnostic_methods() + list(_BOTH)))})")
+    return names
+
+
+def checkpoint_method(method: str) -> str:
+    """The checkpoint `method` adapts under `run`: its own joint one, else the shared source one."""
+    import engines
+    from pipeline.checkpoint import SOURCE_METHOD
+
+    return method if engines.get_engine(method).needs_joint_training else SOURCE_METHOD
 
 
 # Training settings that must match for a checkpoint under --out to be reused.
@@ -103,8 +132,10 @@ def command(
     dataset: Annotated[str, typer.Option(
         help=f"{DATASET_HELP} Train split for training, test split for the shards.",
         callback=check_dataset)] = "fashion-mnist",
-    method: Annotated[RunMethod, typer.Option(
-        help="Method to train and adapt with; 'both' runs TTT and IT3 and compares them.")] = "ttt",
+    method: Annotated[str, typer.Option(
+        help="Method(s) to adapt with, a comma list: ttt, it3 (each trains its joint checkpoint), "
+             "source, norm, tent, eata, sar, memo, cotta, lame (they share one source checkpoint, "
+             "trained once); 'both' = ttt,it3. E.g. source,norm,tent,ttt.")] = "ttt",
     out: Annotated[str, typer.Option(
         help="Folder for everything: checkpoints/, shards/, results/, report/.")] = "runs/demo",
     data_dir: Annotated[Path | None, typer.Option(
@@ -168,7 +199,8 @@ def command(
     if is_job_address(address):
         raise TTTPipeError("'ttt-pipe run' attaches to a cluster (auto, ray://...); to submit to "
                            f"{address}, use: ray job submit --address {address} -- ttt-pipe run ...")
-    methods = ["ttt", "it3"] if method == RunMethod.both else [method.value]
+    methods = parse_run_methods(method)
+    trained = list(dict.fromkeys(checkpoint_method(m) for m in methods))  # checkpoints to train
     data = None if data_dir is None else str(data_dir)
     # Check every argument before the first (slow) stage starts.
     ds = get_dataset(dataset, image_size)
@@ -180,16 +212,18 @@ def command(
                              model=model or default_model(m, ds), epochs=epochs,
                              limit=train_limit, seed=seed, data_dir=data, model_kwargs=model_kwargs,
                              normalize=normalize, trust_model=trust_model, image_size=image_size)
-             for m in methods}
+             for m in trained}
     for split in ("train", "test"):  # unreadable files fail here, before anything is written
         next(iter_split(dataset, split, data, batch=1, rows=slice(0, 1), image_size=image_size), None)
     shards = storage.join(out, "shards")
     with connect(address):  # one Ray for every stage
         for m, spec in specs.items():
+            users = [x for x in methods if checkpoint_method(x) == m and x != m]
+            what = f"{m} (for {', '.join(users)})" if users else m
             if reusable_checkpoint(spec.out, spec):
-                err_console.print(f"[1/4] train {m}: reusing {spec.out}", highlight=False)
+                err_console.print(f"[1/4] train {what}: reusing {spec.out}", highlight=False)
             else:
-                err_console.print(f"[1/4] train {m}", highlight=False)
+                err_console.print(f"[1/4] train {what}", highlight=False)
                 train_summary(spec.out, train_with_progress(spec, address))
         err_console.print(f"[2/4] corrupt: {corruptions} at severities {severities}",
                           highlight=False, soft_wrap=True)
@@ -199,13 +233,15 @@ def command(
         err_console.print(f"      {len(made.shards)} shards, {made.rows:,} rows in {shards}",
                           highlight=False)
         results = []
-        for m, spec in specs.items():
+        for m in methods:
             err_console.print(f"[3/4] adapt {m}", highlight=False)
             result = storage.join(out, "results", m)
-            adapt_with_progress(AdaptRequest(checkpoint=spec.out, shards=shards, out=result,
+            adapt_with_progress(AdaptRequest(checkpoint=specs[checkpoint_method(m)].out,
+                                             shards=shards, out=result,
                                              steps=steps, actors=actors, seed=seed,
                                              address=address, method=m,
-                                             trust_model=",".join(spec.trusted) or None))
+                                             trust_model=",".join(specs[checkpoint_method(m)].trusted) or None,
+                                             data_dir=data))  # eata's Fisher: the train split
             results.append(result)
     err_console.print("[4/4] report", highlight=False)
     print_summary(build_report(results, out=storage.join(out, "report")))

@@ -1,4 +1,5 @@
-"""`ttt-pipe train`: joint training of a zoo model and a method's auxiliary part on Ray."""
+"""`ttt-pipe train`: joint training of a zoo model and a method's auxiliary part on Ray (or of the
+model alone, `--method source`, for the methods that need no joint training)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from jobs.console import cli_errors, console, err_console, progress
 class Method(str, Enum):
     ttt = "ttt"
     it3 = "it3"
+    source = "source"
 
 
 class Scope(str, Enum):
@@ -25,7 +27,9 @@ class Scope(str, Enum):
 
 @cli_errors
 def command(
-    method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly."),
+    method: Method = typer.Option(..., help="Test-time method whose auxiliary part is trained jointly "
+                                            "(ttt, it3), or source: the model alone, plain supervised "
+                                            "training (then ttt-pipe adapt --method norm|tent|eata|...)."),
     dataset: str = typer.Option(None, help=f"{DATASET_HELP} Its train split is used. Required "
                                 "unless --init gives it (a folder checkpoint: pass its folder:PATH).",
                                 callback=check_dataset),
@@ -34,7 +38,8 @@ def command(
     data_dir: Path = typer.Option(None, help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help')."),
     model: str = typer.Option(None, help="Zoo model (seed_cnn, seed_rescnn, seed_cnn_bn, resnet26, wrn28_10, "
                                          "resnet18, resnet50; default: seed_cnn for ttt, seed_rescnn for "
-                                         "it3) or your own package.module:factory (installed on every node)."),
+                                         "it3, seed_cnn_bn for source) or your own package.module:factory "
+                                         "(installed on every node)."),
     model_kwargs: str = typer.Option(None, help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' """
                                                 "(your factory gets exactly these)."),
     normalize: str = typer.Option(None, help="Normalisation inside the model: none, dataset, imagenet, MEAN,STD "
@@ -80,8 +85,9 @@ def command(
                                      "http://head:8265 to submit this command as a job "
                                      "(default: a local Ray for this command)."),
 ) -> None:
-    """Train a model jointly with the method's auxiliary task and write a checkpoint
-    (with --init: from a checkpoint's model, --train aux for the auxiliary part alone)."""
+    """Train a model jointly with the method's auxiliary task (or alone: --method source) and
+    write a checkpoint (with --init: from a checkpoint's model, --train aux for the auxiliary
+    part alone)."""
     from jobs.cluster import is_job_address, submit_job
     from jobs.train import resolve_spec
 

@@ -64,7 +64,11 @@ def _nan_shards(src: Path, dst: Path) -> Path:
 
 BAD = [
     ("missing checkpoint", {"--checkpoint": "MISSING"}, "no checkpoint at"),
-    ("other method", {"--method": "it3"}, "trained for method 'ttt', not 'it3'"),
+    ("other joint method", {"--method": "it3"}, "it3 adapts only a checkpoint trained jointly"),
+    ("unknown method", {"--method": "nope"}, "unknown method 'nope'"),
+    ("method config key", {"--method-config": '{"bogus": 1}'}, "unknown TTTConfig key(s) bogus; choose from"),
+    ("trained field", {"--method-config": '{"layer": "fc1"}'}, "cannot change layer of ttt"),
+    ("fisher for ttt", {"--fisher-samples": "3"}, "apply to eata only"),
     ("no shards", {"--shards": "NOSHARDS/*.parquet"}, "no shards found"),
     ("negative steps", {"--steps": "-1"}, "--steps"),
     ("fractional batch", {"--batch-size": "2.5"}, "--batch-size"),
