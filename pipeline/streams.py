@@ -268,6 +268,9 @@ def stream_segments(unit: StreamUnit, seed: int,
             raise TTTPipeError(f"stream {unit.name} needs labels for its Dirichlet order")
         lab = np.concatenate([labels(i) for i in sorted(set(shard.tolist()))])
         # `lab` follows pooled order (indices ascending within a segment, as built below)
+        if len(lab) != len(row):
+            raise TTTPipeError(f"stream {unit.name}: {len(lab)} labels for {len(row)} rows; "
+                               "a shard changed since the run was planned, rerun")
         perm = dirichlet_order(lab, unit.dirichlet, rng, unit.name)
         return shard[perm], row[perm]
 
