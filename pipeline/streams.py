@@ -201,7 +201,7 @@ def resolve_order(order: str | None, suite: str, present: Sequence[str], known: 
 
     Unknown names are an error (`known`: the suite's names); names with no shards are skipped
     with one log line; shards of a corruption the list leaves out are an error (they would
-    get no predictions).
+    get no predictions), except identity (severity 0, always a stream of its own: first).
     """
     if order is None or not str(order).strip():
         return suite_order(suite, present)
@@ -216,6 +216,8 @@ def resolve_order(order: str | None, suite: str, present: Sequence[str], known: 
     absent = [n for n in names if n not in present]
     if absent:
         log.info("--order: no shards of %s; skipped", ", ".join(absent))
+    if "identity" in present and "identity" not in names:
+        names = ["identity", *names]  # the clean baseline: severity 0, a stream of its own
     left_out = sorted(set(present) - set(names))
     if left_out:
         raise TTTPipeError(f"--order leaves out {', '.join(left_out)}, which the shards hold; "
