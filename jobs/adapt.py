@@ -8,6 +8,19 @@ Design
   boundaries are fixed by `batch_size`, online mode resets at each shard start and torch is
   seeded from (seed, shard), so a shard's predictions do not depend on the actor count, the
   order, or retries: a retried call rewrites identical bytes.
+- Streams (`--stream`, `pipeline.streams`): more generally the unit is a STREAM that one
+  actor runs from start to end with one engine. `iid` (the default) makes every shard a
+  stream of one: exactly the shard path above, same files and bytes. `continual` (one stream
+  per severity, domains in `--order`; online unless `--mode` says otherwise), `mixed` (one
+  per severity, domains shuffled together) and `correlated` (one per shard, label-sorted with
+  a Dirichlet concentration) write `RESULTS/predictions/<stream>.parquet` with `stream` and
+  `position` columns (`jobs.stream_worker`). `--reset never|domain|every:N` (default never:
+  each stream starts fresh, nothing else) and `--dirichlet` are checked here before any Ray
+  work; the resolved stream settings (kind, order, reset, dirichlet) are stored with every
+  file (only when not the iid defaults) and compared on resume like the others. Streams of one
+  run (severities, shards) run in parallel on the pool; a stream whose file is missing is
+  redone whole. `--save-adapted DIR` writes each online stream's final weights to
+  `DIR/<stream>/` (a checkpoint), refused for episodic runs.
 - A pool of N actors (`jobs.pool`), each loading the checkpoint once (from its path, which
   every node must be able to read, like the shards and the results folder) onto its device; `max_restarts=-1, max_task_retries=-1` restart a dead actor
   and retry its shard. The driver hands shards to idle actors as they free up.

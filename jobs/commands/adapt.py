@@ -196,7 +196,7 @@ def command(
                            reset=reset, dirichlet=dirichlet, save_adapted=save_adapted)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
-    skipped = len(plan.shards) - len(outcome.shard_summaries)
+    skipped = sum(1 for x in plan.shards if x.done)
     s = plan.settings
     console.print(accuracy_rich_table(
         outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
