@@ -202,7 +202,7 @@ def command(
         outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
         f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"
         f"{f', per-sample x{s.copies}' if s.protocol == 'per-sample' else ''}"
-        f"{f', {s.stream} stream(s)' if s.stream != 'iid' else ''}"))
+        f"{f', {plan.stream.stream} stream(s)' if plan.stream.stream != 'iid' else ''}"))
     pool = (f", {outcome.timings.get('actors_ready', outcome.pool.actors)} actor(s)"
             if outcome.pool else "")
     err_console.print(

@@ -32,6 +32,7 @@ from pipeline.shards import read_shard, write_shard
 from pipeline.streams import STREAM_KEY, StreamShard, label_runs, plan_streams, stream_segments
 
 STEPS = 1
+runner = CliRunner()
 ORDER = "impulse_noise,gaussian_noise,shot_noise"
 S5 = ("gaussian_noise-s5-00000", "impulse_noise-s5-00000", "shot_noise-s5-00000")
 
@@ -175,8 +176,12 @@ def test_interrupted_stream_run_resumes_and_checks_settings(continual, ttt_check
 
 def test_mixed_batches_mix_corruptions_and_every_sample_once(ray_local, ttt_checkpoint, stream_shards,
                                                              tmp_path):
-    out = tmp_path / "results"
-    _run(ttt_checkpoint, stream_shards, out, stream="mixed")
+    out = tmp_path / "results"  # through the CLI: the table it prints sums over streams
+    result = runner.invoke(app, ["adapt", "--checkpoint", ttt_checkpoint, "--shards", str(stream_shards),
+                                 "--out", str(out), "--steps", str(STEPS), "--actors", "1",
+                                 "--stream", "mixed"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "mixed stream(s)" in result.output and "4 shard(s), 64 samples" in result.output
     table = _table(out, "mixed-s5")
     keys = list(zip(table.column("shard").to_pylist(), table.column("sample_id").to_pylist(),
                     table.column("step").to_pylist()))
@@ -217,8 +222,6 @@ def test_correlated_has_longer_label_runs_and_is_deterministic(ray_local, ttt_ch
 
 
 # -- bad input: one line, nothing written (validation runs before Ray starts) -----------------
-
-runner = CliRunner()
 
 BAD = [
     ("unknown order name", ["--stream", "continual", "--order", "gaussian_noise,bogus"], "bogus"),
