@@ -15,10 +15,12 @@ engine, and writes one predictions file. Four kinds (`--stream`):
 - ``mixed`` — one stream per severity: the rows of all its domains pooled and shuffled with
   a seeded permutation, so a batch mixes domains on purpose (Döbler's "mixed_domains").
 - ``correlated`` — every shard is a stream whose rows are label-sorted with a Dirichlet
-  concentration δ (`dirichlet_order`; Döbler's "correlated", TTAB's non-i.i.d. test case).
-  ``--dirichlet δ`` also applies to ``continual`` (each domain sorted on its own, as Döbler's
-  per-domain loader does: "correlated" under its continual domain loop) and to ``mixed``
-  (the pooled rows sorted: Döbler's "mixed_domains_correlated").
+  concentration δ (`dirichlet_order`; TTAB's non-i.i.d. test case; for one-file domains
+  Döbler's "reset_each_shift_correlated": sorted per domain, fresh model per domain).
+  ``--dirichlet δ`` also applies to ``continual`` (each domain sorted on its own by Döbler's
+  per-domain loader, state carried: his "correlated" setting, whose domain loop resets only
+  before the first domain) and to ``mixed`` (the pooled rows sorted: his
+  "mixed_domains_correlated").
 
 Batches never straddle a SEGMENT: a shard (iid, correlated), a domain (continual; a domain's
 rows may span several shard files, so a continual stream does not depend on --shard-size) or
