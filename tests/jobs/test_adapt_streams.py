@@ -262,3 +262,30 @@ def test_correlated_needs_labels(ttt_checkpoint, stream_shards, tmp_path):
     assert result.exit_code != 0 and "unlabelled" in result.output, result.output
     assert len([x for x in result.output.splitlines() if x.startswith("error:")]) == 1
     assert not (tmp_path / "results").exists()
+
+
+def test_reset_every_batch_equals_episodic(ttt_checkpoint, stream_shards, tmp_path):
+    """`--reset every:1` online restores the weights and optimizer after every batch, as
+    episodic mode does: same predictions, for a shard (iid) and a continual stream (no Ray)."""
+    from jobs.adapt import prepare_adapt
+    from jobs.shard_worker import ShardWorker
+
+    threads = torch.get_num_threads()
+    try:
+        tables = {}
+        for name, extra in (("episodic", dict(mode="episodic")), ("every", dict(mode="online", reset="every:1"))):
+            for stream in ("iid", "continual"):
+                plan = prepare_adapt(AdaptRequest(ttt_checkpoint, str(stream_shards), str(tmp_path / "r"),
+                                                  steps=STEPS, stream=stream, **extra))
+                worker = ShardWorker(plan.checkpoint, plan.settings, stream=plan.stream)
+                unit = next(u for u in plan.units if u.name in ("impulse_noise-s5-00000", "continual-s5"))
+                out = tmp_path / f"{name}-{stream}.parquet"
+                worker.process(unit.shards[0].uri if stream == "iid" else unit, str(out))
+                tables[name, stream] = pq.read_table(out)
+        for stream in ("iid", "continual"):
+            assert _close(tables["episodic", stream], tables["every", stream]), stream
+        meta = pq.read_schema(tmp_path / "every-iid.parquet").metadata
+        assert json.loads(meta[STREAM_KEY.encode()])["reset"] == "every:1"
+        assert STREAM_KEY.encode() not in pq.read_schema(tmp_path / "episodic-iid.parquet").metadata
+    finally:
+        torch.set_num_threads(threads)
