@@ -8,6 +8,19 @@ Design
   boundaries are fixed by `batch_size`, online mode resets at each shard start and torch is
   seeded from (seed, shard), so a shard's predictions do not depend on the actor count, the
   order, or retries: a retried call rewrites identical bytes.
+- Streams (`--stream`, `pipeline.streams`): more generally the unit is a STREAM that one
+  actor runs from start to end with one engine. `iid` (the default) makes every shard a
+  stream of one: exactly the shard path above, same files and bytes. `continual` (one stream
+  per severity, domains in `--order`; online unless `--mode` says otherwise), `mixed` (one
+  per severity, domains shuffled together) and `correlated` (one per shard, label-sorted with
+  a Dirichlet concentration) write `RESULTS/predictions/<stream>.parquet` with `stream` and
+  `position` columns (`jobs.stream_worker`). `--reset never|domain|every:N` (default never:
+  each stream starts fresh, nothing else) and `--dirichlet` are checked here before any Ray
+  work; the resolved stream settings (kind, order, reset, dirichlet) are stored with every
+  file (only when not the iid defaults) and compared on resume like the others. Streams of one
+  run (severities, shards) run in parallel on the pool; a stream whose file is missing is
+  redone whole. `--save-adapted DIR` writes each online stream's final weights to
+  `DIR/<stream>/` (a checkpoint), refused for episodic runs.
 - A pool of N actors (`jobs.pool`), each loading the checkpoint once (from its path, which
   every node must be able to read, like the shards and the results folder) onto its device; `max_restarts=-1, max_task_retries=-1` restart a dead actor
   and retry its shard. The driver hands shards to idle actors as they free up.
@@ -65,7 +78,8 @@ from jobs.pool import PoolPlan, parse_actors, plan_pool, run_pool
 from jobs.shard_worker import MODES, PROTOCOLS, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
 from pipeline.cost import COST_FILE, read_costs
-from pipeline.checkpoint import Checkpoint, check_adaptable, checkpoint_image_shape, load_checkpoint
+from pipeline.checkpoint import (MANIFEST_NAME, Checkpoint, check_adaptable, checkpoint_image_shape,
+                                 load_checkpoint)
 from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
 from pipeline.methods import (FISHER_TRAIN, FisherSource, MethodChoice, check_method_engine,
@@ -74,6 +88,8 @@ from pipeline.results import (ACCURACY_FILE, PREDICTIONS_DIR, RUN_FILE, SUMMARY_
                               accuracy_from_summaries, predictions_uri, shard_name,
                               summarize_predictions)
 from pipeline.shards import list_shards, read_shard_footer
+from pipeline.streams import (DIRICHLET_DEFAULT, STREAM_KEY, STREAM_KINDS, StreamSettings, StreamShard,
+                              StreamUnit, parse_reset, plan_streams, resolve_order)
 
 __all__ = ["AdaptRequest", "AdaptPlan", "ShardInfo", "AdaptOutcome", "KILL_ENV",
            "prepare_adapt", "run_adapt", "finalize_results"]
@@ -111,16 +127,23 @@ class AdaptRequest:
     fisher_data: str | None = None      # EATA: "train" (default) or clean shards
     fisher_samples: int | None = None   # EATA: clean images for the Fisher (default 2000)
     data_dir: str | None = None         # where "train" is searched (then $TTT_PIPE_DATA, cache)
+    stream: str = "iid"             # iid | continual | mixed | correlated (pipeline.streams)
+    order: str | None = None        # continual: comma list of corruptions [the suite's order]
+    reset: str | None = None        # never | domain | every:N [never]
+    dirichlet: float | None = None  # label-correlated order [0.1 for correlated, else none]
+    save_adapted: str | None = None  # folder: each stateful stream's final weights, a checkpoint
 
 
 @dataclass(frozen=True)
 class ShardInfo:
     uri: str
-    name: str  # file stem: names RESULTS/predictions/<name>.parquet
+    name: str  # file stem: names RESULTS/predictions/<name>.parquet (iid)
     corruption: str
     severity: int
     samples: int
     done: bool
+    labelled: bool = True
+    suite: str = ""
 
 
 @dataclass
@@ -130,10 +153,17 @@ class AdaptPlan:
     settings: AdaptSettings
     shards: list[ShardInfo]
     validate_s: float = 0.0
+    units: list[StreamUnit] = field(default_factory=list)  # the streams (iid: one per shard)
+    done_units: frozenset = frozenset()
+    stream: StreamSettings = field(default_factory=StreamSettings)
 
     @property
     def pending(self) -> list[ShardInfo]:
         return [s for s in self.shards if not s.done]
+
+    @property
+    def pending_units(self) -> list[StreamUnit]:
+        return [u for u in self.units if u.name not in self.done_units]
 
 
 @dataclass
@@ -215,15 +245,80 @@ def _settings_diff(theirs: dict, settings: AdaptSettings) -> list[str]:
     return [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
 
 
-def _check_existing(uri: str, name: str, settings: AdaptSettings) -> None:
-    """A predictions file found on resume must come from the same settings."""
+def _stream_settings(req: AdaptRequest, settings: AdaptSettings) -> tuple[AdaptSettings, StreamSettings]:
+    """Check --stream/--reset/--dirichlet/--save-adapted (no shards needed yet) and fold them
+    into the settings. A continual stream is online unless --mode says otherwise (state is
+    carried across its domains); every other stream keeps the checkpoint's mode."""
+    kind = req.stream
+    if kind not in STREAM_KINDS:
+        raise TTTPipeError(f"unknown stream {kind!r}; choose from: {', '.join(STREAM_KINDS)}")
+    reset = parse_reset(req.reset)
+    delta = req.dirichlet
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float))
+                              or not np.isfinite(delta) or delta < 0):
+        raise TTTPipeError(f"--dirichlet must be a number >= 0 (0: sorted by label), got {delta!r}")
+    if kind == "iid" and delta is not None:
+        raise TTTPipeError("--dirichlet orders rows by label: use --stream correlated (per shard), "
+                           "continual or mixed with it, not iid")
+    if kind == "correlated" and delta is None:
+        delta = DIRICHLET_DEFAULT
+    if req.order is not None and kind != "continual":
+        raise TTTPipeError(f"--order sets the domain order of --stream continual; {kind} streams "
+                           "have none (leave --order out)")
+    if reset.kind == "domain" and kind == "mixed":
+        raise TTTPipeError("--reset domain: a mixed stream has no domain boundaries (its batches mix "
+                           "domains); use --reset never or every:N")
+    mode = settings.mode if req.mode is not None or kind != "continual" else "online"
+    if mode == "episodic" and reset.kind != "never":
+        raise TTTPipeError(f"--reset {reset} needs --mode online: episodic mode resets after every batch")
+    if mode == "episodic" and req.save_adapted:
+        raise TTTPipeError("--save-adapted saves the weights a stream ends with, but episodic mode "
+                           "restores them after every batch (nothing carries); use --mode online")
+    if mode == "online" and (settings.episodes > 1 or settings.protocol == "per-sample"):
+        raise TTTPipeError("--episodes > 1 and --protocol per-sample adapt independent episodes; "
+                           "use --mode episodic (or --episodes 1 --protocol batch for online)")
+    return (dataclasses.replace(settings, mode=mode),
+            StreamSettings(stream=kind, reset=str(reset), dirichlet=None if delta is None else float(delta)))
+
+
+def _plan_units(req: AdaptRequest, settings: StreamSettings, infos: list[ShardInfo]):
+    """The run's streams and the settings with the resolved domain order (continual)."""
+    from pipeline.corruptions.suites import suite_names
+
+    if settings.dirichlet is not None:
+        unlabelled = [s.name for s in infos if not s.labelled]
+        if unlabelled:
+            raise TTTPipeError(f"--stream {settings.stream} with --dirichlet sorts rows by label, but shard "
+                               f"{unlabelled[0]} is unlabelled; use --stream iid, continual or mixed "
+                               "without --dirichlet")
+    order: list[str] = []
+    if settings.stream == "continual":
+        suite = infos[0].suite or "mnist-c"
+        order = resolve_order(req.order, suite, sorted({s.corruption for s in infos}),
+                              suite_names(suite))
+        settings = dataclasses.replace(settings, order=",".join(order))
+    shards = [StreamShard(uri=s.uri, name=s.name, corruption=s.corruption, severity=s.severity,
+                          rows=s.samples) for s in infos]
+    return plan_streams(settings.stream, shards, order, settings.dirichlet), settings
+
+
+def unit_uri(out: str, unit: str) -> str:
+    """Where a stream's predictions live (an iid stream's name is its shard's: today's file)."""
+    return storage.join(str(out), PREDICTIONS_DIR, f"{unit}.parquet")
+
+
+def _check_existing(uri: str, name: str, settings: AdaptSettings,
+                    stream: StreamSettings = StreamSettings()) -> None:
+    """A predictions file found on resume must come from the same settings (stream ones too:
+    a file without them is an iid file of the default stream settings)."""
     fs, path = storage.resolve(uri)
     try:
         meta = pq.read_schema(path, filesystem=fs).metadata or {}
         theirs = json.loads(meta.get(SETTINGS_KEY.encode(), b"{}"))
-    except (pa.ArrowException, OSError, ValueError) as exc:
+        their_stream = StreamSettings.from_metadata({k.decode(): v.decode() for k, v in meta.items()})
+    except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
         raise TTTPipeError(f"cannot read existing predictions {uri} ({exc}); delete it and rerun") from None
-    diff = _settings_diff(theirs, settings)
+    diff = _settings_diff(theirs, settings) + their_stream.diff(stream)
     if diff:
         raise TTTPipeError(
             f"predictions for shard {name} in the results folder were made with other settings "
@@ -241,15 +336,17 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     check_adaptable(ckpt, req.trust_model, method=choice.name)  # an untrusted import path: fail here
     check_method_engine(ckpt, choice, trusted_modules(req.trust_model))  # e.g. tent, no norm layer
     fisher = resolve_fisher(choice, ckpt, req.fisher_data, req.fisher_samples, req.data_dir)
+    if req.save_adapted:
+        req = dataclasses.replace(req, save_adapted=_absolute(req.save_adapted))
+        if storage.exists(req.save_adapted) and not storage.is_dir(req.save_adapted):
+            raise TTTPipeError(f"--save-adapted {req.save_adapted} is a file; pass a folder")
     try:
         settings = _settings(req, ckpt, choice, fisher)
     except (TypeError, ValueError) as exc:
         raise TTTPipeError(f"checkpoint {req.checkpoint} has an invalid method config ({exc}); retrain it") from None
     if settings.steps < 0 or settings.batch_size < 1 or not settings.lr > 0 or settings.mode not in MODES:
         raise TTTPipeError(f"invalid adaptation settings {settings}; pass --steps, --lr, --batch-size, --mode")
-    if settings.mode == "online" and (settings.episodes > 1 or settings.protocol == "per-sample"):
-        raise TTTPipeError("--episodes > 1 and --protocol per-sample adapt independent episodes; "
-                           "use --mode episodic (or --episodes 1 --protocol batch for online)")
+    settings, stream = _stream_settings(req, settings)
     if storage.exists(req.out) and not storage.is_dir(req.out):
         raise TTTPipeError(f"--out {req.out} is a file; pass a folder for the results")
     dataset = ckpt.dataset
@@ -274,14 +371,23 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
         if shard.min_id is not None and shard.max_id - shard.min_id + 1 < shard.rows:
             raise TTTPipeError(f"shard '{uri}' repeats sample ids ({shard.rows} rows, ids "
                                f"{shard.min_id}..{shard.max_id}); {_SHARD_FIX}")
-        pred = predictions_uri(req.out, uri)
-        done = storage.exists(pred)
-        if done:
-            _check_existing(pred, name, settings)
         infos.append(ShardInfo(uri=uri, name=name, corruption=shard.corruption,
-                               severity=shard.severity, samples=shard.rows, done=done))
+                               severity=shard.severity, samples=shard.rows, done=False,
+                               labelled=shard.labelled, suite=str(shard.metadata.get("suite", ""))))
+    units, stream = _plan_units(req, stream, infos)
+    done_units = set()
+    for unit in units:  # iid: one per shard, its file named after it (as before streams)
+        pred = unit_uri(req.out, unit.name)
+        if storage.exists(pred):
+            _check_existing(pred, unit.name, settings, stream)
+            if not req.save_adapted or storage.exists(storage.join(req.save_adapted, unit.name,
+                                                                   MANIFEST_NAME)):
+                done_units.add(unit.name)  # (redone when its adapted checkpoint is missing)
+    done_shards = {s.name for u in units if u.name in done_units for s in u.shards}
+    infos = [dataclasses.replace(s, done=s.name in done_shards) for s in infos]
     return AdaptPlan(request=req, checkpoint=ckpt, settings=settings, shards=infos,
-                     validate_s=time.perf_counter() - started)
+                     validate_s=time.perf_counter() - started, units=units,
+                     done_units=frozenset(done_units), stream=stream)
 
 
 def _run_config(plan: AdaptPlan) -> dict:
@@ -300,6 +406,9 @@ def _run_config(plan: AdaptPlan) -> dict:
         "args": dataclasses.asdict(plan.request),
         "shards": [s.uri for s in plan.shards],
         "samples": {s.name: s.samples for s in plan.shards},
+        "stream": dataclasses.asdict(plan.stream),
+        **({"streams": {u.name: [s.name for s in u.shards] for u in plan.units}}
+           if plan.stream.stream != "iid" else {}),
     }
 
 
@@ -345,7 +454,8 @@ def _footer(uri: str) -> tuple[int, dict]:
     return meta.num_rows, {k.decode(): v.decode() for k, v in kv.items()}
 
 
-def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings) -> dict:
+def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings,
+                   stream: StreamSettings = StreamSettings()) -> dict:
     """The checked summary of one shard's predictions, from the file's footer only.
 
     Files of an older ttt-pipe have no summary in their footer: that one file is read (and
@@ -359,7 +469,8 @@ def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings) -> dict:
     except (pa.ArrowException, OSError) as exc:
         raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
                            "delete it and rerun") from None
-    if _settings_diff(json.loads(meta.get(SETTINGS_KEY, "{}")), settings):
+    if _settings_diff(json.loads(meta.get(SETTINGS_KEY, "{}")), settings) or \
+            StreamSettings.from_metadata(meta) != stream:
         raise TTTPipeError(f"predictions for shard {s.name} were made with other settings; "
                            f"delete {uri} and rerun")
     if SUMMARY_KEY in meta:
@@ -381,6 +492,35 @@ def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings) -> dict:
     return summary
 
 
+def _stream_summary(unit: StreamUnit, uri: str, settings: AdaptSettings, stream: StreamSettings) -> dict:
+    """`_shard_summary` of a stream file: per shard of the stream, its rows against its footer."""
+    steps = settings.steps + 1
+    try:
+        rows, meta = _footer(uri)
+    except FileNotFoundError:
+        raise TTTPipeError(f"predictions for stream {unit.name} are missing ({uri}); rerun to resume") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
+                           "delete it and rerun") from None
+    if _settings_diff(json.loads(meta.get(SETTINGS_KEY, "{}")), settings) or SUMMARY_KEY not in meta \
+            or StreamSettings.from_metadata(meta) != stream:
+        raise TTTPipeError(f"predictions for stream {unit.name} were made with other settings; "
+                           f"delete {uri} and rerun")
+    summary = json.loads(meta[SUMMARY_KEY])
+    expected = {s.name: s.rows for s in unit.shards}
+    per_step: dict[int, int] = {}
+    for *key, n, _labelled, _correct in summary.get("groups", []):
+        per_step[key[-1]] = per_step.get(key[-1], 0) + n
+    if not (rows == summary.get("rows") == unit.samples * steps and summary.get("shards") == expected
+            and summary.get("stream") == unit.name
+            and per_step == {step: unit.samples for step in range(steps)}):
+        raise TTTPipeError(
+            f"predictions for stream {unit.name} have {rows} rows (summary: {summary.get('rows')} rows, "
+            f"shards {summary.get('shards')}), expected {expected} samples x {steps} steps; "
+            f"delete {uri} and rerun")
+    return summary
+
+
 def finalize_results(plan: AdaptPlan) -> pa.Table:
     """Check exactly one prediction per (sample, step) in every shard; write accuracy.parquet.
 
@@ -389,12 +529,19 @@ def finalize_results(plan: AdaptPlan) -> pa.Table:
     data. Each actor checked its shard's (sample, step) pairs before writing; here every
     footer's row count must match its summary and the shard's sample count.
     """
-    jobs = [(s, predictions_uri(plan.request.out, s.uri)) for s in plan.shards]
+    iid = plan.stream.stream == "iid"
+    if iid:
+        jobs = [(s, predictions_uri(plan.request.out, s.uri)) for s in plan.shards]
+        check = _shard_summary
+    else:
+        jobs = [(u, unit_uri(plan.request.out, u.name)) for u in plan.units]
+        check = _stream_summary
     with ThreadPoolExecutor(max_workers=_FOOTER_THREADS) as pool:
-        summaries = list(pool.map(lambda job: _shard_summary(*job, plan.settings), jobs))
+        summaries = list(pool.map(lambda job: check(*job, plan.settings, plan.stream), jobs))
     accuracy = accuracy_from_summaries(summaries)
-    storage.atomic_write_table(accuracy, storage.join(plan.request.out, ACCURACY_FILE),
-                               metadata={SETTINGS_KEY: plan.settings.to_json()})
+    written = accuracy if iid else accuracy_from_summaries(summaries, by_stream=True)
+    storage.atomic_write_table(written, storage.join(plan.request.out, ACCURACY_FILE),
+                               metadata={SETTINGS_KEY: plan.settings.to_json(), **plan.stream.metadata()})
     # cost.parquet: the shards' cost sidecars in one table (shards of older versions have none)
     cost_file = storage.join(plan.request.out, COST_FILE)
     storage.remove(cost_file)  # so read_costs reads the sidecars, never a stale table
@@ -425,13 +572,16 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
     timings["validate_s"] = plan.validate_s
     if on_plan is not None:
         on_plan(plan)
-    pending = plan.pending
+    pending = plan.pending_units
     pool_plan, summaries = None, []
     if not pending:
         log.info("all %d shard(s) already have predictions in %s", len(plan.shards), req.out)
         _start_results(plan)
     else:
-        tasks = [(s.uri, predictions_uri(req.out, s.uri)) for s in pending]
+        if plan.stream.stream == "iid":  # a shard is a stream of one: its uri is the unit
+            tasks = [(u.shards[0].uri, unit_uri(req.out, u.name)) for u in pending]
+        else:
+            tasks = [(u, unit_uri(req.out, u.name)) for u in pending]
         started = time.perf_counter()
         with connect(req.address) as resources:  # an unreachable address fails here, before any write
             timings["connect_s"] = time.perf_counter() - started
@@ -441,12 +591,15 @@ def run_adapt(req: AdaptRequest, *, plan: AdaptPlan | None = None,
                                    "GPU; pass --gpus-per-actor 0 (CPU) or the --address of a cluster")
             pool_plan = plan_pool(resources, len(tasks), req.actors, req.cpus_per_actor,
                                   req.gpus_per_actor, autoscale=not local)
-            log.info("adapting %d shard(s) on %s", len(tasks), pool_plan)
+            log.info("adapting %d %s on %s", len(tasks),
+                     "shard(s)" if plan.stream.stream == "iid" else f"{plan.stream.stream} stream(s)",
+                     pool_plan)
             _start_results(plan)
             try:
                 pool = run_pool(plan.checkpoint, plan.settings, pool_plan, tasks,
                                 on_done=on_shard_done, kill_marker=os.environ.get(KILL_ENV),
-                                trusted=trusted_modules(req.trust_model))
+                                trusted=trusted_modules(req.trust_model),
+                                save_adapted=req.save_adapted, stream=plan.stream)
             finally:
                 _remove_stale_temps(req.out)
             summaries = pool["shards"]

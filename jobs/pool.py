@@ -37,7 +37,8 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.errors import TTTPipeError
 from pipeline.model_spec import TRUST_ENV
 
-__all__ = ["PoolPlan", "parse_actors", "plan_pool", "run_pool", "actor_env", "MAX_ATTEMPTS"]
+__all__ = ["PoolPlan", "parse_actors", "plan_pool", "run_pool", "actor_env", "MAX_ATTEMPTS",
+           "unit_label"]
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,8 @@ class _Pool:
     """The driver's bookkeeping: actors starting, idle and busy; the queue; retries."""
 
     def __init__(self, checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
-                 tasks: Sequence[tuple[str, str]], kill_marker: str | None,
-                 trusted: Sequence[str] = ()):
+                 tasks: Sequence[tuple], kill_marker: str | None,
+                 trusted: Sequence[str] = (), save_adapted: str | None = None, stream=None):
         self.plan = plan
         env = actor_env()
         if trusted:  # model modules the user trusted on the command line (see model_spec)
@@ -182,6 +183,10 @@ class _Pool:
         # reads: a replacement actor needs nothing the driver still has to hold.
         self.args = (checkpoint.uri, settings)
         self.kwargs = dict(device=device, threads=plan.threads, kill_marker=kill_marker)
+        if save_adapted:
+            self.kwargs["save_adapted"] = save_adapted
+        if stream is not None:  # pipeline.streams.StreamSettings
+            self.kwargs["stream"] = stream
         self.queue = deque(tasks)
         self.live: list = []          # actors not known to be dead
         self.starting: dict = {}      # info() ref -> actor, until it is ready
@@ -242,11 +247,11 @@ class _Pool:
         self.attempts[task] += 1
         if self.attempts[task] >= MAX_ATTEMPTS:
             raise TTTPipeError(
-                f"shard {task[0]} was being adapted by {MAX_ATTEMPTS} actors that died "
+                f"{unit_label(task[0])} was being adapted by {MAX_ATTEMPTS} actors that died "
                 f"({_error_line(exc)}); check memory and `ray status`, then rerun to resume")
-        log.warning("the actor adapting shard %s died (%s); the shard goes to another actor",
-                    task[0], _error_line(exc))
-        self.retried.append(task[0])
+        log.warning("the actor adapting %s died (%s); it goes to another actor",
+                    unit_label(task[0]), _error_line(exc))
+        self.retried.append(task[0] if isinstance(task[0], str) else task[0].name)
         self.queue.appendleft(task)
 
     def shutdown(self) -> None:
@@ -256,10 +261,19 @@ class _Pool:
             ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=30)
 
 
+def unit_label(unit) -> str:
+    """`shard <uri>` or `stream <name>`: a unit of work in messages."""
+    return f"shard {unit}" if isinstance(unit, str) else f"stream {unit.name}"
+
+
 def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
-             tasks: Sequence[tuple[str, str]], on_done: Callable[[dict], None] | None = None,
-             kill_marker: str | None = None, trusted: Sequence[str] = ()) -> dict:
+             tasks: Sequence[tuple], on_done: Callable[[dict], None] | None = None,
+             kill_marker: str | None = None, trusted: Sequence[str] = (),
+             save_adapted: str | None = None, stream=None) -> dict:
     """Adapt every `(shard_uri, out_uri)` in `tasks` on a pool of actors (Ray must be up).
+
+    A task's unit may also be a `pipeline.streams.StreamUnit` (`--stream`): one actor runs it
+    from start to end, like a shard.
 
     Calls `on_done(summary)` in the driver as each shard finishes. Returns pool timings:
     `start_s` (until the first actor was ready), `dispatch_s` (from then until the last shard
@@ -268,7 +282,7 @@ def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
     killed on the way out, also on errors and Ctrl-C, after their in-flight calls stopped.
     """
     started = time.perf_counter()
-    pool = _Pool(checkpoint, settings, plan, tasks, kill_marker, trusted)
+    pool = _Pool(checkpoint, settings, plan, tasks, kill_marker, trusted, save_adapted, stream)
     pool.grow()  # the first MIN actors: requested (pending ones make the autoscaler add nodes)
     if plan.waits:
         log.warning("waiting for %d actor(s) x %g GPU(s), %g CPU(s) that the cluster does not have "
@@ -307,7 +321,7 @@ def run_pool(checkpoint: Checkpoint, settings: AdaptSettings, plan: PoolPlan,
                 try:
                     summary = ray.get(ref)
                 except RayTaskError as exc:
-                    raise TTTPipeError(f"adapting shard {task[0]} failed: {_error_line(exc)}") from None
+                    raise TTTPipeError(f"adapting {unit_label(task[0])} failed: {_error_line(exc)}") from None
                 except RayActorError as exc:
                     pool.lost(actor, task, exc)
                     continue

@@ -8,6 +8,10 @@ and the shard itself (plus torch's thread count on CPU, see `jobs.adapt`), never
 worker ran it or what it ran before: batch boundaries are fixed by `batch_size` and never
 straddle shards, the engine is `reset()` at every shard start (online mode starts fresh per
 shard) and torch's RNG is seeded from (seed, shard name).
+
+This is also `--stream iid`: every shard a stream of one. The other streams (continual,
+mixed, correlated; `pipeline.streams`) are units too: `process` hands a `StreamUnit` to
+`jobs.stream_worker.predict_stream`, one engine from the stream's start to its end.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import pyarrow as pa
 import torch
 
 from pipeline import storage
-from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.cost import cost_uri, max_rss_bytes
 from pipeline.errors import TTTPipeError
-from pipeline.results import PREDICTION_SCHEMA, SUMMARY_KEY, summarize_predictions
+from pipeline.results import PREDICTION_SCHEMA, SUMMARY_KEY, summarize_predictions, summarize_stream
 from pipeline.shards import Shard, read_shard
+from pipeline.streams import STREAM_KEY, StreamSettings, StreamUnit, parse_reset
 
 __all__ = ["AdaptSettings", "PROTOCOLS", "ShardWorker", "build_adapt_engine", "predict_shard",
            "SETTINGS_KEY", "shard_seed"]
@@ -121,11 +126,29 @@ def _adapt_batches(engine, shard: Shard, settings: AdaptSettings, device):
         b += len(group)
 
 
+def _to_host(logits: torch.Tensor, batch_losses: torch.Tensor, k: int):
+    """(conf, pred, losses) of one batch as numpy (K+1, B) arrays; the loss of step K is NaN."""
+    steps, bsz = logits.shape[0], logits.shape[1]
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().float(), dim=-1)          # (K+1, B, C)
+        conf, pred = probs.max(dim=-1)                                   # (K+1, B) each
+        # conf, pred (exact in float32 below 2**24 classes) and the K losses (K, B) in one
+        # tensor: a single device-to-host copy per batch, the only CPU-GPU sync of the batch.
+        packed = torch.cat([conf.reshape(-1), pred.reshape(-1).float(),
+                            batch_losses.detach().float()[:k].reshape(-1)]).cpu().numpy()
+    conf = packed[:steps * bsz].reshape(steps, bsz)
+    pred = packed[steps * bsz:2 * steps * bsz].astype(np.int64).reshape(steps, bsz)
+    losses = np.full((steps, bsz), np.nan, dtype=np.float32)            # step K: no loss
+    losses[:k] = packed[2 * steps * bsz:].reshape(k, bsz)
+    return conf, pred, losses
+
+
 def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.device | str = "cpu",
-                  after_batch: Callable[[int], None] | None = None) -> pa.Table:
+                  after_batch: Callable[[int], None] | None = None, reset_every: int = 0) -> pa.Table:
     """Adapt `shard` batch by batch in order; one PREDICTION_SCHEMA row per (sample, step).
 
-    Rows are ordered by batch, then step, then position in the shard.
+    Rows are ordered by batch, then step, then position in the shard. `reset_every` N > 0
+    (`--reset every:N`, online mode): the engine is also reset after every N batches.
     """
     if hasattr(engine, "reset"):
         engine.reset()  # a fresh start per shard: results do not depend on the previous shard
@@ -135,17 +158,7 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
                                             ("sample_id", "step", "label", "pred", "conf", "batch", "loss")}
     for b, start, stop, logits, batch_losses in _adapt_batches(engine, shard, settings, device):
         steps, bsz = k + 1, stop - start
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach().float(), dim=-1)          # (K+1, B, C)
-            conf, pred = probs.max(dim=-1)                                   # (K+1, B) each
-            # conf, pred (exact in float32 below 2**24 classes) and the K losses (K, B) in one
-            # tensor: a single device-to-host copy per batch, the only CPU-GPU sync of the batch.
-            packed = torch.cat([conf.reshape(-1), pred.reshape(-1).float(),
-                                batch_losses.detach().float()[:k].reshape(-1)]).cpu().numpy()
-        conf = packed[:steps * bsz].reshape(steps, bsz)
-        pred = packed[steps * bsz:2 * steps * bsz].astype(np.int64).reshape(steps, bsz)
-        losses = np.full((steps, bsz), np.nan, dtype=np.float32)            # step K: no loss
-        losses[:k] = packed[2 * steps * bsz:].reshape(k, bsz)
+        conf, pred, losses = _to_host(logits, batch_losses, k)
         columns["sample_id"].append(np.tile(shard.sample_ids[start:stop], steps))
         if shard.labels is not None:
             columns["label"].append(np.tile(shard.labels[start:stop], steps))
@@ -156,6 +169,8 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
         columns["loss"].append(losses.reshape(-1))
         if after_batch is not None:
             after_batch(b)
+        if reset_every and (b + 1) % reset_every == 0 and settings.mode == "online" and hasattr(engine, "reset"):
+            engine.reset()  # --reset every:N; the generator adapts the next batch after this
     cat = {c: np.concatenate(v) if v else np.empty(0) for c, v in columns.items()}
     rows = len(cat["sample_id"])
     pred = cat["pred"].astype(np.int16)
@@ -212,10 +227,14 @@ class ShardWorker:
 
     `device="auto"` asks Ray for this actor's GPU (`jobs.cluster.actor_device()`).
     `kill_marker` is a test hook: the first worker that creates that file dies mid-shard.
+    `save_adapted`: a folder; each unit's final weights go to `<folder>/<unit name>/` as a
+    checkpoint (online mode only: the driver refuses it for episodic runs).
+    `process` also takes a `pipeline.streams.StreamUnit` (`jobs.stream_worker`).
     """
 
     def __init__(self, checkpoint: Checkpoint | str, settings: AdaptSettings, device: str = "cpu",
-                 threads: int | None = None, kill_marker: str | None = None):
+                 threads: int | None = None, kill_marker: str | None = None,
+                 save_adapted: str | None = None, stream: StreamSettings | None = None):
         started = time.perf_counter()
         if threads:
             torch.set_num_threads(int(threads))
@@ -231,6 +250,10 @@ class ShardWorker:
         self.engine = build_adapt_engine(checkpoint, settings, self.device)
         self.settings = settings
         self.kill_marker = kill_marker
+        self.save_adapted = save_adapted
+        self.stream = stream or StreamSettings()
+        self.metadata = {SETTINGS_KEY: settings.to_json(), **self.stream.metadata()}
+        self.checkpoint_uri, self.manifest = checkpoint.uri, checkpoint.manifest
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._ahead: tuple[str, Future] | None = None  # (shard uri, its read) started in advance
         self.init_seconds = time.perf_counter() - started
@@ -247,7 +270,8 @@ class ShardWorker:
             ahead[1].cancel()
         return read_shard(shard_uri)
 
-    def _prefetch(self, shard_uri: str | None) -> None:
+    def _prefetch(self, unit: str | StreamUnit | None) -> None:
+        shard_uri = unit.shards[0].uri if isinstance(unit, StreamUnit) else unit
         if shard_uri:
             self._ahead = (shard_uri, self._io.submit(read_shard, shard_uri))
 
@@ -255,7 +279,8 @@ class ShardWorker:
         return {"pid": self.pid, "node": self.node, "device": str(self.device),
                 "threads": torch.get_num_threads(), "init_seconds": self.init_seconds}
 
-    def process(self, shard_uri: str, out_uri: str, next_uri: str | None = None) -> dict:
+    def process(self, shard_uri: str | StreamUnit, out_uri: str,
+                next_uri: str | StreamUnit | None = None) -> dict:
         """Adapt one shard and write `out_uri` atomically; return its summary and timings.
 
         `next_uri` (the shard this worker gets next) is read in a background thread while
@@ -263,32 +288,93 @@ class ShardWorker:
         changes nothing in the results: the same bytes are read, only earlier.
         The file's footer carries the shard's summary (`pipeline.results.SUMMARY_KEY`).
         """
+        if isinstance(shard_uri, StreamUnit):
+            return self._process_stream(shard_uri, out_uri, next_uri)
         t0 = time.perf_counter()
         shard = self._take(shard_uri)
         self._prefetch(next_uri)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device) if cuda else self.base_rss
+        base = self._start_cost()
         t1 = time.perf_counter()
         table = predict_shard(self.engine, shard, self.settings, self.device,
-                              after_batch=self._maybe_die if self.kill_marker else None)
+                              after_batch=self._maybe_die if self.kill_marker else None,
+                              reset_every=parse_reset(self.stream.reset).every)
         adapt_s = time.perf_counter() - t1
         summary = summarize_predictions(table, shard.name, self.settings.steps + 1)
         t2 = time.perf_counter()
-        # the cost beside the predictions, written first (pipeline.cost says why not in them)
-        storage.atomic_write_bytes(json.dumps({
-            "shard": shard.name, "method": self.settings.method, "samples": len(shard.sample_ids),
-            "adapt_s": adapt_s, "actor": f"{self.node or 'local'}:{self.pid}",
-            "device": str(self.device), "memory": "cuda_max_allocated" if cuda else "cpu_max_rss",
-            "peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else max_rss_bytes(),
-            "base_bytes": base}, sort_keys=True).encode(), cost_uri(out_uri))
+        self._write_cost(shard.name, len(shard.sample_ids), adapt_s, base, out_uri)
+        self._save_adapted(shard.name, [shard_uri])
         storage.atomic_write_table(table, out_uri, metadata={
-            SETTINGS_KEY: self.settings.to_json(), SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
+            **self.metadata, SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
         t3 = time.perf_counter()
         return {**summary, "uri": shard_uri, "pid": self.pid, "node": self.node,
                 "device": str(self.device),
                 "read_s": t1 - t0, "adapt_s": t2 - t1, "write_s": t3 - t2}
+
+    def _start_cost(self) -> int | None:
+        """Start measuring a unit's peak memory; the baseline it is measured from."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        return self.base_rss
+
+    def _write_cost(self, name: str, samples: int, adapt_s: float, base, out_uri: str) -> None:
+        """The unit's cost beside its predictions, written first (pipeline.cost says why not in them)."""
+        cuda = self.device.type == "cuda"
+        storage.atomic_write_bytes(json.dumps({
+            "shard": name, "method": self.settings.method, "samples": samples,
+            "adapt_s": adapt_s, "actor": f"{self.node or 'local'}:{self.pid}",
+            "device": str(self.device), "memory": "cuda_max_allocated" if cuda else "cpu_max_rss",
+            "peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else max_rss_bytes(),
+            "base_bytes": base}, sort_keys=True).encode(), cost_uri(out_uri))
+
+    def _process_stream(self, unit: StreamUnit, out_uri: str, next_unit) -> dict:
+        """`process` for a stream: its shards are read as the stream reaches them."""
+        from jobs.stream_worker import predict_stream
+
+        t0 = time.perf_counter()
+        read_s, first = [0.0], [True]
+
+        def read(uri: str) -> Shard:  # the first read may be the prefetched one; then the next
+            started = time.perf_counter()  # unit's first shard is read in the background
+            try:
+                if not first[0]:
+                    return read_shard(uri)
+                first[0] = False
+                shard = self._take(uri)
+                self._prefetch(next_unit)
+                return shard
+            finally:
+                read_s[0] += time.perf_counter() - started
+
+        base = self._start_cost()
+        table = predict_stream(self.engine, unit, self.settings, self.stream, self.device, read,
+                               after_batch=self._maybe_die if self.kill_marker else None)
+        summary = summarize_stream(table, unit.name, self.settings.steps + 1)
+        t2 = time.perf_counter()
+        self._write_cost(unit.name, int(summary["samples"]), t2 - t0 - read_s[0], base, out_uri)
+        self._save_adapted(unit.name, [s.uri for s in unit.shards])
+        storage.atomic_write_table(table, out_uri, metadata={
+            **self.metadata, SUMMARY_KEY: json.dumps(summary, sort_keys=True)})
+        t3 = time.perf_counter()
+        return {**summary, "uri": unit.name, "pid": self.pid, "node": self.node,
+                "device": str(self.device),
+                "read_s": read_s[0], "adapt_s": t2 - t0 - read_s[0], "write_s": t3 - t2}
+
+    def _save_adapted(self, name: str, shard_uris: list[str]) -> None:
+        """The weights the unit ended with as a checkpoint `<save_adapted>/<name>/` (manifest +
+        sha256), before the predictions file: a unit whose predictions exist has its checkpoint."""
+        if not self.save_adapted:
+            return
+        training = dict(self.manifest.get("training", {}))
+        training["adapted"] = {"from": self.checkpoint_uri,
+                               "from_weights_sha256": self.manifest["weights_sha256"],
+                               "unit": name, "shards": shard_uris,
+                               "settings": dataclasses.asdict(self.settings),
+                               "stream": dataclasses.asdict(self.stream)}
+        manifest = {k: v for k, v in self.manifest.items()
+                    if k not in ("format_version", "weights_sha256", "created")}
+        save_checkpoint(storage.join(self.save_adapted, name), self.engine.state_dict(),
+                        {**manifest, "training": training})
 
     def _maybe_die(self, batch: int) -> None:
         try:  # O_EXCL: of all workers, exactly one creates the marker and dies

@@ -2,12 +2,21 @@
 
 A results folder (local path or `s3://...` URI) holds
 
-    predictions/<shard>.parquet   one row per (sample, step), PREDICTION_SCHEMA
-    accuracy.parquet              one row per (method, corruption, severity, step), ACCURACY_SCHEMA
-    run.json                      the resolved run config; `shards` lists every shard URI asked for
+    predictions/<shard>.parquet   one row per (sample, step), PREDICTION_SCHEMA (`--stream iid`)
+    predictions/<stream>.parquet  one row per (shard, sample, step), STREAM_PREDICTION_SCHEMA
+                                  (other streams, `pipeline.streams`: PREDICTION_SCHEMA + `stream`,
+                                  `position`)
+    accuracy.parquet              one row per (method, corruption, severity, step), ACCURACY_SCHEMA;
+                                  stream runs: STREAM_ACCURACY_SCHEMA, one row per (method, stream,
+                                  corruption, severity, step)
+    run.json                      the resolved run config; `shards` lists every shard URI asked for,
+                                  `streams` (stream runs) the shard names of every stream
 
-A shard is done when `predictions/<shard>.parquet` exists (written atomically), so a folder
-of a run still going, or interrupted, is readable: `read_results` names the missing shards.
+A shard is done when the predictions file of its stream exists (written atomically), so a
+folder of a run still going, or interrupted, is readable: `read_results` names the missing shards.
+An iid file has exactly the pre-stream schema and bytes; `read_results` of a folder that holds
+stream files gives every row a `stream` (an iid file's rows: the shard's name) and `position`
+(null for iid rows: their order is `batch`, then the shard's stored order).
 
 Every predictions file carries its shard's summary (`SUMMARY_KEY` in the Parquet footer's
 key-value metadata, written in the same atomic write as the rows, so it can never be stale or
@@ -45,6 +54,9 @@ __all__ = [
     "SUMMARY_KEY",
     "summarize_predictions",
     "accuracy_from_summaries",
+    "STREAM_PREDICTION_SCHEMA",
+    "STREAM_ACCURACY_SCHEMA",
+    "summarize_stream",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +81,12 @@ PREDICTION_SCHEMA = pa.schema([
     ("loss", pa.float32()),  # adaptation loss at that step; NaN for the last step
 ])
 
+# Stream files (`--stream continual|mixed|correlated`): the stream's name, and the row's
+# position in the stream (0 = the first sample the engine saw). An iid file has neither, so its
+# bytes stay what they were before streams existed.
+STREAM_PREDICTION_SCHEMA = pa.schema([*PREDICTION_SCHEMA, ("stream", pa.string()),
+                                      ("position", pa.int64())])
+
 _GROUP_KEYS = ["method", "corruption", "severity", "step"]
 
 ACCURACY_SCHEMA = pa.schema([
@@ -80,6 +98,12 @@ ACCURACY_SCHEMA = pa.schema([
     ("correct", pa.int64()),
     ("accuracy", pa.float64()),
 ])
+
+# accuracy.parquet of a stream run: the same rows split by stream (sum over `stream` for the
+# per-(corruption, severity) numbers; a corruption appears in one continual/mixed stream per
+# severity, in one correlated stream per shard).
+STREAM_ACCURACY_SCHEMA = pa.schema([ACCURACY_SCHEMA.field("method"), ("stream", pa.string()),
+                                    *(f for f in ACCURACY_SCHEMA if f.name != "method")])
 
 
 def shard_name(uri: str) -> str:
@@ -178,9 +202,13 @@ def read_results(uri: str) -> Results:
         raise TTTPipeError(
             f"no predictions in {uri} (no {PREDICTIONS_DIR}/*.parquet); "
             "wait until the run finishes a shard, or check the folder")
-    predictions = pa.concat_tables([_read_predictions(f, uri) for f in files])
+    tables = [_read_predictions(f, uri) for f in files]
+    if any("stream" in t.column_names for t in tables):
+        tables = [t if "stream" in t.column_names else _with_stream_columns(t) for t in tables]
+    predictions = pa.concat_tables(tables)
     run = _read_run(storage.join(uri, RUN_FILE), uri)
-    done = [shard_name(f) for f in files]
+    streams = run.get("streams") or {}
+    done = [name for f in files for name in streams.get(shard_name(f), [shard_name(f)])]
     done_set = set(done)
     asked = [shard_name(s) for s in run.get("shards", [])]
     missing = sorted(dict.fromkeys(s for s in asked if s not in done_set))
@@ -204,10 +232,17 @@ def _read_predictions(uri: str, results_uri: str) -> pa.Table:
         raise TTTPipeError(
             f"predictions {uri} lack column(s) {', '.join(missing)}; it was not written by "
             "ttt-pipe adapt (delete it and rerun)")
+    schema = STREAM_PREDICTION_SCHEMA if "stream" in table.column_names else PREDICTION_SCHEMA
     try:
-        return table.select(PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA)
+        return table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise TTTPipeError(f"predictions {uri} have wrong column types ({exc}); delete it and rerun") from None
+
+
+def _with_stream_columns(table: pa.Table) -> pa.Table:
+    """An iid file's rows in a folder with stream files: stream = the shard, no position."""
+    return table.append_column("stream", table.column("shard")).append_column(
+        "position", pa.nulls(table.num_rows, pa.int64()))
 
 
 def _read_run(uri: str, results_uri: str) -> dict:
@@ -245,8 +280,31 @@ def summarize_predictions(pred: pa.Table, shard: str, steps: int) -> dict:
             "groups": groups}
 
 
-def accuracy_from_summaries(summaries) -> pa.Table:
-    """`accuracy_table` of all predictions, computed from their shards' summaries alone."""
+def summarize_stream(pred: pa.Table, stream: str, steps: int) -> dict:
+    """A stream's summary (JSON-able), after checking exactly one row per (shard, sample, step).
+
+    A stream holds several shards, and the same sample id under several corruptions, so the
+    check runs per shard (`summarize_predictions`). `shards`: {shard name: samples}; `groups`
+    as there, summed over the stream's shards.
+    """
+    names = pred.column("shard")
+    shards: dict[str, int] = {}
+    groups: list[list] = []
+    for name in sorted(names.unique().to_pylist()):
+        part = summarize_predictions(pred.filter(pc.equal(names, name)), name, steps)
+        shards[name] = part["samples"]
+        groups.extend(part["groups"])
+    return {"stream": stream, "rows": pred.num_rows, "samples": sum(shards.values()),
+            "steps": steps, "shards": shards, "groups": groups}
+
+
+def accuracy_from_summaries(summaries, by_stream: bool = False) -> pa.Table:
+    """`accuracy_table` of all predictions, computed from their shards' summaries alone.
+
+    `by_stream`: STREAM_ACCURACY_SCHEMA, the same counts split by each summary's `stream`.
+    """
+    if by_stream:
+        return _accuracy_by_stream(summaries)
     totals: dict[tuple, list] = {}
     for summary in summaries:
         for *key, n, labelled, correct in summary["groups"]:
@@ -262,3 +320,16 @@ def accuracy_from_summaries(summaries) -> pa.Table:
                for i, name in enumerate(_GROUP_KEYS)]
     return _accuracy(columns, *(pa.array([totals[k][i] for k in keys], pa.int64())
                                 for i in range(3)))
+
+
+def _accuracy_by_stream(summaries) -> pa.Table:
+    parts = []
+    for summary in sorted(summaries, key=lambda x: x.get("stream", x.get("shard"))):
+        table = accuracy_from_summaries([summary])
+        stream = pa.array([summary.get("stream", summary.get("shard"))] * table.num_rows, pa.string())
+        parts.append(table.add_column(1, STREAM_ACCURACY_SCHEMA.field("stream"), stream))
+    if not parts:
+        return STREAM_ACCURACY_SCHEMA.empty_table()
+    table = pa.concat_tables(parts)
+    keys = ["method", "stream", "corruption", "severity", "step"]
+    return table.sort_by([(k, "ascending") for k in keys])

@@ -29,6 +29,13 @@ class Protocol(str, Enum):
     per_sample = "per-sample"
 
 
+class Stream(str, Enum):
+    iid = "iid"
+    continual = "continual"
+    mixed = "mixed"
+    correlated = "correlated"
+
+
 def _positive(value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise typer.BadParameter(f"must be > 0, got {value}")
@@ -98,8 +105,8 @@ def adapt_with_progress(request):
             tasks["samples"] = bar.add_task("samples", total=sum(s.samples for s in plan.shards),
                                             completed=sum(s.samples for s in done))
 
-        def on_shard_done(summary: dict) -> None:
-            bar.advance(tasks["shards"])
+        def on_shard_done(summary: dict) -> None:  # a stream's summary counts its shards
+            bar.advance(tasks["shards"], len(summary["shards"]) if "stream" in summary else 1)
             bar.advance(tasks["samples"], summary["samples"])
 
         return run_adapt(request, on_plan=on_plan, on_shard_done=on_shard_done)
@@ -171,6 +178,25 @@ def command(
     address: Annotated[str | None, typer.Option(
         help="Ray cluster: auto, host:port, ray://host:10001, or http://head:8265 to submit a "
         "job [default: a local Ray for this command]", show_default=False)] = None,
+    stream: Annotated[Stream, typer.Option(
+        case_sensitive=False, help="Evaluation stream, the unit one actor runs start to end: iid "
+        "(each shard alone), continual (one stream per severity, its corruptions in --order, "
+        "state carried; online unless --mode), mixed (all corruptions of a severity shuffled "
+        "together), correlated (each shard label-sorted, Dirichlet --dirichlet).")] = Stream.iid,
+    order: Annotated[str | None, typer.Option(
+        help="continual: comma list of corruptions in stream order [default: the suite's "
+        "standard order, ImageNet-C's for RGB]", show_default=False)] = None,
+    reset: Annotated[str | None, typer.Option(
+        help="When the engine is reset inside a stream (online): never, domain (at each domain "
+        "boundary of a continual stream) or every:N (batches) [default: never; every stream "
+        "starts fresh]", show_default=False)] = None,
+    dirichlet: Annotated[float | None, typer.Option(
+        min=0.0, help="Label-correlated order with Dirichlet concentration δ (small: long runs "
+        "of a class; 0: sorted by label) for correlated [default 0.1], continual (per domain) or "
+        "mixed; needs labels.", show_default=False)] = None,
+    save_adapted: Annotated[str | None, typer.Option(
+        help="Folder: the weights each online stream ends with, one checkpoint per stream "
+        "(DIR/<stream>/).", show_default=False)] = None,
 ) -> None:
     """Adapt every shard with a test-time method (--method) on a pool of Ray actors; write per-sample predictions
     (every step 0..K; step 0 is the unadapted baseline) and accuracy.parquet to OUT."""
@@ -184,7 +210,9 @@ def command(
                          method=method, trust_model=trust_model,
                          episodes=episodes, protocol=protocol, copies=copies, gate=gate,
                          method_config=method_config, fisher_data=fisher_data,
-                         fisher_samples=fisher_samples, data_dir=data_dir)
+                         fisher_samples=fisher_samples, data_dir=data_dir,
+                         stream=stream, order=order, reset=reset, dirichlet=dirichlet,
+                         save_adapted=save_adapted)
         raise typer.Exit(code=submit_job(address, argv, out=sys.stdout))
     request = AdaptRequest(checkpoint=checkpoint, shards=shards, out=out, steps=steps, lr=lr,
                            batch_size=batch_size, mode=mode.value if mode else None, actors=actors,
@@ -193,15 +221,17 @@ def command(
                            episodes=episodes, protocol=protocol.value, copies=copies,
                            gate=gate.value if gate else None, method_config=method_config,
                            fisher_data=fisher_data, fisher_samples=fisher_samples,
-                           data_dir=data_dir)
+                           data_dir=data_dir, stream=stream.value, order=order,
+                           reset=reset, dirichlet=dirichlet, save_adapted=save_adapted)
     outcome = adapt_with_progress(request)
     plan = outcome.plan
-    skipped = len(plan.shards) - len(outcome.shard_summaries)
+    skipped = sum(1 for x in plan.shards if x.done)
     s = plan.settings
     console.print(accuracy_rich_table(
         outcome.accuracy, title=f"{s.method}: accuracy (%) before and after {s.steps} step(s), "
         f"lr {s.lr:g}, batch {s.batch_size}, {s.mode}"
-        f"{f', per-sample x{s.copies}' if s.protocol == 'per-sample' else ''}"))
+        f"{f', per-sample x{s.copies}' if s.protocol == 'per-sample' else ''}"
+        f"{f', {plan.stream.stream} stream(s)' if plan.stream.stream != 'iid' else ''}"))
     pool = (f", {outcome.timings.get('actors_ready', outcome.pool.actors)} actor(s)"
             if outcome.pool else "")
     err_console.print(

@@ -112,7 +112,7 @@ def test_process_writes_settings_metadata_and_nothing_else(ttt_checkpoint, shard
     assert cost["shard"] == summary["shard"] and cost["samples"] == summary["samples"]
     assert cost["method"] == "ttt" and cost["device"] == "cpu" and cost["memory"] == "cpu_max_rss"
     assert 0 < cost["adapt_s"] < 60 and cost["peak_bytes"] >= cost["base_bytes"] > 10 * 2**20
-    assert cost["actor"] == f"local:{worker.pid}"
+    assert cost["actor"] == f"{worker.node or 'local'}:{worker.pid}"  # a node id once Ray is up
 
 
 # --- validation before any Ray work -----------------------------------------------------
