@@ -294,6 +294,25 @@ def print_tables(res: dict, methods: list[str], protocols: list[str], names: lis
             means = [np.mean([r[n] for n in names]) for r in runs]
             cells = [_cell([r[n] for r in runs]) for n in names]
             print(f"| {m} | {res['batch_size'][m]} | {_cell(means)} | " + " | ".join(cells) + " |")
+        noise_check(res, protocol, names)
+
+
+NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
+
+
+def noise_check(res: dict, protocol: str, names: list[str]) -> None:
+    """Every published table has BN-adapt and Tent above the source model on the noises: say
+    per training seed whether that holds here."""
+    for m in ("norm", "tent"):
+        for n in (c for c in NOISE if c in names):
+            pairs = [(res["runs"].get(f"{m}/{protocol}/{s}"), res["runs"].get(f"source/{protocol}/{s}"))
+                     for s in res["seeds"]]
+            if any(a is None or b is None for a, b in pairs):
+                continue
+            gains = [a[n] - b[n] for a, b in pairs]
+            verdict = "beats" if min(gains) > 0 else "does NOT beat"
+            print(f"  {m} {verdict} source on {n} on every seed "
+                  f"(gain {' / '.join(f'{g:+.1f}' for g in gains)})")
 
 
 if __name__ == "__main__":

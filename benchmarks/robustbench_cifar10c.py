@@ -28,7 +28,7 @@ source 43.5, BN adapt 20.4 and CoTTA 16.2 on the same protocol.
 
 --smoke checks the plumbing end to end, not the numbers: a randomly initialised model (no
 --weights), `--limit 2` rows per corruption, batches of 2, CoTTA with 2 augmentations instead
-of 32 (its default costs 33 WRN forwards per batch).
+of 32 (its default costs 33 WRN forwards per batch), EATA's Fisher from 4 clean images.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ PUBLISHED = {"source": 43.5, "norm": 20.4, "tent": 20.0, "eata": 17.9, "sar": 20
              "cotta": 16.5}
 DEFAULT_METHODS = ("source", "norm", "tent", "eata", "sar", "cotta")
 FISHER_N, FISHER_SEED = 2000, 0
-SMOKE = {"limit": 2, "batch_size": 2, "cotta_n_aug": 2}
+SMOKE = {"limit": 2, "batch_size": 2, "cotta_n_aug": 2, "fisher_n": 4}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None,
                     help="first N rows of each corruption (default all 10000)")
     ap.add_argument("--smoke", action="store_true",
-                    help="random init, --limit 2, batch 2, CoTTA 2 augmentations (plumbing only)")
+                    help="random init, --limit 2, batch 2, CoTTA 2 augmentations, Fisher from 4 "
+                         "images (plumbing only)")
     ap.add_argument("--seed", type=int, default=0, help="the engines' seed (and smoke init)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -143,7 +144,8 @@ def fisher_batches(args, batch_size: int) -> list[torch.Tensor]:
     from pipeline.datasets import load_split
 
     train = load_split("cifar10", "train", data_dir=args.cifar10_dir)
-    rows = np.random.default_rng(FISHER_SEED).permutation(len(train))[:FISHER_N]
+    count = SMOKE["fisher_n"] if args.smoke else FISHER_N
+    rows = np.random.default_rng(FISHER_SEED).permutation(len(train))[:count]
     return list((torch.from_numpy(train.images[np.sort(rows)]).float() / 255.0).split(batch_size))
 
 
