@@ -59,6 +59,7 @@ METHODS = ("source", "norm", "tent", "eata", "sar", "cotta", "lame", "memo", "tt
 JOINT = ("ttt", "it3")  # methods that adapt their own joint checkpoint
 CORRUPTION_SEED, SUBSET_SEED, FISHER_SEED, FISHER_N = 0, 0, 0, 2000
 CACHE = CACHE_ROOT / "bench" / "baselines"
+MEMO_REF = "source@memo-rows"  # the source model on the rows memo ran on
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -220,7 +221,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.tables:
         res = merge(args.tables.split(","))
-        methods = [m for m in METHODS if any(k.startswith(f"{m}/") for k in res["runs"])]
+        methods = [m for m in (*METHODS, MEMO_REF) if any(k.startswith(f"{m}/") for k in res["runs"])]
         protocols = [p for p in ("iid", "continual") if any(f"/{p}/" in k for k in res["runs"])]
         print_tables(res, methods, protocols, res["corruptions"])
         return res
@@ -268,8 +269,15 @@ def main(argv=None) -> dict:
                 res["seconds"][f"{method}/{protocol}/{seed}"] = sec
                 print(f"  seed {seed} {method:6s} {protocol:9s} mean {np.mean(list(acc.values())):6.2f}"
                       f"  ({sec:.1f} s, {1e3 * sec / n:.2f} ms/image)", flush=True)
+                if method == "memo":  # the unadapted model on memo's rows, to compare with
+                    ref = evaluate("source", make_engine("source", source, joint, spec, train, seed),
+                                   sets, protocol, limit)
+                    res["runs"][f"{MEMO_REF}/{protocol}/{seed}"] = ref
+                    res["batch_size"][MEMO_REF] = engine.config.batch_size
                 if args.json:
                     Path(args.json).write_text(json.dumps(res, indent=1))
+    if "memo" in methods:
+        methods = [*methods, MEMO_REF]
     print_tables(res, methods, protocols, names)
     return res
 
