@@ -3,7 +3,9 @@ grayscale corruption suite (mnist-c, 16 corruptions) at one severity, i.i.d. and
 mean ± sd over training seeds, beside the unadapted source model. In-process: pipeline +
 engines, no Ray.
 
-    nice -n 10 .venv/bin/python benchmarks/baselines.py                    # the README table
+    nice -n 10 .venv/bin/python benchmarks/baselines.py                    # everything, all rows
+    # the README table ran in four parts (500-row subset) merged with --tables: see
+    # benchmarks/README.md, "Baselines on Fashion-MNIST (seed_cnn_bn)"
     .venv/bin/python benchmarks/baselines.py --methods source,norm,tent --seeds 0 --limit-test 1000
     .venv/bin/python benchmarks/baselines.py --measure-cost               # seconds per cell
 
