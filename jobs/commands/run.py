@@ -142,9 +142,11 @@ def command(
         help="Folder with the dataset's files (default: search; see 'ttt-pipe corrupt --help').",
         show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
-        help="Zoo model (default: the method's seed net, seed_cnn for ttt and seed_rescnn for "
-             "it3, for images up to 64 px: mnist, fashion-mnist, cifar10, cifar100; resnet18 "
-             "for larger ones). E.g. resnet26 for the TTT paper's CIFAR network.",
+        help="Zoo model or package.module:factory, for every method of the run (default: the "
+             "method's seed net, seed_cnn for ttt, seed_rescnn for it3 and seed_cnn_bn for the "
+             "source checkpoint of the other methods, for images up to 64 px: mnist, "
+             "fashion-mnist, cifar10, cifar100; resnet18 for larger ones). E.g. resnet26 for "
+             "the TTT paper's CIFAR network.",
         show_default=False)] = None,
     model_kwargs: Annotated[str | None, typer.Option(
         help="""JSON object of extra model kwargs, e.g. '{"norm": "batch"}' (as 'ttt-pipe train').""",
