@@ -77,6 +77,9 @@ class EngineConfig:
         "adapt_params": ADAPT_PARAMS, "optimizer": OPTIMIZERS, "mode": MODES,
         "gate": GATES}
     requires_layer: ClassVar[bool] = True  # False: a method with no auxiliary part
+    # Named settings that stay fixed when the defaults move: name -> every field it pins
+    # (written out in full, so a later change of a default cannot leak into a preset).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -117,6 +120,15 @@ class EngineConfig:
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> EngineConfig:
+        """The named preset (`presets[name]`), then `changes`; an unknown name raises with the
+        valid ones."""
+        if name not in cls.presets:
+            valid = ", ".join(sorted(cls.presets)) or "none"
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from: {valid}")
+        return cls(**{**cls.presets[name], **changes})
+
 
 @dataclass(frozen=True)
 class TTTConfig(EngineConfig):
@@ -147,6 +159,22 @@ class TTTConfig(EngineConfig):
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         **EngineConfig.choices, "rotations": ("all", "rand")}
+    # "seeds": the torch-ttt MNIST tutorial's TTT, as the seeds ran it (the reference a torch-ttt
+    # user compares with; tests/jobs/test_seed_protocol.py builds its checkpoints from it).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"seeds": {
+        "layer": "fc2", "aux_weight": 0.35, "adapt_params": "model", "steps": 3, "lr": 1e-2,
+        "optimizer": "adam", "batch_size": 32, "mode": "episodic", "adam_eps": 1e-8,
+        "gate": "none", "train_epochs": 1, "train_batch_size": 64, "train_lr": 1e-2,
+        "rotations": "all"}}
+
+
+_IT3_SEEDS: dict[str, Any] = {
+    "layer": "fc1", "aux_weight": 2.0, "variant": "paper", "distance": "js", "null": "zeros",
+    "detach_target": False, "embedder": "channel", "train_distance": "dot", "hint_wrong": 0.0,
+    "hint_self": 1.0, "hint_dropout": 0.5, "hint_dropout_mode": "fixed", "hint_shift": 0,
+    "adapt_params": "model", "steps": 3, "lr": 4e-4, "optimizer": "adam", "batch_size": 256,
+    "mode": "episodic", "adam_eps": 1e-8, "gate": "none", "train_epochs": 2,
+    "train_batch_size": 256, "train_lr": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -215,16 +243,21 @@ class IT3Config(EngineConfig):
         "embedder": ("channel", "full"),
         "hint_dropout_mode": ("fixed", "uniform"),
     }
+    # "seeds": the setting the seeds' protocol record (tests/data/seed_protocol.json) and the
+    # IT3 figures of benchmarks/README.md were made with; "tutorial": `tutorial()`.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "seeds": _IT3_SEEDS,
+        "tutorial": {**_IT3_SEEDS, "variant": "torch_ttt", "layer": "conv1", "distance": "dot",
+                     "train_distance": "", "hint_wrong": 0.0, "hint_self": 0.0,
+                     "hint_dropout": 0.0, "steps": 1, "lr": 1e-3, "aux_weight": 1.0},
+    }
 
     @classmethod
     def tutorial(cls, **changes: Any) -> IT3Config:
         """The torch-ttt IT3 tutorial's setting (torch_ttt variant, conv1, dot distance, no
-        hint options, aux_weight 1, 1 step of Adam 1e-3 on every model parameter), then `changes`."""
-        base: dict[str, Any] = {
-            "variant": "torch_ttt", "layer": "conv1", "distance": "dot", "train_distance": "",
-            "hint_wrong": 0.0, "hint_self": 0.0, "hint_dropout": 0.0, "adapt_params": "model",
-            "steps": 1, "lr": 1e-3, "aux_weight": 1.0}
-        return cls(**{**base, **changes})
+        hint options, aux_weight 1, 1 step of Adam 1e-3 on every model parameter), then `changes`
+        (the preset "tutorial")."""
+        return cls.preset("tutorial", **changes)
 
     def __post_init__(self) -> None:
         super().__post_init__()

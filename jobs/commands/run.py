@@ -125,6 +125,9 @@ def command(
     actors: Annotated[int | None, typer.Option(
         min=1, help="Adaptation actors (default: as many as fit).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for training and corruptions.")] = 0,
+    preset: Annotated[str | None, typer.Option(
+        help="Train (and so adapt) with a named setting instead of the defaults: 'seeds' = the "
+             "seeds' protocol (torch-ttt's tutorial numbers).", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster to attach to (auto, ray://host:10001); default: a local Ray. Paths "
         "must then be on storage every node can read.", show_default=False)] = None,
@@ -157,7 +160,8 @@ def command(
     parse_severities(severities)
     specs = {m: resolve_spec(m, dataset, storage.join(out, "checkpoints", m),
                              model=model or default_model(m, get_dataset(dataset)), epochs=epochs,
-                             limit=train_limit, seed=seed, data_dir=data) for m in methods}
+                             limit=train_limit, seed=seed, data_dir=data, preset=preset)
+             for m in methods}
     for split in ("train", "test"):  # unreadable files fail here, before anything is written
         next(iter_split(dataset, split, data, batch=1, rows=slice(0, 1)), None)
     shards = storage.join(out, "shards")
