@@ -239,7 +239,8 @@ def choice_path(out: str, method: str) -> Path:
 def report(args) -> None:
     from _common import apply_sets
     method = args.method
-    config = engines.get_engine(method).config_cls()
+    cls = engines.get_engine(method).config_cls
+    config = cls.preset(args.preset) if args.preset else cls()
     if args.from_choice:
         config = config.replace(**json.loads(choice_path(args.out, method).read_text()))
     config = apply_sets(config, args.set)
@@ -343,6 +344,7 @@ def main(argv=None) -> None:
                     help="report: a test-time config field (default: the config's defaults)")
     ap.add_argument("--from-choice", action="store_true",
                     help="report: the settings `validate` chose (gains-choice-METHOD.json in --out)")
+    ap.add_argument("--preset", default="", help="report: start from a named preset (e.g. seeds)")
     ap.add_argument("--corruptions", default="", help="report: a subset (default: the suite)")
     ap.add_argument("--tag", default="defaults", help="report: name of the output file")
     ap.add_argument("--out", default=os.path.expanduser("~/.cache/ttt-pipe/bench"),

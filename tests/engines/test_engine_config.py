@@ -85,7 +85,7 @@ def test_adam_eps_sets_the_size_of_the_first_step(name, make_engine, batch, stat
     x, _ = batch
     moves = {}
     for eps in (1e-8, 1e3):
-        engine = make_engine(name, adam_eps=eps, lr=1e-2, mode="online")
+        engine = make_engine(name, adam_eps=eps, lr=1e-2, mode="online", optimizer="adam")
         engine.eval()
         before = state_of(engine.model)
         engine.adapt(x, steps=1)
