@@ -13,11 +13,11 @@ The protocol, fixed before any number was looked at:
   validation images, clean and corrupted with the grayscale suite's VALIDATION corruptions
   (speckle_noise, gaussian_blur, contrast, stretch: one per family, none of them reported; as
   ImageNet-C keeps speckle_noise, gaussian_blur, spatter, saturate for tuning) at severities
-  3 and 5 (where the losses are). A grid of test-time settings (optimizer x lr x adapted parameters; steps 0..5 and
-  the gate come free from one anytime run). A setting is admissible when no validation cell
-  loses more than 1 point and clean loses at most 0.5; the default is the admissible setting
-  of highest mean gain (ties: fewer steps, then the earlier grid row); if none is admissible,
-  the one whose worst cell is highest.
+  3 and 5 (where the losses are). A grid of test-time settings (`GRID`: optimizer x lr x
+  adapted parameters; steps 1..5 and the gate come free from one anytime run). A setting is
+  admissible when no validation cell loses more than 1 point and clean loses at most 0.5; the
+  default is the admissible setting of highest mean gain (ties: fewer steps, then the earlier
+  grid row, then no gate); if none is admissible, the one whose worst cell is highest.
   The joint-training choices (layer, aux weight, recipe) are not in the grid: each would need
   a retrained model per point, beyond this machine's budget; they stay as they are.
 - **Reporting** (`report`): training seeds 21, 22, 23 x corruption seeds 101, 102 (none of them
