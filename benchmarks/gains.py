@@ -61,6 +61,7 @@ VALIDATION_SEVERITIES = (3, 5)
 REPORT_SEVERITIES = (1, 2, 3, 4, 5)
 MAX_STEPS = 5
 T_975_DF5 = 2.5706                     # Student t, 97.5 % quantile, 5 degrees of freedom
+T_975_DF2 = 4.3027                     # ... 2 degrees of freedom (clean: 3 training seeds)
 # (optimizer, lr) pairs x adapted parameters. SGD's (momentum 0.9) first step is lr * g, Adam's
 # ~lr * sign(g): their lr scales differ, so each optimizer has its own range. Measured on the
 # choosing models (first step on 1 batch of speckle_noise s5 validation images, L2 norm):
@@ -278,8 +279,12 @@ def summarize(record: dict) -> None:
     keys = [k for k in runs[0] if k != "identity/0"]
     gain = np.array([[r[k]["acc"][-1] - r[k]["acc"][0] for k in keys] for r in runs])  # (R, cells)
     base = np.array([[r[k]["acc"][0] for k in keys] for r in runs])
-    clean = np.array([r["identity/0"]["acc"][-1] - r["identity/0"]["acc"][0] for r in runs])
+    # clean images do not depend on the corruption seed: one value per training seed
+    clean = np.array([run["identity/0"]["acc"][-1] - run["identity/0"]["acc"][0]
+                      for key, run in record["runs"].items()
+                      if key.endswith(f"/{REPORT_CORRUPTION_SEEDS[0]}")])
     half = T_975_DF5 / np.sqrt(len(runs)) if len(runs) == 6 else float("nan")
+    half_clean = T_975_DF2 / np.sqrt(len(clean)) if len(clean) == 3 else float("nan")
     per_run = gain.mean(1)
     cell_mean = gain.mean(0)
     cfg = record["config"]
@@ -292,8 +297,10 @@ def summarize(record: dict) -> None:
           f"{', '.join(f'{v:+.2f}' for v in per_run)}")
     print(f"cells whose mean gain < -1: {int((cell_mean < -1).sum())} "
           f"({', '.join(f'{k} {v:+.1f}' for k, v in zip(keys, cell_mean) if v < -1) or 'none'})")
-    print(f"clean change: {clean.mean():+.2f} (95 % CI {clean.mean() - half * clean.std(ddof=1):+.2f}"
-          f" .. {clean.mean() + half * clean.std(ddof=1):+.2f}); unadapted clean "
+    print(f"clean change: {clean.mean():+.2f} (95 % CI over the 3 training seeds "
+          f"{clean.mean() - half_clean * clean.std(ddof=1):+.2f} .. "
+          f"{clean.mean() + half_clean * clean.std(ddof=1):+.2f}; per seed "
+          f"{', '.join(f'{v:+.2f}' for v in clean)}); unadapted clean "
           f"{np.mean([r['identity/0']['acc'][0] for r in runs]):.1f} %")
     names = sorted({k.split("/")[0] for k in keys})
     print("\n| corruption | unadapted % s1..s5 | gain s1 | s2 | s3 | s4 | s5 |\n|---|---|---|---|---|---|---|")
