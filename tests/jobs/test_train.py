@@ -178,3 +178,10 @@ def test_trainer_resources():
         plan_trainer(None, 0, 2, local=True, cpus=4)
     with pytest.raises(TTTPipeError, match="--cpus must be a number >= 1"):
         resolve_spec("ttt", "mnist", "ck", cpus=0.5)
+
+
+def test_unknown_preset_is_a_one_line_error(idx_dir, tmp_path):
+    result = _train(idx_dir, tmp_path / "ckpt", "--preset", "nope")
+    assert result.exit_code != 0
+    assert "--preset: unknown TTTConfig preset 'nope'; choose from: seeds" in _error_line(result)
+    assert not (tmp_path / "ckpt").exists()
