@@ -99,6 +99,17 @@ def _config_cls(method: str):
     return _engine_cls(method).config_cls
 
 
+def _base_config(method: str, preset: str | None):
+    """The method's default config, or its named preset (one-line error naming the valid ones)."""
+    config_cls = _config_cls(method)
+    if preset is None:
+        return config_cls()
+    try:
+        return config_cls.preset(preset)
+    except ValueError as exc:
+        raise TTTPipeError(f"--preset: {exc}") from None
+
+
 def _local_abspath(uri: str | None) -> str | None:
     # Actors may run in another working directory: pin local paths before they travel.
     if uri is None or storage.is_uri(uri):
@@ -116,8 +127,10 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
                  schedule: str | None = None, augment: str | None = None,
                  precision: str | None = None, val_fraction: float | None = None,
                  image_size: int | None = None, init: str | None = None,
-                 train: str | None = None) -> TrainSpec:
-    """Fill in the method's defaults (its config class, the seed tutorials) and check every value.
+                 train: str | None = None, preset: str | None = None) -> TrainSpec:
+    """Fill in the method's defaults (its config class, or its named `preset`, e.g. "seeds")
+    and check every value. The config, test-time fields included, goes into the checkpoint, so
+    `adapt` on it runs the preset's settings unless told otherwise.
 
     With `init` the model, dataset and image size come from that checkpoint
     (pipeline.training.resolve_init; `model`, `model_kwargs`, `normalize`, `image_size` and
@@ -162,7 +175,8 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
         raise TTTPipeError(f"--lr must be a positive number, got {lr!r}")
     from pipeline.training import resolve_recipe
 
-    recipe = resolve_recipe(ds.name, method_lr=_config_cls(method)().train_lr if lr is None else lr,
+    base = _base_config(method, preset)
+    recipe = resolve_recipe(ds.name, method_lr=base.train_lr if lr is None else lr,
                             optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
                             schedule=schedule, augment=augment, precision=precision,
                             val_fraction=val_fraction, image_shape=ds.image_shape)
@@ -177,16 +191,17 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
         raise TTTPipeError(f"--cpus must be a number >= 1, got {cpus!r}")
     if not str(out).strip():
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. runs/ttt-ckpt")
-    config_cls = _config_cls(method)
     check_model = layer_check_model(model_spec, trusted)  # zoo: on the meta device
-    layer = layer_for(model, method, layer, check_model) if config_cls.requires_layer else None
+    config_cls = _config_cls(method)
+    layer = (layer_for(model, method, layer or (base.layer if preset else None), check_model)
+             if config_cls.requires_layer else None)
     changes = {"seed": int(seed)}
     for key, value in (("train_epochs", epochs), ("train_batch_size", batch_size), ("train_lr", recipe.lr),
                        ("aux_weight", aux_weight), ("layer", layer)):
         if value is not None:
             changes[key] = value
     try:
-        config = config_cls(**changes)
+        config = base.replace(**changes)
         if config.layer:
             engines.find_module(check_model, config.layer)  # a bad --layer fails before Ray
     except (TypeError, ValueError) as exc:

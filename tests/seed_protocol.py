@@ -3,12 +3,15 @@
 ``python tests/seed_protocol.py`` (run with main at 2fc45bf on PYTHONPATH, before the
 arbitrary-shape changes) wrote ``tests/data/seed_protocol.json``; the test
 ``tests/jobs/test_seed_protocol.py`` recomputes the same with the current code and asserts
-identical predictions. Only APIs that exist at 2fc45bf are used here.
+identical predictions. The checkpoints are built from the engines' "seeds" preset
+(`TTTConfig.preset("seeds")`, `IT3Config.preset("seeds")`: the settings of 2fc45bf, written out
+in full), so the record holds whatever the defaults become.
 
 What runs: the ``idx_dir`` mnist data of tests/conftest.py (64 train, 32 test images),
 ``make_shards(..., "gaussian_noise", "5", shard_size=16, seed=0)`` (identity + gaussian
 noise s5, two shards each), seed_cnn trained jointly for 3 epochs with TTT and with IT3
-(``tests/jobs/adapt_fixtures.train_tiny_checkpoint``), then every shard adapted episodically
+(``tests/jobs/adapt_fixtures.train_tiny_checkpoint(..., preset="seeds")``), then every shard
+adapted episodically
 (2 steps, lr 1e-2, batch 6) with ``jobs.shard_worker.predict_shard``, one torch thread.
 """
 
@@ -29,8 +32,9 @@ sys.path[:0] = [str(HERE), str(HERE / "jobs")]
 RECORD = HERE / "data" / "seed_protocol.json"
 METHODS = ("ttt", "it3")
 STEPS, LR, BATCH = 2, 1e-2, 6
+PRESET = "seeds"
 
-__all__ = ["RECORD", "METHODS", "compute_predictions"]
+__all__ = ["RECORD", "METHODS", "PRESET", "compute_predictions"]
 
 
 def compute_predictions(root: Path) -> dict:
@@ -54,7 +58,7 @@ def compute_predictions(root: Path) -> dict:
                     shard_size=16, seed=0)
         out: dict = {}
         for method in METHODS:
-            uri = train_tiny_checkpoint(root / "ckpt" / method, root / "idx", method)
+            uri = train_tiny_checkpoint(root / "ckpt" / method, root / "idx", method, preset=PRESET)
             ckpt = load_checkpoint(uri)
             engine = build_engine_from_checkpoint(ckpt)
             engine.eval()

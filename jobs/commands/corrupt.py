@@ -10,7 +10,7 @@ import typer
 
 from jobs.commands import DATASET_HELP, check_dataset, command_argv
 from jobs.console import cli_errors, console, run_with_bar
-from pipeline.corruptions import list_corruptions
+from pipeline.corruptions import list_corruptions, list_validation_corruptions
 from pipeline.corruptions.suites import suite_names
 from pipeline.datasets import CACHE_ROOT
 from pipeline.shard_maker import DEFAULT_SHARD_SIZE
@@ -36,9 +36,10 @@ def command(
              "needed. It may hold shards of an identical earlier run (overwritten), no others.",
         show_default=False)],
     corruptions: Annotated[str, typer.Option(
-        help="Comma-separated corruptions, or 'all' ('common' = the 15, 'validation' = the 4 "
-             "for RGB data). The suite follows the data: grayscale -> mnist-c: "
-             f"{', '.join(list_corruptions(include_identity=True))}; RGB -> imagenet-c: "
+        help="Comma-separated corruptions, or 'all' ('common' = the 15 for RGB data; "
+             "'validation' = the 4 kept for tuning, never in 'all'). The suite follows the data: "
+             f"grayscale -> mnist-c: {', '.join(list_corruptions(include_identity=True))} "
+             f"(validation: {', '.join(list_validation_corruptions())}); RGB -> imagenet-c: "
              f"{', '.join(suite_names('imagenet-c'))}.")] = "all",
     severities: Annotated[str, typer.Option(
         help="Comma-separated severities 1-5 (or 'all'); each corruption is written at each.",

@@ -48,6 +48,20 @@ def default_model(method: str, spec) -> str:
 _BOTH = ("ttt", "it3")  # `--method both`
 
 
+def _preset_for(method: str, preset: str | None, trained: list[str]) -> str | None:
+    """`--preset` goes to the checkpoints whose method has it (the seeds' protocol is TTT's and
+    IT3's; the shared source checkpoint has none); a preset no method of the run has is an error."""
+    import engines
+
+    if preset is None:
+        return None
+    have = [m for m in trained if preset in engines.get_engine(m).config_cls.presets]
+    if not have:
+        raise TTTPipeError(f"--preset {preset!r}: no method of this run has it "
+                           f"({', '.join(trained)}); the seeds preset is ttt's and it3's")
+    return preset if method in have else None
+
+
 def parse_run_methods(text: str) -> list[str]:
     """`--method` -> the methods in the order given, each once: a comma list of registered
     methods, `both` standing for ttt,it3. One-line error naming the valid ones."""
@@ -178,6 +192,9 @@ def command(
     actors: Annotated[int | None, typer.Option(
         min=1, help="Adaptation actors (default: as many as fit).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for training and corruptions.")] = 0,
+    preset: Annotated[str | None, typer.Option(
+        help="Train (and so adapt) with a named setting instead of the defaults: 'seeds' = the "
+             "seeds' protocol (torch-ttt's tutorial numbers).", show_default=False)] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster to attach to (auto, ray://host:10001); default: a local Ray. Paths "
         "must then be on storage every node can read.", show_default=False)] = None,
@@ -213,7 +230,8 @@ def command(
     specs = {m: resolve_spec(m, dataset, storage.join(out, "checkpoints", m),
                              model=model or default_model(m, ds), epochs=epochs,
                              limit=train_limit, seed=seed, data_dir=data, model_kwargs=model_kwargs,
-                             normalize=normalize, trust_model=trust_model, image_size=image_size)
+                             normalize=normalize, trust_model=trust_model, image_size=image_size,
+                             preset=_preset_for(m, preset, trained))
              for m in trained}
     for split in ("train", "test"):  # unreadable files fail here, before anything is written
         next(iter_split(dataset, split, data, batch=1, rows=slice(0, 1), image_size=image_size), None)

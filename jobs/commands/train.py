@@ -75,6 +75,10 @@ def command(
     aux_weight: float = typer.Option(None, help="Joint loss = CE + aux_weight * aux loss "
                                                 "(default: ttt 0.35, it3 1.0)."),
     limit: int = typer.Option(None, help="Train on the first N samples only."),
+    preset: str = typer.Option(None, help="A named setting instead of the method's defaults, kept "
+                                          "in the checkpoint for adapt: 'seeds' (ttt, it3: the "
+                                          "seeds' protocol, torch-ttt's tutorial numbers), "
+                                          "'tutorial' (it3). Other options override it."),
     seed: int = typer.Option(0, help="Seed of the initial weights and the shuffling."),
     gpus: float = typer.Option(None, help="GPUs for the trainer (default: 1 if the cluster has "
                                           "any, else CPU; 0 forces the CPU)."),
@@ -98,7 +102,7 @@ def command(
                         trust_model=trust_model, optimizer=optimizer, weight_decay=weight_decay,
                         momentum=momentum, schedule=schedule, augment=augment, precision=precision,
                         val_fraction=val_fraction, image_size=image_size, init=init,
-                        train=train.value)
+                        train=train.value, preset=preset)
     if is_job_address(address):
         argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -107,7 +111,8 @@ def command(
                      optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
                      schedule=schedule, augment=augment, precision=precision,
                      val_fraction=val_fraction, image_size=image_size, init=init,
-                     train=None if train is Scope.all else train)  # all: the default
+                     train=None if train is Scope.all else train,  # all: the default
+                     preset=preset)
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)

@@ -10,11 +10,11 @@ them (regenerate with `python -m pipeline.corruptions --markdown`).
 from __future__ import annotations
 
 # Registration happens on import, in this order (no directory scanning).
-from pipeline.corruptions import blur, geometric, noise, overlay  # noqa: F401
+from pipeline.corruptions import blur, geometric, noise, overlay, validation  # noqa: F401
 from pipeline.corruptions.core import (CORRUPTIONS, SEVERITIES, Corruption, corrupt,
-                                       get_corruption, list_corruptions, parse_corruptions,
-                                       parse_severities)
+                                       get_corruption, list_corruptions, list_validation_corruptions,
+                                       parse_corruptions, parse_severities)
 from pipeline.corruptions.markdown import markdown_table
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "Corruption", "corrupt", "get_corruption",
-           "list_corruptions", "parse_corruptions", "parse_severities", "markdown_table"]
+           "list_corruptions", "list_validation_corruptions", "parse_corruptions", "parse_severities", "markdown_table"]

@@ -20,7 +20,8 @@ from pipeline.errors import TTTPipeError
 
 __all__ = [
     "SEVERITIES", "IMAGE_SIZE", "Corruption", "CORRUPTIONS", "register", "corrupt",
-    "get_corruption", "list_corruptions", "parse_corruptions", "parse_severities",
+    "get_corruption", "list_corruptions", "list_validation_corruptions", "parse_corruptions",
+    "parse_severities",
     "sample_rngs", "draw",
 ]
 
@@ -40,6 +41,7 @@ class Corruption:
     summary: str
     clip: bool  # output clipped to [0, 1]
     random: bool  # draws from the per-sample generators
+    validation: bool = False  # held out for choosing settings, never reported (see register)
 
     @property
     def table(self) -> dict[str, tuple[float, ...]]:
@@ -60,21 +62,34 @@ class Corruption:
 CORRUPTIONS: dict[str, Corruption] = {}
 
 
-def register(name: str, summary: str, *, clip: bool = True, random: bool = True):
-    """Register `fn` under `name`; its parameters come from `SEVERITY_TABLE[name]`."""
+def register(name: str, summary: str, *, clip: bool = True, random: bool = True,
+             validation: bool = False):
+    """Register `fn` under `name`; its parameters come from `SEVERITY_TABLE[name]`.
+
+    validation=True marks a corruption kept for choosing settings (as ImageNet-C keeps
+    speckle_noise, gaussian_blur, spatter, saturate, Hendrycks & Dietterich 2019): it is left
+    out of `list_corruptions()` and therefore of "all", and is selected by name or "validation".
+    """
 
     def deco(fn: CorruptionFn) -> CorruptionFn:
         if name not in SEVERITY_TABLE or name not in MNIST_C:
             raise KeyError(f"corruption {name!r} has no row in pipeline/corruptions/table.py")
-        CORRUPTIONS[name] = Corruption(name, fn, summary, clip, random)
+        CORRUPTIONS[name] = Corruption(name, fn, summary, clip, random, validation)
         return fn
 
     return deco
 
 
-def list_corruptions(include_identity: bool = False) -> list[str]:
-    """Registered corruption names, sorted; `identity` only when asked for."""
-    return sorted(n for n in CORRUPTIONS if include_identity or n != "identity")
+def list_corruptions(include_identity: bool = False, include_validation: bool = False) -> list[str]:
+    """Registered corruption names, sorted: the reporting suite ("all"); `identity` and the
+    validation corruptions only when asked for."""
+    return sorted(n for n, c in CORRUPTIONS.items()
+                  if (include_identity or n != "identity") and (include_validation or not c.validation))
+
+
+def list_validation_corruptions() -> list[str]:
+    """The corruptions held out for choosing settings ("validation"), sorted."""
+    return sorted(n for n, c in CORRUPTIONS.items() if c.validation)
 
 
 def get_corruption(name: str) -> Corruption:
@@ -83,19 +98,22 @@ def get_corruption(name: str) -> Corruption:
     except KeyError:
         raise TTTPipeError(
             f"unknown corruption {name!r}; choose from: "
-            f"{', '.join(list_corruptions(include_identity=True))} (or 'all')"
+            f"{', '.join(list_corruptions(include_identity=True))} (or 'all'); for tuning: "
+            f"{', '.join(list_validation_corruptions())} (or 'validation')"
         ) from None
 
 
 def parse_corruptions(spec: str | Iterable[str]) -> list[str]:
-    """`"all"` -> every corruption except identity; `"a,b"` -> [a, b] (validated, de-duplicated)."""
+    """`"all"` -> the reporting suite (no identity, no validation corruption); `"validation"`
+    -> the validation corruptions; `"a,b"` -> [a, b] (validated, de-duplicated)."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
     names = [n for n in names if n]
     if not names:
         raise TTTPipeError("no corruption given; pass names like 'gaussian_noise,fog' or 'all'")
     out: list[str] = []
     for n in names:
-        chosen = list_corruptions() if n == "all" else [get_corruption(n).name]
+        chosen = (list_corruptions() if n == "all" else list_validation_corruptions()
+                  if n == "validation" else [get_corruption(n).name])
         out.extend(c for c in chosen if c not in out)
     return out
 

@@ -18,11 +18,12 @@ def markdown_table() -> str:
     """One table: a row per (corruption, parameter), values at severities 1..5."""
     head = ["corruption", "parameter", *map(str, SEVERITIES), "output", "MNIST-C setting", "what it does"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in list_corruptions(include_identity=True):
+    for name in list_corruptions(include_identity=True, include_validation=True):
         c = CORRUPTIONS[name]
         rows = list(c.table.items()) or [("-", ("-",) * len(SEVERITIES))]
         for i, (param, values) in enumerate(rows):
-            cells = [f"`{name}`", f"`{param}`" if param != "-" else param,
+            label = f"`{name}`" + (" (validation)" if c.validation else "")
+            cells = [label, f"`{param}`" if param != "-" else param,
                      *(_fmt(v) if param != "-" else v for v in values)]
             cells += [c.output_range, c.mnist_c, c.summary] if i == 0 else ["", "", ""]
             if i > 0:

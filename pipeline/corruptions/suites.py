@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.corruptions import imagenet_c
 from pipeline.corruptions.core import corrupt as _corrupt_mnist_c
 from pipeline.corruptions.core import list_corruptions as _mnist_c_names
+from pipeline.corruptions.core import list_validation_corruptions as _mnist_c_validation
 from pipeline.errors import TTTPipeError
 
 __all__ = ["SUITES", "suite_for", "suite_names", "parse_corruptions", "corrupt_batch",
@@ -48,31 +49,37 @@ def _check_suite(suite: str) -> str:
 
 
 def suite_names(suite: str) -> list[str]:
-    """Every corruption of `suite` except identity (mnist-c: sorted; imagenet-c: its 19 in order)."""
-    return _mnist_c_names() if _check_suite(suite) == "mnist-c" else list(imagenet_c.ALL)
+    """Every corruption of `suite` except identity (mnist-c: sorted, its validation corruptions
+    last; imagenet-c: its 19 in order)."""
+    if _check_suite(suite) == "mnist-c":
+        return _mnist_c_names() + _mnist_c_validation()
+    return list(imagenet_c.ALL)
 
 
 def _resolve(name: str, suite: str) -> list[str]:
     if suite == "mnist-c":
         if name == "all":
             return _mnist_c_names()
-        if name in ("common", "validation"):
-            raise TTTPipeError(f"'{name}' is an imagenet-c (RGB) selection; this data uses the mnist-c "
-                               "suite: pass 'all' or names like 'gaussian_noise,fog'")
-        if name == "identity" or name in _mnist_c_names():
+        if name == "validation":
+            return _mnist_c_validation()
+        if name == "common":
+            raise TTTPipeError("'common' is an imagenet-c (RGB) selection; this data uses the mnist-c "
+                               "suite: pass 'all', 'validation' or names like 'gaussian_noise,fog'")
+        if name == "identity" or name in suite_names("mnist-c"):
             return [name]
         if name in imagenet_c.ALL:
             raise TTTPipeError(f"{name!r} is an imagenet-c corruption that needs RGB images; this data is "
                                f"grayscale (mnist-c suite): choose from {', '.join(_mnist_c_names())}")
         raise TTTPipeError(f"unknown corruption {name!r}; the mnist-c suite has: "
-                           f"{', '.join(_mnist_c_names())} (or 'all')")
+                           f"{', '.join(_mnist_c_names())} (or 'all'); for tuning: "
+                           f"{', '.join(_mnist_c_validation())} (or 'validation')")
     selection = {"all": imagenet_c.ALL, "common": imagenet_c.COMMON,
                  "validation": imagenet_c.VALIDATION}
     if name in selection:
         return list(selection[name])
     if name == "identity" or name in imagenet_c.ALL:
         return [name]
-    if name in _mnist_c_names():
+    if name in suite_names("mnist-c"):
         raise TTTPipeError(f"{name!r} is an mnist-c (grayscale) corruption; this data is RGB (imagenet-c "
                            f"suite): choose from {', '.join(imagenet_c.ALL)} (or all/common/validation)")
     raise TTTPipeError(f"unknown corruption {name!r}; the imagenet-c suite has: {', '.join(imagenet_c.ALL)} "

@@ -45,6 +45,11 @@ SEVERITY_TABLE: dict[str, dict[str, tuple[float, ...]]] = {
                "span": (11, 17, 23, 23, 23)},
     "canny_edges": {"sigma": (1.0, 1.0, 1.0, 1.0, 1.0),
                     "blend": (0.2, 0.4, 0.6, 0.8, 1.0)},
+    # validation (pipeline/corruptions/validation.py): for choosing settings, never reported
+    "speckle_noise": {"std": (0.3, 0.45, 0.6, 0.8, 1.0)},
+    "gaussian_blur": {"sigma": (0.5, 0.75, 1.0, 1.25, 1.5)},
+    "contrast": {"factor": (0.4, 0.3, 0.2, 0.1, 0.05)},
+    "stretch": {"factor": (0.9, 0.8, 0.7, 0.6, 0.5)},
 }
 
 # MNIST-C's own (single) setting, in this table's terms.
@@ -66,4 +71,8 @@ MNIST_C: dict[str, str] = {
     "dotted_line": "1 line, 2 on / 2 off",
     "zigzag": "1 zigzag over columns 2-25 (span 23)",
     "canny_edges": "sigma 1, blend 1 (edges only)",
+    "speckle_noise": "not in MNIST-C (validation; ImageNet-C's speckle_noise)",
+    "gaussian_blur": "not in MNIST-C (validation; ImageNet-C's gaussian_blur)",
+    "contrast": "not in MNIST-C (validation; ImageNet-C's contrast factors 0.4..0.05)",
+    "stretch": "not in MNIST-C (validation; scale on one axis)",
 }

@@ -41,7 +41,10 @@ def episodes(batch) -> torch.Tensor:
     ("it3", {}), ("it3", {"variant": "torch_ttt", "lr": 1e-4}),
     ("it3", {"null": "learned", "adapt_params": "all"})])
 def test_equals_sequential_episodes(name, config, optimizer, make_engine, episodes, state_of):
-    engine = make_engine(name, steps=3, optimizer=optimizer, **config).eval()
+    # the adaptation itself, ungated (the gate has its own case), at the step size these cases
+    # were written for (IT3's Adam 4e-4: a 25x larger sign step amplifies rounding past ATOL)
+    pinned = {"gate": "none", **({"lr": 4e-4} if name == "it3" else {})}
+    engine = make_engine(name, steps=3, optimizer=optimizer, **{**pinned, **config}).eval()
     before = state_of(engine)
     batched = engine.adapt_episodes(episodes)
     assert batched_refusal(engine) is None

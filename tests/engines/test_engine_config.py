@@ -85,7 +85,7 @@ def test_adam_eps_sets_the_size_of_the_first_step(name, make_engine, batch, stat
     x, _ = batch
     moves = {}
     for eps in (1e-8, 1e3):
-        engine = make_engine(name, adam_eps=eps, lr=1e-2, mode="online")
+        engine = make_engine(name, adam_eps=eps, lr=1e-2, mode="online", optimizer="adam")
         engine.eval()
         before = state_of(engine.model)
         engine.adapt(x, steps=1)
@@ -288,3 +288,27 @@ def test_channels_last_check_treats_nan_alike():
         warnings.simplefilter("error")
         engine = engines.TTTEngine(_Sqrt(), torch.zeros(1, 1, 28, 28), TTTConfig(layer="conv1"))
     assert engine._channels_last_ok
+
+
+def test_seeds_preset_pins_the_seeds_protocol_whatever_the_defaults():
+    """The "seeds" preset is the seeds' protocol written out in full (the torch-ttt tutorial
+    for TTT; the setting of the seeds' record for IT3), not a view of today's defaults."""
+    from engines.config import IT3Config, TTTConfig
+
+    t = TTTConfig.preset("seeds")
+    assert (t.layer, t.aux_weight, t.train_epochs, t.train_batch_size, t.train_lr) == (
+        "fc2", 0.35, 1, 64, 1e-2)
+    assert (t.optimizer, t.lr, t.steps, t.batch_size, t.adapt_params, t.gate, t.adam_eps) == (
+        "adam", 1e-2, 3, 32, "model", "none", 1e-8)
+    i = IT3Config.preset("seeds")
+    assert (i.layer, i.aux_weight, i.variant, i.distance, i.hint_self, i.hint_dropout) == (
+        "fc1", 2.0, "paper", "js", 1.0, 0.5)
+    assert (i.optimizer, i.lr, i.steps, i.batch_size, i.adapt_params, i.gate) == (
+        "adam", 4e-4, 3, 256, "model", "none")
+    assert (i.train_epochs, i.train_batch_size, i.train_lr) == (2, 256, 1e-3)
+    for cls in (TTTConfig, IT3Config):   # every pinned key is a field, and changes apply last
+        assert set(cls.presets["seeds"]) <= set(cls.__dataclass_fields__)
+        assert cls.preset("seeds", steps=7).steps == 7
+    assert IT3Config.preset("tutorial") == IT3Config.tutorial()
+    with pytest.raises(ValueError, match="unknown TTTConfig preset 'nope'; choose from: seeds"):
+        TTTConfig.preset("nope")

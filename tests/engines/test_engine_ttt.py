@@ -69,8 +69,11 @@ def test_main_logits_are_the_zero_degree_quarter(batch):
 
 
 def test_seed_defaults_follow_the_tutorial():
-    c = TTTConfig()
-    assert (c.layer, c.aux_weight, c.lr, c.optimizer, c.steps) == ("fc2", 0.35, 1e-2, "adam", 3)
+    c = TTTConfig()  # training: the tutorial's; test time: chosen on validation (benchmarks/gains.py)
+    assert (c.layer, c.aux_weight, c.lr, c.optimizer) == ("fc2", 0.35, 1e-2, "adam")
+    assert (c.steps, c.gate, c.adapt_params, c.batch_size) == (2, "entropy", "model", 32)
+    t = TTTConfig.preset("seeds")  # the tutorial's whole setting
+    assert (t.steps, t.gate) == (3, "none") and t.replace(steps=2, gate="entropy") == c
 
 
 def test_rotate_batch_with_labels_rotates_each_image_by_its_label():

@@ -20,8 +20,9 @@ BATCH = 6  # does not divide the 16-sample shards: batches of 6, 6, 4
 
 
 def train_tiny_checkpoint(out: Path, idx_root: Path, method: str = "ttt", epochs: int = 3,
-                          **config) -> str:
-    """Train seed_cnn jointly with `method` for a few epochs on the synthetic mnist; save it."""
+                          preset: str | None = None, **config) -> str:
+    """Train seed_cnn jointly with `method` for a few epochs on the synthetic mnist; save it.
+    `preset` starts the config from the method's named preset instead of its defaults."""
     import engines
     from pipeline.checkpoint import save_checkpoint
     from pipeline.datasets import load_split, to_float
@@ -31,7 +32,8 @@ def train_tiny_checkpoint(out: Path, idx_root: Path, method: str = "ttt", epochs
     torch.manual_seed(0)
     model = build_model("seed_cnn", mean=split.spec.mean[0], std=split.spec.std[0])
     cls = engines.get_engine(method)
-    cfg = cls.config_cls(**{"steps": 2, "lr": 1e-2, "batch_size": BATCH, **config})
+    changes = {"steps": 2, "lr": 1e-2, "batch_size": BATCH, **config}
+    cfg = cls.config_cls.preset(preset, **changes) if preset else cls.config_cls(**changes)
     engine = cls(model, torch.zeros(1, 1, 28, 28), cfg)
     x = torch.from_numpy(to_float(split.images))
     y = torch.from_numpy(split.labels)

@@ -53,8 +53,8 @@ def test_gate_is_a_stored_setting_checked_on_resume(ttt_checkpoint, shard_dir, t
     request = AdaptRequest(ttt_checkpoint, str(shard_dir), str(out), steps=3, lr=5e-2,
                            batch_size=BATCH)
     with pytest.raises(TTTPipeError, match="other settings .*gate 'entropy' vs 'none'"):
-        prepare_adapt(request)
-    plan = prepare_adapt(dataclasses.replace(request, gate="entropy"))
+        prepare_adapt(dataclasses.replace(request, gate="none"))
+    plan = prepare_adapt(request)  # no --gate: the checkpoint's, TTT's default "entropy"
     assert plan.settings.gate == "entropy" and plan.shards[0].done
 
 

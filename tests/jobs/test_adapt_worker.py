@@ -33,7 +33,8 @@ def _restore_threads():
 def _settings(ckpt_uri: str, **changes) -> AdaptSettings:
     ckpt = load_checkpoint(ckpt_uri)
     base = AdaptSettings(method="ttt", weights_sha256=ckpt.manifest["weights_sha256"], steps=2,
-                         lr=1e-2, batch_size=BATCH)
+                         lr=1e-2, batch_size=BATCH,  # the checkpoint's, as adapt would take them
+                         gate=ckpt.manifest["method"]["config"].get("gate", "none"))
     return dataclasses.replace(base, **changes)
 
 

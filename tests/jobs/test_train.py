@@ -153,6 +153,19 @@ def test_defaults_come_from_the_method_configs():
     assert resolve_spec("ttt", "mnist", "ck", epochs=3, lr=0.5).config["train_epochs"] == 3
 
 
+def test_preset_replaces_the_defaults_and_options_override_it():
+    from engines.config import IT3Config, TTTConfig
+
+    ttt = resolve_spec("ttt", "mnist", "ck", preset="seeds")
+    assert ttt.config == TTTConfig.preset("seeds").to_dict()
+    assert (ttt.epochs, ttt.batch_size, ttt.lr) == (1, 64, 1e-2)
+    tut = resolve_spec("it3", "mnist", "ck", model="seed_cnn", preset="tutorial", epochs=1)
+    assert tut.config["layer"] == "conv1" and tut.config["variant"] == "torch_ttt"  # preset's layer
+    assert tut.epochs == 1 and tut.config["steps"] == IT3Config.tutorial().steps
+    with pytest.raises(TTTPipeError, match="--preset: unknown TTTConfig preset 'nope'"):
+        resolve_spec("ttt", "mnist", "ck", preset="nope")
+
+
 def test_trainer_resources():
     assert plan_trainer(None, 0, 2, local=True).num_gpus == 0  # CPU box
     assert plan_trainer(1, 0, 2, local=True).num_gpus == 0     # asked, none here: CPU
@@ -166,3 +179,10 @@ def test_trainer_resources():
         plan_trainer(None, 0, 2, local=True, cpus=4)
     with pytest.raises(TTTPipeError, match="--cpus must be a number >= 1"):
         resolve_spec("ttt", "mnist", "ck", cpus=0.5)
+
+
+def test_unknown_preset_is_a_one_line_error(idx_dir, tmp_path):
+    result = _train(idx_dir, tmp_path / "ckpt", "--preset", "nope")
+    assert result.exit_code != 0
+    assert "--preset: unknown TTTConfig preset 'nope'; choose from: seeds" in _error_line(result)
+    assert not (tmp_path / "ckpt").exists()

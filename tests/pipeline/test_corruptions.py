@@ -9,11 +9,14 @@ import pytest
 
 import pipeline.corruptions.core as core
 from pipeline.corruptions import (CORRUPTIONS, SEVERITIES, corrupt, list_corruptions,
-                                  markdown_table, parse_corruptions, parse_severities)
+                                  list_validation_corruptions, markdown_table, parse_corruptions,
+                                  parse_severities)
 from pipeline.errors import TTTPipeError
 
 MNIST_STD = 0.3081
-ALL = list_corruptions()
+REPORTED = list_corruptions()                            # the suite ("all")
+VALIDATION = ["contrast", "gaussian_blur", "speckle_noise", "stretch"]
+ALL = list_corruptions(include_validation=True)          # every generic test covers both
 MNIST_C_NAMES = {"shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale",
                  "rotate", "brightness", "translate", "stripe", "fog", "spatter", "dotted_line",
                  "zigzag", "canny_edges"}
@@ -47,9 +50,10 @@ def run(x, name, severity, ids=None, seed=0, norm_std=MNIST_STD):
 
 
 def test_the_suite_is_mnist_c_plus_the_seeds_noise():
-    assert set(ALL) == MNIST_C_NAMES | {"gaussian_noise"}
-    assert ALL == sorted(ALL) and "identity" not in ALL
-    assert list_corruptions(include_identity=True) == sorted(ALL + ["identity"])
+    assert set(REPORTED) == MNIST_C_NAMES | {"gaussian_noise"}
+    assert REPORTED == sorted(REPORTED) and "identity" not in REPORTED
+    assert list_corruptions(include_identity=True) == sorted(REPORTED + ["identity"])
+    assert ALL == sorted(REPORTED + VALIDATION)
     for c in CORRUPTIONS.values():
         assert all(len(v) == len(SEVERITIES) for v in c.table.values()), c.name
 
@@ -129,7 +133,7 @@ def test_seed_and_sample_id_change_the_randomness(name, digits):
 
 
 def test_parse_corruptions():
-    assert parse_corruptions("all") == ALL
+    assert parse_corruptions("all") == REPORTED
     assert parse_corruptions(" fog, gaussian_noise ,fog") == ["fog", "gaussian_noise"]
     assert parse_corruptions("identity,all")[0] == "identity"
 
@@ -174,3 +178,28 @@ def test_corrupt_rejects_bad_arguments_in_one_line(kwargs):
 def test_doc_table_is_generated_from_the_code():
     assert markdown_table() in DOC.read_text(), (
         "docs/corruptions.md is stale: paste the output of `python -m pipeline.corruptions --markdown`")
+
+
+def test_validation_corruptions_are_held_out_of_all_and_selected_by_name():
+    assert list_validation_corruptions() == VALIDATION
+    assert all(CORRUPTIONS[n].validation for n in VALIDATION)
+    assert not any(CORRUPTIONS[n].validation for n in REPORTED)
+    assert not set(VALIDATION) & set(parse_corruptions("all"))
+    assert parse_corruptions("validation") == VALIDATION
+    assert parse_corruptions("fog,stretch") == ["fog", "stretch"]
+    with pytest.raises(TTTPipeError, match="for tuning: contrast") as err:
+        parse_corruptions("nope")
+    assert "\n" not in str(err.value)
+
+
+def test_validation_corruptions_follow_their_definitions(digits):
+    x = digits[:16]
+    ids = np.arange(16)
+    mean = x.mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(run(x, "contrast", 5), np.clip((x - mean) * 0.05 + mean, 0, 1),
+                               atol=1e-6)
+    speckle = run(x, "speckle_noise", 3, ids)
+    assert np.array_equal(speckle[x == 0], x[x == 0])         # multiplicative: black stays black
+    stretched = run(x, "stretch", 5, ids)
+    # one axis shrinks: the ink's extent along the other axis stays, so ink remains
+    assert (stretched.sum(axis=(1, 2, 3)) < x.sum(axis=(1, 2, 3))).all()

@@ -23,7 +23,7 @@ def test_suite_for_picks_by_channels():
         suite_for((4, 8, 8))
 
 
-@pytest.mark.parametrize("name", list_corruptions(include_identity=True))
+@pytest.mark.parametrize("name", list_corruptions(include_identity=True, include_validation=True))
 def test_mnist_c_is_todays_corrupt_bit_for_bit(name):
     x = _gray()
     got = corrupt_batch(x, name, 4, np.arange(4), 3, suite="mnist-c", std=0.3081)
@@ -40,13 +40,16 @@ def test_parse_selections():
     assert len(parse_corruptions("all", "imagenet-c")) == 19
     assert parse_corruptions("fog, frost,fog", "imagenet-c") == ["fog", "frost"]
     assert parse_corruptions("identity,fog", "mnist-c") == ["identity", "fog"]
+    assert parse_corruptions("validation", "mnist-c") == [
+        "contrast", "gaussian_blur", "speckle_noise", "stretch"]   # grayscale: held out of "all"
+    assert parse_corruptions("stretch", "mnist-c") == ["stretch"]
     assert output_dtype("imagenet-c") == np.uint8
 
 
 @pytest.mark.parametrize("spec, suite, match", [
     ("frost", "mnist-c", "imagenet-c corruption that needs RGB"),
     ("common", "mnist-c", "imagenet-c \\(RGB\\) selection"),
-    ("validation", "mnist-c", "imagenet-c \\(RGB\\) selection"),
+    ("stretch", "imagenet-c", "mnist-c \\(grayscale\\) corruption"),
     ("shear", "imagenet-c", "mnist-c \\(grayscale\\) corruption"),
     ("nope", "imagenet-c", "unknown corruption"),
     ("", "imagenet-c", "no corruption given"),
