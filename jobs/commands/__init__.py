@@ -9,7 +9,7 @@ import typer
 from pipeline.datasets import dataset_forms, get_dataset, list_datasets
 from pipeline.errors import TTTPipeError
 
-__all__ = ["DATASET_HELP", "check_dataset", "command_argv"]
+__all__ = ["DATASET_HELP", "check_actors", "check_dataset", "command_argv"]
 
 DATASET_HELP = (f"Dataset: {', '.join(dataset_forms())} (an ImageFolder tree with train/ and "
                 "val/ or test/, one subfolder per class).")
@@ -26,6 +26,17 @@ def check_dataset(value: str | None) -> str | None:
         get_dataset(value)
     except TTTPipeError as exc:
         raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def check_actors(value: str | None) -> str | None:
+    """Typer callback of ``--actors`` (adapt, run): N or MIN:MAX, checked by jobs.pool.parse_actors."""
+    from jobs.pool import parse_actors
+
+    try:
+        parse_actors(value)
+    except TTTPipeError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
     return value
 
 

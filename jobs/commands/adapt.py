@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import command_argv
+from jobs.commands import check_actors, command_argv
 from jobs.console import cli_errors, console, err_console, progress
 
 __all__ = ["command", "Mode", "Protocol", "accuracy_rich_table", "adapt_with_progress"]
@@ -39,17 +39,6 @@ class Stream(str, Enum):
 def _positive(value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise typer.BadParameter(f"must be > 0, got {value}")
-    return value
-
-
-def _actors(value: str | None) -> str | None:
-    from jobs.pool import parse_actors
-    from pipeline.errors import TTTPipeError
-
-    try:
-        parse_actors(value)
-    except TTTPipeError as exc:
-        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
     return value
 
 
@@ -131,7 +120,7 @@ def command(
         case_sensitive=False, help="episodic: reset after every batch; online: carry over within "
         "a shard [default: the checkpoint's]", show_default=False)] = None,
     actors: Annotated[str | None, typer.Option(
-        callback=_actors, help="Adaptation actors: N, or MIN:MAX for a pool that starts MIN (waiting "
+        callback=check_actors, help="Adaptation actors: N, or MIN:MAX for a pool that starts MIN (waiting "
         "for the autoscaler if their GPUs are not up) and grows to MAX as nodes join "
         "[default: as many as fit the cluster]", show_default=False)] = None,
     gate: Annotated[Gate | None, typer.Option(

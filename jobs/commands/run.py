@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.commands import DATASET_HELP, check_dataset
+from jobs.commands import DATASET_HELP, check_actors, check_dataset
 from jobs.console import cli_errors, err_console
 from pipeline.errors import TTTPipeError
 
@@ -189,8 +189,9 @@ def command(
         min=1, help="Training epochs (default: the method's).", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         min=0, help="Adaptation steps (default: the method's).", show_default=False)] = None,
-    actors: Annotated[int | None, typer.Option(
-        min=1, help="Adaptation actors (default: as many as fit).", show_default=False)] = None,
+    actors: Annotated[str | None, typer.Option(
+        callback=check_actors, help="Adaptation actors: N, or MIN:MAX for a pool that grows as nodes "
+        "join (as 'ttt-pipe adapt') [default: as many as fit].", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for training and corruptions.")] = 0,
     preset: Annotated[str | None, typer.Option(
         help="Train (and so adapt) with a named setting instead of the defaults: 'seeds' = the "

@@ -78,6 +78,7 @@ def test_a_differently_trained_checkpoint_is_not_overwritten(demo, idx_dir):
     (("--corruptions", "blurr"), "unknown corruption"),
     (("--severities", "7"), "severit"),
     (("--method", "bogus"), "unknown method 'bogus'"),
+    (("--actors", "3:1"), "MIN:MAX"),
 ])
 def test_bad_arguments_fail_before_any_stage(idx_dir, tmp_path, extra, needle):
     result = _run(idx_dir, tmp_path / "out", *extra)
