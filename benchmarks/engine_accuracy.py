@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest for these tiny nets on a shared CPU)")
     ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--preset", default=None,
+                    help="start from a named config preset instead of the defaults, e.g. 'seeds' "
+                         "(the seed tutorials' protocol, with which the README's tables were made)")
     return ap.parse_args(argv)
 
 
@@ -66,7 +69,8 @@ def method_config(method: str, args: argparse.Namespace) -> engines.EngineConfig
     if method == "it3":
         changes.update(distance=args.distance, variant=args.variant, null=args.null)
     changes = {k: v for k, v in changes.items() if v is not None}
-    return apply_sets(cls().replace(**changes), args.set)
+    base = cls.preset(args.preset) if args.preset else cls()
+    return apply_sets(base.replace(**changes), args.set)
 
 
 def run_method(method: str, args: argparse.Namespace, data) -> dict:
