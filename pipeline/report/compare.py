@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pipeline.gain import GAIN_NOISE, gain_class
 from pipeline.report.baseline import Baseline, choose_baselines, reported_step
-from pipeline.report.table import CLEAN, Series, _code, series_of
+from pipeline.report.table import CLEAN, Series, _code, console_text, markdown_lines, series_of
 from pipeline.results import Results
 
 __all__ = ["GAIN_NOISE", "gain_class", "Entry", "CompareRow", "SideBySide", "side_by_side",
@@ -139,15 +139,8 @@ class SideBySide:
         return i + 1 < len(self.rows) and self.rows[i + 1].kind != self.rows[i].kind
 
     def to_markdown(self) -> str:
-        head = self.header()
-        lines = ["| " + " | ".join(head) + " |",
-                 "|" + "|".join([":---"] * (3 if self.streams else 2)
-                                + ["---:"] * (len(head) - (3 if self.streams else 2))) + "|"]
-        for row in self.rows:
-            cells = [t for t, _ in self.cells(row)]
-            if row.kind == "mean":
-                cells = [f"**{c}**" if c else c for c in cells]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines = markdown_lines(self.header(), [([t for t, _ in self.cells(r)], r.kind == "mean")
+                                               for r in self.rows], left=3 if self.streams else 2)
         lines += [""] + [f"- {c}" for c in self.caption()]
         return "\n".join(lines) + "\n"
 
@@ -204,13 +197,7 @@ class SideBySide:
 
     def to_text(self, width: int = 160) -> str:
         """The console table and its legend as plain text (no colour: losses keep their '!')."""
-        from rich.console import Console
-
-        console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
-        console.print(self.to_rich())
-        for line in self.legend():
-            console.print(line, highlight=False, soft_wrap=True)
-        return console.export_text()
+        return console_text(self.to_rich(), self.legend(), width)
 
 
 def _entries(results: list[Results]) -> tuple[list[Entry], list[str]]:

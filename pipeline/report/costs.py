@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.cost import read_costs
-from pipeline.report.table import Series
+from pipeline.report.table import Series, console_text
 from pipeline.results import predictions_uri
 
 __all__ = ["CostRow", "CostTable", "cost_table"]
@@ -124,13 +124,7 @@ class CostTable:
         return [f"memory measured: {'; '.join(kinds)}"] * bool(kinds) + self.caption()
 
     def to_text(self, width: int = 160) -> str:
-        from rich.console import Console
-
-        console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
-        console.print(self.to_rich())
-        for line in self.legend():
-            console.print(line, highlight=False, soft_wrap=True)
-        return console.export_text()
+        return console_text(self.to_rich(), self.legend(), width)
 
 
 def cost_table(series: list[Series]) -> CostTable:
