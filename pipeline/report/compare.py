@@ -13,14 +13,12 @@ No oracle: the step is fixed before looking at labels; the per-step curve (`tabl
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 from dataclasses import dataclass, field
 
 from pipeline.gain import GAIN_NOISE, gain_class
 from pipeline.report.baseline import Baseline, choose_baselines, reported_step
-from pipeline.report.table import CLEAN, Series, _code, console_text, markdown_lines, series_of
+from pipeline.report.table import CLEAN, Series, _code, console_text, csv_text, markdown_lines, series_of
 from pipeline.results import Results
 
 __all__ = ["GAIN_NOISE", "gain_class", "Entry", "CompareRow", "SideBySide", "side_by_side",
@@ -146,12 +144,8 @@ class SideBySide:
 
     def to_csv(self) -> str:
         """Numbers in percent (3 decimals); empty where absent; no markers, no caption."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.header())
-        for row in self.rows:
-            writer.writerow([("" if t == "-" else t) for t, _ in self.cells(row, digits=3, mark=False)])
-        return buf.getvalue()
+        rows = (["" if t == "-" else t for t, _ in self.cells(r, digits=3, mark=False)] for r in self.rows)
+        return csv_text(self.header(), rows)
 
     def to_html(self) -> str:
         parts = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in self.header())

@@ -14,7 +14,7 @@ from functools import cached_property
 from pipeline.results import Results
 
 __all__ = ["Series", "Row", "ComparisonTable", "series_of", "comparison_table", "console_text",
-           "markdown_lines", "CLEAN"]
+           "csv_text", "markdown_lines", "CLEAN"]
 
 CLEAN = "identity"  # the clean baseline corruption, written at severity 0
 
@@ -106,13 +106,9 @@ class ComparisonTable:
 
     def to_csv(self) -> str:
         """Accuracy and gain in percent (3 decimals); empty cells where a value is absent."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.header())
-        for row in self.rows:
-            values = ["" if v is None else f"{100 * v:.3f}" for v in row.values]
-            writer.writerow([row.corruption, "" if row.is_mean else row.severity, *values])
-        return buf.getvalue()
+        rows = ([r.corruption, "" if r.is_mean else r.severity,
+                 *("" if v is None else f"{100 * v:.3f}" for v in r.values)] for r in self.rows)
+        return csv_text(self.header(), rows)
 
     def to_html(self) -> str:
         head = self.header()
@@ -187,6 +183,15 @@ def markdown_lines(head: list[str], rows: Iterable[tuple[list[str], bool]], left
             cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def csv_text(head: list[str], rows: Iterable[list]) -> str:
+    """`head`, then `rows`, as CSV text (newline line ends on every platform)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(head)
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def console_text(table, lines: Iterable[str] = (), width: int = 160) -> str:
