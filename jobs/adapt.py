@@ -454,6 +454,26 @@ def _footer(uri: str) -> tuple[int, dict]:
     return meta.num_rows, {k.decode(): v.decode() for k, v in kv.items()}
 
 
+def _checked_footer(uri: str, unit: str) -> tuple[int, dict]:
+    """`_footer` of `unit`'s predictions (`shard NAME`, `stream NAME`); one-line error when the
+    file is missing (rerun resumes) or unreadable (delete it)."""
+    try:
+        return _footer(uri)
+    except FileNotFoundError:
+        raise TTTPipeError(f"predictions for {unit} are missing ({uri}); rerun to resume") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
+                           "delete it and rerun") from None
+
+
+def _rows_per_step(summary: dict) -> dict[int, int]:
+    """step -> rows, from a summary's groups (each group's key ends with its step)."""
+    per_step: dict[int, int] = {}
+    for *key, n, _labelled, _correct in summary.get("groups", []):
+        per_step[key[-1]] = per_step.get(key[-1], 0) + n
+    return per_step
+
+
 def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings,
                    stream: StreamSettings = StreamSettings()) -> dict:
     """The checked summary of one shard's predictions, from the file's footer only.
@@ -462,13 +482,7 @@ def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings,
     dropped again) to compute it, so memory stays one shard's predictions at most.
     """
     steps = settings.steps + 1
-    try:
-        rows, meta = _footer(uri)
-    except FileNotFoundError:
-        raise TTTPipeError(f"predictions for shard {s.name} are missing ({uri}); rerun to resume") from None
-    except (pa.ArrowException, OSError) as exc:
-        raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
-                           "delete it and rerun") from None
+    rows, meta = _checked_footer(uri, f"shard {s.name}")
     if _settings_diff(json.loads(meta.get(SETTINGS_KEY, "{}")), settings) or \
             StreamSettings.from_metadata(meta) != stream:
         raise TTTPipeError(f"predictions for shard {s.name} were made with other settings; "
@@ -478,9 +492,7 @@ def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings,
     else:
         fs, path = storage.resolve(uri)
         summary = summarize_predictions(pq.read_table(path, filesystem=fs), s.name, steps)
-    per_step: dict[int, int] = {}
-    for *key, n, _labelled, _correct in summary.get("groups", []):
-        per_step[key[-1]] = per_step.get(key[-1], 0) + n
+    per_step = _rows_per_step(summary)
     expected = s.samples * steps
     if not (rows == summary.get("rows") == expected and summary.get("samples") == s.samples
             and summary.get("shard") == s.name
@@ -495,22 +507,14 @@ def _shard_summary(s: ShardInfo, uri: str, settings: AdaptSettings,
 def _stream_summary(unit: StreamUnit, uri: str, settings: AdaptSettings, stream: StreamSettings) -> dict:
     """`_shard_summary` of a stream file: per shard of the stream, its rows against its footer."""
     steps = settings.steps + 1
-    try:
-        rows, meta = _footer(uri)
-    except FileNotFoundError:
-        raise TTTPipeError(f"predictions for stream {unit.name} are missing ({uri}); rerun to resume") from None
-    except (pa.ArrowException, OSError) as exc:
-        raise TTTPipeError(f"cannot read predictions {uri} ({' '.join(str(exc).split())}); "
-                           "delete it and rerun") from None
+    rows, meta = _checked_footer(uri, f"stream {unit.name}")
     if _settings_diff(json.loads(meta.get(SETTINGS_KEY, "{}")), settings) or SUMMARY_KEY not in meta \
             or StreamSettings.from_metadata(meta) != stream:
         raise TTTPipeError(f"predictions for stream {unit.name} were made with other settings; "
                            f"delete {uri} and rerun")
     summary = json.loads(meta[SUMMARY_KEY])
     expected = {s.name: s.rows for s in unit.shards}
-    per_step: dict[int, int] = {}
-    for *key, n, _labelled, _correct in summary.get("groups", []):
-        per_step[key[-1]] = per_step.get(key[-1], 0) + n
+    per_step = _rows_per_step(summary)
     if not (rows == summary.get("rows") == unit.samples * steps and summary.get("shards") == expected
             and summary.get("stream") == unit.name
             and per_step == {step: unit.samples for step in range(steps)}):

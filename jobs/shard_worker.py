@@ -157,16 +157,9 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
     columns: dict[str, list[np.ndarray]] = {c: [] for c in
                                             ("sample_id", "step", "label", "pred", "conf", "batch", "loss")}
     for b, start, stop, logits, batch_losses in _adapt_batches(engine, shard, settings, device):
-        steps, bsz = k + 1, stop - start
         conf, pred, losses = _to_host(logits, batch_losses, k)
-        columns["sample_id"].append(np.tile(shard.sample_ids[start:stop], steps))
-        if shard.labels is not None:
-            columns["label"].append(np.tile(shard.labels[start:stop], steps))
-        columns["step"].append(np.repeat(np.arange(steps), bsz))
-        columns["pred"].append(pred.reshape(-1))
-        columns["conf"].append(conf.reshape(-1))
-        columns["batch"].append(np.full(steps * bsz, b))
-        columns["loss"].append(losses.reshape(-1))
+        _append_batch(columns, shard.sample_ids[start:stop],
+                      None if shard.labels is None else shard.labels[start:stop], conf, pred, losses, b)
         if after_batch is not None:
             after_batch(b)
         if reset_every and (b + 1) % reset_every == 0 and settings.mode == "online" and hasattr(engine, "reset"):
@@ -180,20 +173,48 @@ def predict_shard(engine, shard: Shard, settings: AdaptSettings, device: torch.d
         label = pa.array(cat["label"].astype(np.int16))
         correct = pa.array(cat["label"].astype(np.int16) == pred)
     arrays = {
-        "sample_id": pa.array(cat["sample_id"].astype(np.int64)),
+        **_step_arrays(cat, pred, settings.method),
         "shard": pa.array([shard.name] * rows, pa.string()),
         "corruption": pa.array([shard.corruption] * rows, pa.string()),
         "severity": pa.array(np.full(rows, shard.severity, dtype=np.int8)),
-        "method": pa.array([settings.method] * rows, pa.string()),
-        "step": pa.array(cat["step"].astype(np.int16)),
         "label": label,
-        "pred": pa.array(pred),
         "correct": correct,
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
+
+
+def _append_batch(columns: dict[str, list[np.ndarray]], sample_ids: np.ndarray, labels: np.ndarray | None,
+                  conf: np.ndarray, pred: np.ndarray, losses: np.ndarray, batch: int) -> None:
+    """One batch's rows onto `columns`: its (K+1, B) `_to_host` arrays flattened step-major,
+    each sample's id (and label, when given) repeated once per step.
+
+    The row layout of every predictions file, a shard's (`predict_shard`) and a stream's
+    (`jobs.stream_worker.predict_stream`, which adds its own columns beside these).
+    """
+    steps, bsz = pred.shape
+    columns["sample_id"].append(np.tile(sample_ids, steps))
+    if labels is not None:
+        columns["label"].append(np.tile(labels, steps))
+    columns["step"].append(np.repeat(np.arange(steps), bsz))
+    columns["pred"].append(pred.reshape(-1))
+    columns["conf"].append(conf.reshape(-1))
+    columns["batch"].append(np.full(steps * bsz, batch))
+    columns["loss"].append(losses.reshape(-1))
+
+
+def _step_arrays(cat: dict[str, np.ndarray], pred: np.ndarray, method: str) -> dict[str, pa.Array]:
+    """The Arrow columns a shard's and a stream's predictions share, from the concatenated
+    `_append_batch` columns (`pred` already int16: the caller compares it with the labels)."""
+    rows = len(cat["sample_id"])
+    return {
+        "sample_id": pa.array(cat["sample_id"].astype(np.int64)),
+        "method": pa.array([method] * rows, pa.string()),
+        "step": pa.array(cat["step"].astype(np.int16)),
+        "pred": pa.array(pred),
         "confidence": pa.array(cat["conf"].astype(np.float32)),
         "batch": pa.array(cat["batch"].astype(np.int32)),
         "loss": pa.array(cat["loss"].astype(np.float32)),
     }
-    return pa.Table.from_arrays([arrays[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
 
 
 def build_adapt_engine(checkpoint: Checkpoint, settings: AdaptSettings,

@@ -92,7 +92,8 @@ def predict_stream(engine, unit: StreamUnit, settings, stream: StreamSettings, d
 
     Rows are ordered by batch, then step, then position in the stream.
     """
-    from jobs.shard_worker import _adapt_batches, _to_host, shard_seed  # the iid path's own
+    from jobs.shard_worker import (_adapt_batches, _append_batch, _step_arrays,  # the iid path's own
+                                   _to_host, shard_seed)
 
     reset = parse_reset(stream.reset)
     online = settings.mode == "online"
@@ -121,14 +122,9 @@ def predict_stream(engine, unit: StreamUnit, settings, stream: StreamSettings, d
             for b, start, stop, logits, losses in _adapt_batches(engine, window, settings, device):
                 bsz = stop - start
                 conf, pred, loss = _to_host(logits, losses, k)
-                cols["sample_id"].append(np.tile(window.sample_ids[start:stop], steps))
+                _append_batch(cols, window.sample_ids[start:stop], window.labels[start:stop],
+                              conf, pred, loss, b_global)
                 cols["shard"].append(np.tile(si[start:stop], steps))
-                cols["label"].append(np.tile(window.labels[start:stop], steps))
-                cols["step"].append(np.repeat(np.arange(steps), bsz))
-                cols["pred"].append(pred.reshape(-1))
-                cols["conf"].append(conf.reshape(-1))
-                cols["batch"].append(np.full(steps * bsz, b_global))
-                cols["loss"].append(loss.reshape(-1))
                 cols["position"].append(np.tile(np.arange(position, position + bsz), steps))
                 if after_batch is not None:
                     after_batch(b_global)
@@ -148,19 +144,13 @@ def predict_stream(engine, unit: StreamUnit, settings, stream: StreamSettings, d
     label_arr = pa.array(label.astype(np.int16), mask=~has)
     correct_arr = pa.array(label.astype(np.int16) == pred, mask=~has)
     arrays = {
-        "sample_id": pa.array(cat["sample_id"].astype(np.int64)),
+        **_step_arrays(cat, pred, settings.method),
         "shard": pa.DictionaryArray.from_arrays(pa.array(shard_idx), pa.array(names, pa.string()))
         .cast(pa.string()),
         "corruption": pa.array(corruption[shard_idx].tolist() if rows else [], pa.string()),
         "severity": pa.array(severity[shard_idx] if rows else np.empty(0, np.int8)),
-        "method": pa.array([settings.method] * rows, pa.string()),
-        "step": pa.array(cat["step"].astype(np.int16)),
         "label": label_arr,
-        "pred": pa.array(pred),
         "correct": correct_arr,
-        "confidence": pa.array(cat["conf"].astype(np.float32)),
-        "batch": pa.array(cat["batch"].astype(np.int32)),
-        "loss": pa.array(cat["loss"].astype(np.float32)),
         "stream": pa.array([unit.name] * rows, pa.string()),
         "position": pa.array(cat["position"].astype(np.int64)),
     }

@@ -22,7 +22,6 @@ output, e.g. `--corruptions identity`). No Ray here: the driver validates, the a
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import TTTPipeError
+from pipeline.json_option import parse_json_object
 
 __all__ = ["FISHER_SAMPLES", "FISHER_TRAIN", "MethodChoice", "checkpoint_agnostic_methods", "parse_method_config", "resolve_method",
            "build_method_engine", "check_method_engine", "FisherSource", "resolve_fisher", "fisher_images",
@@ -59,19 +59,7 @@ class MethodChoice:
 
 def parse_method_config(value: str | dict | None) -> dict[str, Any]:
     """`--method-config` JSON (or a dict) -> a dict; one-line error when it is not an object."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise TTTPipeError(f"--method-config is not valid JSON ({exc.msg} at char {exc.pos}); "
-                           """write a JSON object, e.g. '{"e_margin": 0.4}'""") from None
-    if not isinstance(data, dict):
-        raise TTTPipeError(f"--method-config must be a JSON object, got {type(data).__name__}; "
-                           """e.g. '{"e_margin": 0.4}'""")
-    return data
+    return parse_json_object(value, "--method-config", '{"e_margin": 0.4}')
 
 
 def _engine_cls(name: str):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import TTTPipeError
+from pipeline.json_option import parse_json_object
 from pipeline.models import (Normalize, build_model, default_layer, get_entry,
                              model_kwargs_for, normalize_label, resolve_normalization)
 
@@ -68,19 +69,7 @@ def check_model_name(name: str) -> None:
 
 def parse_model_kwargs(value: str | dict | None) -> dict[str, Any]:
     """`--model-kwargs` JSON text (or a dict) -> a dict; one-line error otherwise."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise TTTPipeError(f"--model-kwargs is not valid JSON ({exc.msg} at char {exc.pos}); "
-                           """write a JSON object, e.g. '{"width": 2}'""") from None
-    if not isinstance(parsed, dict):
-        raise TTTPipeError(f"--model-kwargs must be a JSON object, got {value!r}; "
-                           """e.g. '{"width": 2}'""")
-    return parsed
+    return parse_json_object(value, "--model-kwargs", '{"width": 2}', show_value=True)
 
 
 def parse_trusted(value: str | Iterable[str] | None) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["SEGMENTS", "synthetic_digits", "idx_bytes", "write_idx_file", "make_idx",
-           "write_dataset"]
+           "write_dataset", "HOST_READS", "count_host_reads"]
 
 # Seven-segment glyphs: segment -> (row0, row1, col0, col1) in a 20x12 box; digit -> segments.
 _BOX = {"a": (0, 3, 1, 11), "b": (1, 10, 9, 12), "c": (10, 19, 9, 12), "d": (17, 20, 1, 11),
@@ -80,3 +80,27 @@ def write_dataset(folder: str | Path, n_train: int = 64, n_test: int = 32, gz: b
     make_idx(folder, *synthetic_digits(n_train, seed), gz=gz, split="train")
     make_idx(folder, *synthetic_digits(n_test, seed + 1), gz=gz, split="test")
     return Path(folder)
+
+
+# Every torch.Tensor method that copies a value back to the host (a CPU-GPU sync on a GPU).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Patch every `HOST_READS` method to log its name; returns the (live) log, in call order.
+
+    On the CPU a host read is free but still a call, so a test can count the reads a loop
+    would make on a GPU. `monkeypatch.undo()` stops the counting.
+    """
+    import torch
+
+    calls: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls

@@ -89,6 +89,20 @@ def write_cifar_binary(root: Path, name: str = "cifar10", n_train: int = 10, n_t
     return folder
 
 
+def write_cifar_c(src: Path, n: int, names=("gaussian_noise", "fog"), seed: int = 0):
+    """The released CIFAR-10-C layout in `src`: <name>.npy uint8 (5n, 32, 32, 3), severity
+    blocks 1..5, and labels.npy (the same n uint8 labels per block). Returns (labels, arrays)."""
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    np.save(src / "labels.npy", np.tile(labels, 5))
+    arrays = {}
+    for name in names:
+        arrays[name] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
+        np.save(src / f"{name}.npy", arrays[name])
+    return labels, arrays
+
+
 def write_image(path: Path, size: tuple[int, int], seed: int = 0, fmt: str | None = None,
                 mode: str = "RGB") -> np.ndarray:
     """A smooth random image (w, h) saved with Pillow; returns its pixels (h, w, 3)."""

@@ -13,14 +13,12 @@ No oracle: the step is fixed before looking at labels; the per-step curve (`tabl
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 from dataclasses import dataclass, field
 
 from pipeline.gain import GAIN_NOISE, gain_class
 from pipeline.report.baseline import Baseline, choose_baselines, reported_step
-from pipeline.report.table import CLEAN, Series, _code, series_of
+from pipeline.report.table import CLEAN, Series, _code, console_text, csv_text, markdown_lines, series_of
 from pipeline.results import Results
 
 __all__ = ["GAIN_NOISE", "gain_class", "Entry", "CompareRow", "SideBySide", "side_by_side",
@@ -139,26 +137,15 @@ class SideBySide:
         return i + 1 < len(self.rows) and self.rows[i + 1].kind != self.rows[i].kind
 
     def to_markdown(self) -> str:
-        head = self.header()
-        lines = ["| " + " | ".join(head) + " |",
-                 "|" + "|".join([":---"] * (3 if self.streams else 2)
-                                + ["---:"] * (len(head) - (3 if self.streams else 2))) + "|"]
-        for row in self.rows:
-            cells = [t for t, _ in self.cells(row)]
-            if row.kind == "mean":
-                cells = [f"**{c}**" if c else c for c in cells]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines = markdown_lines(self.header(), [([t for t, _ in self.cells(r)], r.kind == "mean")
+                                               for r in self.rows], left=3 if self.streams else 2)
         lines += [""] + [f"- {c}" for c in self.caption()]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
         """Numbers in percent (3 decimals); empty where absent; no markers, no caption."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.header())
-        for row in self.rows:
-            writer.writerow([("" if t == "-" else t) for t, _ in self.cells(row, digits=3, mark=False)])
-        return buf.getvalue()
+        rows = (["" if t == "-" else t for t, _ in self.cells(r, digits=3, mark=False)] for r in self.rows)
+        return csv_text(self.header(), rows)
 
     def to_html(self) -> str:
         parts = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in self.header())
@@ -204,13 +191,7 @@ class SideBySide:
 
     def to_text(self, width: int = 160) -> str:
         """The console table and its legend as plain text (no colour: losses keep their '!')."""
-        from rich.console import Console
-
-        console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
-        console.print(self.to_rich())
-        for line in self.legend():
-            console.print(line, highlight=False, soft_wrap=True)
-        return console.export_text()
+        return console_text(self.to_rich(), self.legend(), width)
 
 
 def _entries(results: list[Results]) -> tuple[list[Entry], list[str]]:

@@ -4,15 +4,13 @@ versions have none: their row says n/a."""
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from pipeline.cost import read_costs
-from pipeline.report.table import Series
+from pipeline.report.table import Series, console_text, csv_text
 from pipeline.results import predictions_uri
 
 __all__ = ["CostRow", "CostTable", "cost_table"]
@@ -93,12 +91,8 @@ class CostTable:
         return "\n".join(lines + [""] + [f"- {c}" for c in self.caption()]) + "\n"
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.HEADER)
-        for r in self.rows:
-            writer.writerow(["" if c == "n/a" else c for c in self.cells(r, digits=3)])
-        return buf.getvalue()
+        rows = (["" if c == "n/a" else c for c in self.cells(r, digits=3)] for r in self.rows)
+        return csv_text(self.HEADER, rows)
 
     def to_html(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
@@ -124,13 +118,7 @@ class CostTable:
         return [f"memory measured: {'; '.join(kinds)}"] * bool(kinds) + self.caption()
 
     def to_text(self, width: int = 160) -> str:
-        from rich.console import Console
-
-        console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
-        console.print(self.to_rich())
-        for line in self.legend():
-            console.print(line, highlight=False, soft_wrap=True)
-        return console.export_text()
+        return console_text(self.to_rich(), self.legend(), width)
 
 
 def cost_table(series: list[Series]) -> CostTable:

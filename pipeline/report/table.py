@@ -7,12 +7,14 @@ import csv
 import html
 import io
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from pipeline.results import Results
 
-__all__ = ["Series", "Row", "ComparisonTable", "series_of", "comparison_table", "CLEAN"]
+__all__ = ["Series", "Row", "ComparisonTable", "series_of", "comparison_table", "console_text",
+           "csv_text", "markdown_lines", "CLEAN"]
 
 CLEAN = "identity"  # the clean baseline corruption, written at severity 0
 
@@ -99,25 +101,14 @@ class ComparisonTable:
         return out
 
     def to_markdown(self) -> str:
-        head = self.header()
-        lines = ["| " + " | ".join(head) + " |",
-                 "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|"]
-        for row in self.rows:
-            cells = self.cells(row)
-            if row.is_mean:
-                cells = [f"**{c}**" if c else c for c in cells]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines = markdown_lines(self.header(), [(self.cells(r), r.is_mean) for r in self.rows], left=1)
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
         """Accuracy and gain in percent (3 decimals); empty cells where a value is absent."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.header())
-        for row in self.rows:
-            values = ["" if v is None else f"{100 * v:.3f}" for v in row.values]
-            writer.writerow([row.corruption, "" if row.is_mean else row.severity, *values])
-        return buf.getvalue()
+        rows = ([r.corruption, "" if r.is_mean else r.severity,
+                 *("" if v is None else f"{100 * v:.3f}" for v in r.values)] for r in self.rows)
+        return csv_text(self.header(), rows)
 
     def to_html(self) -> str:
         head = self.header()
@@ -179,11 +170,43 @@ class ComparisonTable:
 
     def to_text(self, width: int = 160) -> str:
         """The rich table rendered to plain text (no colour codes)."""
-        from rich.console import Console
+        return console_text(self.to_rich(max_width=width), width=width)
 
-        console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
-        console.print(self.to_rich(max_width=width))
-        return console.export_text()
+
+def markdown_lines(head: list[str], rows: Iterable[tuple[list[str], bool]], left: int) -> list[str]:
+    """A Markdown table's lines: `head`, then each row's cells (bold when its flag is set, e.g.
+    a mean row); the first `left` columns left-aligned, the numbers right-aligned."""
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join([":---"] * left + ["---:"] * (len(head) - left)) + "|"]
+    for cells, bold in rows:
+        if bold:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def csv_text(head: list[str], rows: Iterable[list]) -> str:
+    """`head`, then `rows`, as CSV text (newline line ends on every platform)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(head)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def console_text(table, lines: Iterable[str] = (), width: int = 160) -> str:
+    """A rich `table`, then `lines` (a legend, unhighlighted), as plain text (no colour codes).
+
+    The one renderer behind every report table's `to_text()`: what the console shows, for
+    files and tests.
+    """
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
+    console.print(table)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    return console.export_text()
 
 
 def _code(i: int) -> str:

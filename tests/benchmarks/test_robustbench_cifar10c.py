@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rgb_helpers import write_cifar_python
+from rgb_helpers import write_cifar_c, write_cifar_python
 
 from pipeline.errors import TTTPipeError
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 4  # images per severity block
+NAMES = ("gaussian_noise", "shot_noise")  # the corruptions written
 
 
 def _script():
@@ -30,19 +31,6 @@ def _script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def write_cifar_c(src: Path, names=("gaussian_noise", "shot_noise"), n=N, seed=0):
-    """The released layout: <name>.npy uint8 (5n, 32, 32, 3) (severity blocks 1..5) + labels."""
-    src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    np.save(src / "labels.npy", np.tile(labels, 5))
-    arrays = {}
-    for name in names:
-        arrays[name] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
-        np.save(src / f"{name}.npy", arrays[name])
-    return labels.astype(np.int64), arrays
 
 
 def _small_weights(path: Path) -> torch.nn.Module:
@@ -56,7 +44,8 @@ def _small_weights(path: Path) -> torch.nn.Module:
 
 
 def test_every_default_method_runs_the_continual_stream(tmp_path, capsys):
-    labels, arrays = write_cifar_c(tmp_path / "c10c")
+    labels, arrays = write_cifar_c(tmp_path / "c10c", N, NAMES)
+    labels = labels.astype(np.int64)
     write_cifar_python(tmp_path / "c10", n_train=12, n_test=4)
     model = _small_weights(tmp_path / "w.pt")
     res = _script().main([
@@ -80,7 +69,7 @@ def test_every_default_method_runs_the_continual_stream(tmp_path, capsys):
 
 
 def test_wrn28_10_smoke_runs_random_init(tmp_path):
-    write_cifar_c(tmp_path / "c10c", names=("gaussian_noise",))
+    write_cifar_c(tmp_path / "c10c", N, names=("gaussian_noise",))
     res = _script().main(["--smoke", "--cifar10c-dir", str(tmp_path / "c10c"),
                           "--corruptions", "gaussian_noise", "--methods", "source,norm"])
     assert res["smoke"] and res["n_images"] == 2 and res["batch_size"] == 2
@@ -98,7 +87,7 @@ def test_wrn28_10_smoke_runs_random_init(tmp_path):
 ])
 def test_missing_files_are_one_line(tmp_path, case, message):
     src = tmp_path / "c10c"
-    write_cifar_c(src)
+    write_cifar_c(src, N, NAMES)
     (tmp_path / "w.pt").write_bytes(b"")
     argv = ["--cifar10c-dir", str(src), "--weights", str(tmp_path / "w.pt"),
             "--corruptions", "gaussian_noise,shot_noise", "--methods", "source"]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from rgb_helpers import write_image
+from rgb_helpers import write_cifar_c, write_image
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -22,21 +22,9 @@ def _invoke(*args: str):
     return runner.invoke(app, ["import-corrupted", *args], env={"COLUMNS": "200"})
 
 
-def _write_cifar_c(src, names=("gaussian_noise", "fog"), n=N):
-    src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    np.save(src / "labels.npy", np.tile(labels, 5))
-    arrays = {}
-    for name in names:
-        arrays[name] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
-        np.save(src / f"{name}.npy", arrays[name])
-    return labels, arrays
-
-
 @pytest.mark.ray
 def test_import_cifar_c(ray_local, tmp_path):
-    labels, arrays = _write_cifar_c(tmp_path / "CIFAR-10-C")
+    labels, arrays = write_cifar_c(tmp_path / "CIFAR-10-C", N)
     out = tmp_path / "shards"
     result = _invoke("--layout", "cifar-c", "--src", str(tmp_path / "CIFAR-10-C"),
                      "--dataset", "cifar10", "--out", str(out), "--severities", "1,5",
@@ -95,7 +83,7 @@ def test_import_imagenet_c_with_limit(ray_local, tmp_path):
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     src = tmp_path / "CIFAR-10-C"
-    _write_cifar_c(src, names=("fog",))
+    write_cifar_c(src, N, names=("fog",))
     args = {"--layout": "cifar-c", "--src": str(src), "--dataset": "cifar10",
             "--out": str(tmp_path / "out"), "--corruptions": "fog"}
     if case == "layout":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rgb_helpers import write_image
+from rgb_helpers import write_cifar_c, write_image
 
 from pipeline.datasets import base, get_dataset, imagenet_wnids, load_split
 from pipeline.datasets.importers import COMMON, RELEASED, plan_import, read_unit
@@ -14,20 +14,8 @@ from pipeline.errors import TTTPipeError
 N = 8  # clean test samples per severity block
 
 
-def write_cifar_c(src, names=("gaussian_noise", "fog"), n=N, num_classes=10, seed=0):
-    src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_classes, n).astype(np.uint8)
-    np.save(src / "labels.npy", np.tile(labels, 5))
-    arrays = {}
-    for name in names:
-        arrays[name] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
-        np.save(src / f"{name}.npy", arrays[name])
-    return labels, arrays
-
-
 def test_cifar_c_units_and_rows(tmp_path):
-    labels, arrays = write_cifar_c(tmp_path / "CIFAR-10-C")
+    labels, arrays = write_cifar_c(tmp_path / "CIFAR-10-C", N)
     spec = get_dataset("cifar10")
     units = plan_import("cifar-c", tmp_path / "CIFAR-10-C", spec, "all", "1,5", seed=3)
     assert [(u.corruption, u.severity) for u in units] == [("gaussian_noise", 1), ("gaussian_noise", 5),
@@ -49,7 +37,7 @@ def test_cifar_c_units_and_rows(tmp_path):
 
 
 def test_cifar_c_limit_is_seeded_subset_and_same_across_units(tmp_path):
-    write_cifar_c(tmp_path)
+    write_cifar_c(tmp_path, N)
     spec = get_dataset("cifar100")
     a = plan_import("cifar-c", tmp_path, spec, "gaussian_noise,fog", [2], limit=3, seed=7)
     b = plan_import("cifar-c", tmp_path, spec, "gaussian_noise", 2, limit=3, seed=7)
@@ -61,7 +49,7 @@ def test_cifar_c_limit_is_seeded_subset_and_same_across_units(tmp_path):
 
 
 def test_cifar_c_uses_memory_maps(tmp_path, monkeypatch):
-    write_cifar_c(tmp_path)
+    write_cifar_c(tmp_path, N)
     calls = []
     real = np.load
 
@@ -80,7 +68,7 @@ def test_cifar_c_uses_memory_maps(tmp_path, monkeypatch):
                                   "no_labels", "missing", "unknown", "layout", "not_npy", "gray",
                                   "empty"])
 def test_cifar_c_errors_are_one_line(tmp_path, case):
-    write_cifar_c(tmp_path)
+    write_cifar_c(tmp_path, N)
     spec, corruptions, layout = get_dataset("cifar10"), "fog", "cifar-c"
     match = {"shape": r"fog.npy holds uint8 \(40, 32, 30, 3\), expected uint8 \(40, 32, 32, 3\)",
              "dtype": r"fog.npy holds float32", "labels_len": r"labels.npy holds .* expected integers \(5 x n,\)",
@@ -125,7 +113,7 @@ def test_cifar_c_errors_are_one_line(tmp_path, case):
 
 
 def test_cifar_c_pickled_npy_refused(tmp_path):
-    write_cifar_c(tmp_path)
+    write_cifar_c(tmp_path, N)
     np.save(tmp_path / "fog.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(TTTPipeError, match="cannot read .*fog.npy"):
         plan_import("cifar-c", tmp_path, get_dataset("cifar10"), "fog", 1)

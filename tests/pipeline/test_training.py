@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import synthetic_digits
+from helpers import count_host_reads, synthetic_digits
 
 import engines
 from pipeline.datasets import to_float
@@ -134,15 +134,7 @@ def test_no_host_round_trip_per_batch(monkeypatch):
                             image_shape=(3, 32, 32))
     loop = _rgb_loop(_engine(channels=3, size=32), recipe, images, labels, epochs=1)
     assert loop.batches_per_epoch == 6
-    calls = []
-    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = count_host_reads(monkeypatch)
     loop.run(3)
     assert calls == []  # a chunk of batches reads nothing back
     loop.run(3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gpu_helpers import DEVICE, HAVE_CUDA, needs_gpu
+from helpers import count_host_reads
 
 import engines
 from pipeline.models import build_model
@@ -92,15 +93,7 @@ def test_gpu_augmentation_runs_on_the_device(augment):
 @needs_gpu
 def test_gpu_epoch_reads_the_device_once(monkeypatch):
     loop = _loop(DEVICE)
-    calls = []
-    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = count_host_reads(monkeypatch)
     loop.run(2)
     assert calls == []
     loop.run(100)
