@@ -394,6 +394,9 @@ class ShardWorker:
                                "stream": dataclasses.asdict(self.stream)}
         manifest = {k: v for k, v in self.manifest.items()
                     if k not in ("format_version", "weights_sha256", "created")}
+        # the method that ran (maybe not the checkpoint's: adapt --method), so the saved weights
+        # (this engine's state_dict) load back as that method's checkpoint
+        manifest["method"] = {"name": self.settings.method, "config": self.engine.config.to_dict()}
         save_checkpoint(storage.join(self.save_adapted, name), self.engine.state_dict(),
                         {**manifest, "training": training})
 

@@ -173,3 +173,18 @@ def test_run_method_list_parsing():
     assert parse_run_methods("source, tent,both,tent") == ["source", "tent", "ttt", "it3"]
     assert [checkpoint_method(m) for m in ("ttt", "it3", "tent", "source")] == [
         "ttt", "it3", "source", "source"]
+
+
+def test_save_adapted_with_another_method_loads_back_as_that_method(source_ckpt, shard_dir, tmp_path):
+    """A source checkpoint adapted online by tent: each saved checkpoint is a tent checkpoint
+    (the weights are tent's engine), which adapt runs as it is."""
+    out, saved = tmp_path / "tent", tmp_path / "adapted"
+    result = _adapt(source_ckpt[0], shard_dir, out, "--method", "tent", "--mode", "online",
+                    "--steps", "1", "--save-adapted", str(saved))
+    assert result.exit_code == 0, result.output
+    first = sorted(p for p in saved.iterdir() if p.is_dir())[0]
+    manifest = load_checkpoint(str(first)).manifest
+    assert manifest["method"]["name"] == "tent" and manifest["method"]["config"]["mode"] == "online"
+    again = _adapt(first, shard_dir, tmp_path / "again", "--steps", "1")
+    assert again.exit_code == 0, again.output
+    _check_results(tmp_path / "again", "tent", steps=1)
