@@ -325,6 +325,38 @@ def _check_existing(uri: str, name: str, settings: AdaptSettings,
             f"({'; '.join(diff)}); use a new --out or delete that folder")
 
 
+def _covered_shards(uri: str) -> set[str]:
+    """The shards a predictions file holds rows of, from its footer summary (no rows read)."""
+    fs, path = storage.resolve(uri)
+    try:
+        meta = pq.read_schema(path, filesystem=fs).metadata or {}
+        summary = json.loads(meta.get(SUMMARY_KEY.encode(), b"{}"))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise TTTPipeError(f"cannot read existing predictions {uri} ({exc}); delete it and rerun") from None
+    return set(summary.get("shards") or ()) | ({summary["shard"]} if summary.get("shard") else set())
+
+
+def _check_foreign_predictions(out: str, units) -> None:
+    """A predictions file that is not one of this run's units but holds rows of its shards
+    (another --stream, e.g. continual after iid, into the same --out) would count those samples
+    twice in accuracy and the report: refused. Files of other shards may share the folder."""
+    folder = storage.join(str(out), PREDICTIONS_DIR)
+    if not storage.is_dir(folder):
+        return
+    planned = {u.name for u in units}
+    shards = {s.name for u in units for s in u.shards}
+    for uri in storage.list_files(folder, ".parquet"):
+        name = shard_name(uri)
+        if name in planned:
+            continue
+        both = sorted(_covered_shards(uri) & shards)
+        if both:
+            raise TTTPipeError(
+                f"the results folder already has predictions {name} for shard {both[0]}, which "
+                f"this run would predict again in another unit (another --stream?); use a new "
+                f"--out or delete {folder}")
+
+
 def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
     """Validate everything (no Ray): numbers, checkpoint, shards, the results folder."""
     started = time.perf_counter()
@@ -375,6 +407,7 @@ def prepare_adapt(req: AdaptRequest) -> AdaptPlan:
                                severity=shard.severity, samples=shard.rows, done=False,
                                labelled=shard.labelled, suite=str(shard.metadata.get("suite", ""))))
     units, stream = _plan_units(req, stream, infos)
+    _check_foreign_predictions(req.out, units)
     done_units = set()
     for unit in units:  # iid: one per shard, its file named after it (as before streams)
         pred = unit_uri(req.out, unit.name)

@@ -292,3 +292,17 @@ def test_reset_every_batch_equals_episodic(ttt_checkpoint, stream_shards, tmp_pa
         assert STREAM_KEY.encode() not in pq.read_schema(tmp_path / "episodic-iid.parquet").metadata
     finally:
         torch.set_num_threads(threads)
+
+
+def test_another_stream_into_the_same_out_is_refused(continual, ttt_checkpoint, stream_shards):  # noqa: F811
+    """iid after continual into one --out would predict every shard twice (the report would
+    count each sample twice): one line, nothing written."""
+    out, _ = continual
+    before = listing(out)
+    from jobs.adapt import prepare_adapt
+    from pipeline.errors import TTTPipeError
+
+    with pytest.raises(TTTPipeError, match=r"already has predictions continual-s\d for shard .*another --stream") as e:
+        prepare_adapt(AdaptRequest(ttt_checkpoint, str(stream_shards), str(out), steps=STEPS, mode="online"))
+    assert "\n" not in str(e.value)
+    assert listing(out) == before
