@@ -148,6 +148,10 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
         raise TTTPipeError("--train aux trains a method's auxiliary part, and source has none; "
                            "use --train all to fine-tune the model, or --method ttt|it3")
     source = None
+    if init is not None and out is not None and str(out).strip() and \
+            _local_abspath(str(out)).rstrip("/") == _local_abspath(str(init)).rstrip("/"):
+        raise TTTPipeError(f"--out {out} is the --init checkpoint itself; training would overwrite "
+                           "the weights it starts from: pass another --out")
     if init is not None:
         source = resolve_init(_local_abspath(str(init)), dataset=dataset, model=model,
                               model_kwargs=model_kwargs, normalize=normalize,

@@ -160,6 +160,13 @@ def test_bad_init_and_scope_are_one_line_errors(idx_dir, tmp_path):
     assert result.exit_code != 0 and not (tmp_path / "b").exists()
 
 
+def test_init_onto_itself_is_refused(source):
+    before = (source / "manifest.json").read_bytes()
+    with pytest.raises(TTTPipeError, match="is the --init checkpoint itself") as e:
+        resolve_spec("ttt", None, str(source) + "/", init=str(source), train="aux")
+    assert "\n" not in str(e.value) and (source / "manifest.json").read_bytes() == before
+
+
 def test_changed_init_is_refused_by_the_trainer(source, tmp_path):
     """The actor re-reads the init and refuses weights other than the ones the run planned with."""
     from pipeline.training import load_init_model
