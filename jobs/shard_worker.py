@@ -396,7 +396,9 @@ class ShardWorker:
                     if k not in ("format_version", "weights_sha256", "created")}
         # the method that ran (maybe not the checkpoint's: adapt --method), so the saved weights
         # (this engine's state_dict) load back as that method's checkpoint
-        manifest["method"] = {"name": self.settings.method, "config": self.engine.config.to_dict()}
+        ran = {k: getattr(self.settings, k) for k in ("steps", "lr", "batch_size", "mode", "gate")}
+        manifest["method"] = {"name": self.settings.method,
+                              "config": self.engine.config.replace(**ran).to_dict()}
         save_checkpoint(storage.join(self.save_adapted, name), self.engine.state_dict(),
                         {**manifest, "training": training})
 

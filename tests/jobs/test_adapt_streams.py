@@ -306,3 +306,17 @@ def test_another_stream_into_the_same_out_is_refused(continual, ttt_checkpoint, 
         prepare_adapt(AdaptRequest(ttt_checkpoint, str(stream_shards), str(out), steps=STEPS, mode="online"))
     assert "\n" not in str(e.value)
     assert listing(out) == before
+
+
+def test_mode_in_method_config_counts_as_chosen(ttt_checkpoint, stream_shards, tmp_path):  # noqa: F811
+    """A continual stream is online unless the user chose a mode: --mode or --method-config's."""
+    from jobs.adapt import prepare_adapt
+    from pipeline.errors import TTTPipeError
+
+    req = AdaptRequest(ttt_checkpoint, str(stream_shards), str(tmp_path / "r"), steps=STEPS,
+                       stream="continual", method_config='{"mode": "episodic"}')
+    assert prepare_adapt(req).settings.mode == "episodic"
+    with pytest.raises(TTTPipeError, match="--save-adapted saves the weights"):
+        prepare_adapt(AdaptRequest(ttt_checkpoint, str(stream_shards), str(tmp_path / "s"), steps=STEPS,
+                                   stream="continual", method_config={"mode": "episodic"},
+                                   save_adapted=str(tmp_path / "adapted")))

@@ -100,13 +100,15 @@ def test_adapt_a_ttt_checkpoint_with_tent(ttt_checkpoint, shard_dir, tmp_path):
     assert result.exit_code != 0 and "selects no trainable parameter" in _error_line(result)
     assert not out.exists()
     result = _adapt(ttt_checkpoint, shard_dir, out, "--method", "tent", "--steps", "1",
-                    "--method-config", '{"adapt_params": "model", "lr": 0.001}')
+                    "--method-config", '{"adapt_params": "model", "lr": 0.001, "steps": 4}')
     assert result.exit_code == 0, result.output
     _check_results(out, "tent", steps=1)
     run = json.loads((out / "run.json").read_text())
     assert run["checkpoint"]["method"]["name"] == "ttt" and run["method"]["name"] == "tent"
     assert run["method"]["config"]["adapt_params"] == "model"
-    assert json.loads(run["settings"]["method_config"]) == {"adapt_params": "model", "lr": 0.001}
+    assert run["method"]["config"]["steps"] == 1  # the flag won, and run.json says what ran
+    assert json.loads(run["settings"]["method_config"]) == {"adapt_params": "model", "lr": 0.001,
+                                                            "steps": 4}
 
 
 @pytest.mark.parametrize("extra, message", [
