@@ -74,7 +74,11 @@ class AdaptSettings:
     fisher_dir: str = ""      # where "train" is searched (--data-dir): not compared on resume
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """What predictions files and accuracy.parquet store: every field but `fisher_dir`
+        (where the data is mounted, not what it is: the bytes must not depend on it)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("fisher_dir")
+        return json.dumps(fields, sort_keys=True)
 
 
 def shard_seed(seed: int, shard: str) -> int:

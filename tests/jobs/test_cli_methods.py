@@ -137,6 +137,8 @@ def test_eata_with_its_fisher_from_tiny_training_data(source_ckpt, idx_dir, shar
     _check_results(out, "eata", steps=1)
     s = json.loads((out / "run.json").read_text())["settings"]
     assert (s["fisher_data"], s["fisher_samples"]) == ("train", 32)
+    for f in (out / "predictions").glob("*.parquet"):  # the bytes do not name the mount point
+        assert str(idx_dir) not in str(pq.read_schema(f).metadata)
     # (the Fisher's determinism: tests/pipeline/test_method_choice.py, no Ray)
     # resume with another Fisher sample count is refused
     other = _adapt(source_ckpt[0], shard_dir, out, "--method", "eata", "--steps", "1",
