@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,6 +54,7 @@ from pipeline.datasets import load_split  # noqa: E402
 from pipeline.datasets.base import CACHE_ROOT  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.training import Batches, EpochLoop, resolve_recipe  # noqa: E402
+from pipeline.training.supervised import Supervised  # noqa: E402
 
 MODEL = "seed_cnn_bn"
 METHODS = ("source", "norm", "tent", "eata", "sar", "cotta", "lame", "memo", "ttt", "it3")
@@ -87,22 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- models ------------------------------------------------------------------------------------
-class _Plain(nn.Module):
-    """A model under `EpochLoop`'s contract (`joint_loss`, `predict`) with CE alone: the plain
-    source training (aux loss 0)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def joint_loss(self, x, y):
-        logits = self.model(x)
-        return F.cross_entropy(logits, y), logits, logits.new_zeros(())
-
-    def predict(self, x):
-        return self.model(x)
-
-
 def _fresh_model(spec, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return build_model(MODEL, mean=spec.mean[0], std=spec.std[0], num_classes=spec.num_classes)
@@ -128,7 +112,7 @@ def trained(kind: str, spec, train, seed: int, retrain: bool) -> tuple[nn.Module
     example = torch.zeros(1, *spec.image_shape)
     if kind == "source":
         cfg = engines.SourceConfig()
-        module = _Plain(model)
+        module = Supervised(model)  # CE alone: what `train --method source` trains
     else:
         cfg = engines.get_engine(kind).config_cls(seed=seed)
         module = engines.get_engine(kind)(model, example, cfg)

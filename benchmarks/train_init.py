@@ -54,7 +54,9 @@ def plain(out: str, model: str, data_dir: str | None) -> None:
     torch.manual_seed(0)
     net = build_model_from_spec(resolve_model_spec(model, get_dataset(DATASET)))
     images, labels = _split(data_dir)
-    x = images.float() / 255                                           # (N, 1, 28, 28)
+    from pipeline.training.data import to_pixels
+
+    x = to_pixels(images)                                              # (N, C, H, W) pixel units
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     net.train()

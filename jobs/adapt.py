@@ -245,19 +245,6 @@ def _settings_diff(theirs: dict, settings: AdaptSettings) -> list[str]:
     return [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
 
 
-def _mode_given(req: AdaptRequest) -> bool:
-    """The user chose the mode: --mode, or a "mode" in --method-config."""
-    if req.mode is not None:
-        return True
-    cfg = req.method_config
-    if isinstance(cfg, str):
-        try:
-            cfg = json.loads(cfg)
-        except ValueError:
-            return False  # resolve_method has refused it already
-    return isinstance(cfg, dict) and "mode" in cfg
-
-
 def _stream_settings(req: AdaptRequest, settings: AdaptSettings) -> tuple[AdaptSettings, StreamSettings]:
     """Check --stream/--reset/--dirichlet/--save-adapted (no shards needed yet) and fold them
     into the settings. A continual stream is online unless --mode says otherwise (state is
@@ -281,7 +268,8 @@ def _stream_settings(req: AdaptRequest, settings: AdaptSettings) -> tuple[AdaptS
     if reset.kind == "domain" and kind == "mixed":
         raise TTTPipeError("--reset domain: a mixed stream has no domain boundaries (its batches mix "
                            "domains); use --reset never or every:N")
-    mode = settings.mode if _mode_given(req) or kind != "continual" else "online"
+    chosen = req.mode is not None or "mode" in json.loads(settings.method_config)  # --mode or
+    mode = settings.mode if chosen or kind != "continual" else "online"         # --method-config's
     if mode == "episodic" and reset.kind != "never":
         raise TTTPipeError(f"--reset {reset} needs --mode online: episodic mode resets after every batch")
     if mode == "episodic" and req.save_adapted:
@@ -449,9 +437,7 @@ def _run_config(plan: AdaptPlan) -> dict:
         "method": {"name": plan.settings.method,  # the config the actors resolve and run
                    "config": {**resolve_method(plan.checkpoint, plan.settings.method,
                                                json.loads(plan.settings.method_config)).config,
-                              # the flags win over --method-config (as in the actors)
-                              **{k: getattr(plan.settings, k)
-                                 for k in ("steps", "lr", "batch_size", "mode", "gate")}}},
+                              **plan.settings.flags()}},  # the flags win (as in the actors)
         "args": dataclasses.asdict(plan.request),
         "shards": [s.uri for s in plan.shards],
         "samples": {s.name: s.samples for s in plan.shards},

@@ -73,6 +73,11 @@ class AdaptSettings:
     fisher_samples: int = 0
     fisher_dir: str = ""      # where "train" is searched (--data-dir): not compared on resume
 
+    def flags(self) -> dict:
+        """The adapt flags that win over the method's config (as the actors run them): what a
+        record of the config that ran must show."""
+        return {k: getattr(self, k) for k in ("steps", "lr", "batch_size", "mode", "gate")}
+
     def to_json(self) -> str:
         """What predictions files and accuracy.parquet store: every field but `fisher_dir`
         (where the data is mounted, not what it is: the bytes must not depend on it)."""
@@ -400,9 +405,8 @@ class ShardWorker:
                     if k not in ("format_version", "weights_sha256", "created")}
         # the method that ran (maybe not the checkpoint's: adapt --method), so the saved weights
         # (this engine's state_dict) load back as that method's checkpoint
-        ran = {k: getattr(self.settings, k) for k in ("steps", "lr", "batch_size", "mode", "gate")}
         manifest["method"] = {"name": self.settings.method,
-                              "config": self.engine.config.replace(**ran).to_dict()}
+                              "config": self.engine.config.replace(**self.settings.flags()).to_dict()}
         save_checkpoint(storage.join(self.save_adapted, name), self.engine.state_dict(),
                         {**manifest, "training": training})
 

@@ -24,7 +24,7 @@ __all__ = ["speckle_noise", "gaussian_blur", "contrast", "stretch"]
 
 @register("speckle_noise", "x + x·N(0, std²) (ImageNet-C's speckle noise)", validation=True)
 def speckle_noise(x, rngs, *, norm_std, std):
-    noise = draw(rngs, lambda g: g.standard_normal(x.shape[1:]))  # (N, 28, 28) float64
+    noise = draw(rngs, lambda g: g.standard_normal(x.shape[1:]))  # (N, H, W) float64
     return (x + x * noise * std).astype(np.float32)
 
 
