@@ -268,6 +268,10 @@ def _stream_settings(req: AdaptRequest, settings: AdaptSettings) -> tuple[AdaptS
     if reset.kind == "domain" and kind == "mixed":
         raise TTTPipeError("--reset domain: a mixed stream has no domain boundaries (its batches mix "
                            "domains); use --reset never or every:N")
+    if reset.kind == "domain" and kind != "continual":
+        raise TTTPipeError(f"--reset domain resets at the domain boundaries of --stream continual; an "
+                           f"{kind} stream holds one domain (it is reset at its start anyway): "
+                           "use --stream continual, or --reset never or every:N")
     chosen = req.mode is not None or "mode" in json.loads(settings.method_config)  # --mode or
     mode = settings.mode if chosen or kind != "continual" else "online"         # --method-config's
     if mode == "episodic" and reset.kind != "never":

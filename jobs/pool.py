@@ -140,8 +140,15 @@ def actor_env() -> dict[str, str]:
     (measured on an AMD EPYC: two distinct results over reruns of one shard), and Adam's
     sign-like first step turns last-bit differences into different predictions. It must be in
     the environment before MKL starts, hence a runtime_env and not code in the actor.
+
+    `TTT_PIPE_DATA` (where datasets are searched, e.g. EATA's clean Fisher images) is passed on
+    when the driver has it: on a cluster the actors' processes do not inherit the driver's
+    environment.
     """
-    return {"MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO")}
+    env = {"MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO")}
+    if os.environ.get("TTT_PIPE_DATA"):
+        env["TTT_PIPE_DATA"] = os.environ["TTT_PIPE_DATA"]
+    return env
 
 
 def _error_line(exc: BaseException) -> str:

@@ -185,3 +185,19 @@ def test_cli_takes_min_max_actors_and_rejects_bad_ones(tmp_path):
     result = CliRunner().invoke(app, [*args, "1:2"], env={"COLUMNS": "200"})
     assert result.exit_code == 1 and "error:" in result.output  # parsed; the checkpoint is missing
     assert not (tmp_path / "o").exists()
+
+
+def test_actors_get_the_drivers_data_dir(ray_local, monkeypatch, tmp_path):
+    """$TTT_PIPE_DATA set in the driver after Ray started (as on a cluster, where actors never
+    inherit the driver's environment) reaches an actor started with `actor_env`."""
+    from jobs.pool import actor_env
+
+    @ray_local.remote(num_cpus=0.1)
+    def data_dir():
+        return os.environ.get("TTT_PIPE_DATA"), os.environ.get("MKL_CBWR")
+
+    monkeypatch.setenv("TTT_PIPE_DATA", str(tmp_path))
+    got = ray_local.get(data_dir.options(runtime_env={"env_vars": actor_env()}).remote())
+    assert got == (str(tmp_path), os.environ.get("MKL_CBWR", "AUTO"))
+    monkeypatch.delenv("TTT_PIPE_DATA")
+    assert "TTT_PIPE_DATA" not in actor_env()
