@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from helpers import write_dataset
 
+from pipeline.corruptions.imagenet_c.weather import FROST_FILES
+
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +91,8 @@ def test_wheel_holds_every_subpackage_and_data_file(wheel):
     assert _source_packages() - folders == set()
     assert {"pipeline/corruptions", "pipeline/report", "jobs/commands"} <= folders
     assert _source_data_files() - names == set()
+    frost = {f"pipeline/corruptions/imagenet_c/frost/{f}" for f in (*FROST_FILES, "NOTICE.txt")}
+    assert frost - names == set()  # frost's photos ship: no imagecorruptions needed at run time
     assert not [n for n in names if n.startswith("tests/")]
     assert any(n.endswith("entry_points.txt") for n in names)
 

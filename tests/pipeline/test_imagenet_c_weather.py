@@ -10,6 +10,7 @@ the resized frost photo (cv2's fixed-point bicubic vs torch's float one) times i
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import cv2
 import imagecorruptions as ic
@@ -187,15 +188,27 @@ def test_shapes_determinism_and_batch_independence(name, table, shape):
     assert torch.equal(x, _to_x(images))  # the input is untouched
 
 
-def test_frost_without_the_photos_is_one_line_error(monkeypatch):
-    monkeypatch.setattr(weather.importlib.util, "find_spec", lambda name: None)
-    weather._frost_photo.cache_clear()
-    weather._frost_scaled.cache_clear()
+def _clear_frost_caches():
+    for cached in (weather._frost_dir, weather._frost_photo, weather._frost_scaled):
+        cached.cache_clear()
+
+
+def test_frost_photos_ship_with_the_package_and_equal_imagecorruptions():
+    """frost needs no imagecorruptions at run time: the package's photos are its files."""
+    ours = Path(weather.__file__).with_name("frost")
+    theirs = Path(ic.__file__).with_name("frost")
+    for name in weather.FROST_FILES:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
+def test_frost_with_a_changed_photo_is_one_line_error(monkeypatch):
+    monkeypatch.setitem(weather.FROST_SHA256, "frost2.png", "0" * 64)
+    _clear_frost_caches()
     try:
         entry = RGB_CORRUPTIONS["frost"]
-        with pytest.raises(TTTPipeError, match=r"pip install imagecorruptions-imaug==1\.1\.5") as err:
+        with pytest.raises(TTTPipeError, match=r"frost2\.png is missing or changed; reinstall") as err:
             entry.fn(_to_x(_images(1, 32, 32)), sample_rngs(0, "frost", 1, [0]), **entry.cifar[0])
         assert "\n" not in str(err.value)
     finally:
-        weather._frost_photo.cache_clear()
-        weather._frost_scaled.cache_clear()
+        monkeypatch.undo()
+        _clear_frost_caches()

@@ -3,7 +3,7 @@
 Algorithms and constants are Hendrycks' `make_cifar_c.py` (table `cifar`, 32x32) and
 `make_imagenet_c.py` (table `imagenet`, 224x224) as `imagecorruptions` (the parity reference)
 runs them: snow's ImageMagick motion blur is its numpy `_motion_blur`, frost crops one of the
-frost photos shipped in the `imagecorruptions` package, fog adds a diamond-square plasma
+frost photos `imagecorruptions` ships (copied into frost/, NOTICE.txt there), fog adds a diamond-square plasma
 fractal, spatter's OpenCV steps (Canny, chamfer distance transform, histogram equalisation,
 box filters) are re-expressed here in numpy/scipy with OpenCV's arithmetic (no cv2 at run time).
 
@@ -16,7 +16,7 @@ reference size (32 or 224), so at exactly 32x32 / 224x224 they are the reference
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -168,12 +168,27 @@ def snow(x: torch.Tensor, rngs, *, loc, scale, zoom, threshold, radius, sigma, b
 
 # ---------------------------------------------------------------------------------- frost
 
+# SHA-256 of the photos as imagecorruptions-imaug 1.1.5 ships them (frost/NOTICE.txt).
+FROST_SHA256 = {
+    "frost1.png": "ff9f907860bd7a835d459e32f9d588062b7f61ee267343cc7222b56753a14755",
+    "frost2.png": "fe211a89b336999c207a852ce05818d4545d0b57c5beadd824b4cc9d9a9b6137",
+    "frost3.png": "2d0d50b4a9bb213f38b024ef7768731bb83cc08d2f26b5766bbc167cdfa0e504",
+    "frost4.jpg": "3f8b91ca1a9fa7167b09e773da53f5ae60d0a1fd88f02a783f6e328a72887f6e",
+    "frost5.jpg": "5fc6a19df4a429ba68abdcc8f8a4278d4c9f81c9ccafd2c92ab0c8cf8992ebd2",
+    "frost6.jpg": "1f92b2f48408748085b68dd81d816ef239f42cef3029c25d041fcb6760fb4f25",
+}
+
+
+@lru_cache(maxsize=1)
 def _frost_dir() -> Path:
-    spec = importlib.util.find_spec("imagecorruptions")  # located, not imported (cv2, numba)
-    folder = Path(next(iter(spec.submodule_search_locations or ())), "frost") if spec else None
-    if folder is None or not all((folder / f).is_file() for f in FROST_FILES):
-        raise TTTPipeError("frost needs the frost photos shipped with imagecorruptions: "
-                           "pip install imagecorruptions-imaug==1.1.5")
+    """The frost photos shipped in this package (copied from imagecorruptions, Apache-2.0),
+    checked against their checksums once per process."""
+    folder = Path(__file__).with_name("frost")
+    for name in FROST_FILES:
+        path = folder / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != FROST_SHA256[name]:
+            raise TTTPipeError(f"frost photo {path} is missing or changed; reinstall ttt-pipe "
+                               "(the photos ship in pipeline/corruptions/imagenet_c/frost/)")
     return folder
 
 
