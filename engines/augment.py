@@ -134,7 +134,7 @@ def augmix(image: torch.Tensor, g: torch.Generator, severity: float = 3.0,
             op = _AUGMIX_OPS[int(torch.randint(len(_AUGMIX_OPS), (), generator=g))]
             chain = op(chain, g, severity)
         mix = mix + w[i] * chain
-    return (m * x + (1 - m) * mix)[0]
+    return (m * x + (1 - m) * mix)[0].clamp(0, 1)  # a convex mix, up to rounding (-3e-9 seen)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
