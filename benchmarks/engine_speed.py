@@ -80,9 +80,13 @@ def reference_engine(method: str, ours: engines.Engine, example: torch.Tensor,
                      channels_last: bool = False):
     """torch-ttt's engine on a deep copy of our model, its lazy part built then overwritten.
     The copy gets the default (contiguous) layout, as a user's model has, unless
-    `channels_last`."""
+    `channels_last`. Building the lazy part takes one train-mode forward, which moves
+    BatchNorm's running statistics (two momentum updates); the copy's state is restored after
+    it, so both sides start from the same buffers (benchmarks/README.md, "ResNet-26 vs
+    torch-ttt")."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = copy.deepcopy(ours.model).to(memory_format=fmt)
+    state = copy.deepcopy(model.state_dict())
     if method == "ttt":
         from torch_ttt.engine.ttt_engine import TTTEngine
         ref = TTTEngine(model, ours.config.layer, optimization_parameters={})
@@ -96,6 +100,7 @@ def reference_engine(method: str, ours: engines.Engine, example: torch.Tensor,
         ref.train()
         ref(example)                                  # builds embeder
         ref.embeder.load_state_dict(ours.embedder.state_dict())
+    model.load_state_dict(state)                      # undo that forward's BatchNorm updates
     ref.to(memory_format=fmt)
     ref.eval()
     return ref

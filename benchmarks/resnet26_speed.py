@@ -10,7 +10,9 @@ Weights: resnet26 (seeded init) jointly trained with our engine's auxiliary part
 only move the weights, the head and BatchNorm's statistics away from their init). torch-ttt
 gets a deep copy of the model and our head/embedder weights (benchmarks/engine_speed.py's
 `reference_engine`). Inputs: `--n` seeded uniform images in [0, 1], batches of `--batch`.
-TTT: the head at layer2 (the paper's), every parameter adapted with Adam on both sides. IT3:
+TTT: the head at layer2 (the paper's), every parameter adapted with Adam on both sides, and
+`--gate none` (default; torch-ttt has no gate — `--gate entropy`, our TTT default, puts step 0's
+row back wherever a step is not less uncertain, which torch-ttt never does). IT3:
 our `variant="torch_ttt"` (torch-ttt's algorithm, its tutorial) with MSE between softmaxes at
 layer1. Timed after one warm-up pass, best of `--repeats` interleaved rounds:
   sweep  - predictions after 0..3 steps: one anytime `adapt(x, 3)` for us, four runs for torch-ttt;
@@ -35,12 +37,12 @@ from pipeline.models import build_model, default_layer  # noqa: E402
 STEPS = 3
 
 
-def build(method: str, norm: str, train_steps: int, batch: int):
+def build(method: str, norm: str, train_steps: int, batch: int, gate: str = "none"):
     torch.manual_seed(0)
     model = build_model("resnet26", norm=norm)
     layer = default_layer("resnet26", method)
     if method == "ttt":
-        cfg = engines.TTTConfig(layer=layer)
+        cfg = engines.TTTConfig(layer=layer, gate=gate)
     else:
         cfg = engines.IT3Config.tutorial(distance="mse", layer=layer)
     gen = torch.Generator().manual_seed(1)
@@ -59,7 +61,7 @@ def build(method: str, norm: str, train_steps: int, batch: int):
 
 
 def bench(method: str, norm: str, args) -> dict:
-    ours, cfg = build(method, norm, args.train_steps, args.batch)
+    ours, cfg = build(method, norm, args.train_steps, args.batch, args.gate)
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(args.n, 3, 32, 32, generator=gen)
     batches = [x[i:i + args.batch] for i in range(0, len(x), args.batch)]
@@ -95,6 +97,8 @@ def main(argv=None) -> None:
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gate", choices=("none", "entropy"), default="none",
+                    help="our TTT's gate (torch-ttt has none; IT3's tutorial config: none)")
     args = ap.parse_args(argv)
     try:
         import torch_ttt  # noqa: F401
