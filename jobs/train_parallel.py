@@ -174,5 +174,9 @@ def _first_cause(exc: BaseException) -> str:
     text = str(seen).strip().splitlines()
     last = [line for line in text if line.strip()]
     pipe = [line for line in last if "TTTPipeError" in line]
-    line = (pipe[-1].split("TTTPipeError:", 1)[-1] if pipe else (last[-1] if last else type(seen).__name__))
-    return line.strip()
+    if pipe:
+        return pipe[-1].split("TTTPipeError:", 1)[-1].strip()
+    line = (last[-1] if last else type(seen).__name__).split(". ")[0].strip()
+    if "dead" in line or "died" in line:  # killed: out of memory, node lost, ...
+        line += "; check memory and `ray status`, then rerun (it resumes after the last finished epoch)"
+    return line

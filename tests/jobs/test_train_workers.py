@@ -92,3 +92,25 @@ def test_bad_worker_counts_fail_in_one_line(ray_local, idx_dir, tmp_path, extra,
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], result.output
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.ray
+def test_killed_two_worker_run_resumes_from_its_last_epoch(ray_local, idx_dir, tmp_path, monkeypatch):
+    from jobs.train import KILL_ENV
+
+    out = tmp_path / "ckpt"
+    monkeypatch.setenv(KILL_ENV, str(tmp_path / "killed-once"))
+    args = ("--workers", "2", "--cpus", "0.5", "--epochs", "2")
+    first = _train(idx_dir, out, *args)
+    assert first.exit_code == 1 and "data-parallel training failed" in first.output, first.output
+    errors = [line for line in first.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, first.output
+    print(errors[0])
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt.train-state").iterdir()) == ["state.pt"]
+    second = _train(idx_dir, out, *args)  # the marker exists: rank 0 lives
+    assert second.exit_code == 0, second.output
+    assert "resuming after epoch 1/2" in second.output and "epoch 2/2" in second.output
+    t = json.loads((out / "manifest.json").read_text())["training"]
+    assert t["resumed_from_epoch"] == 1 and [m["epoch"] for m in t["metrics"]] == [1, 2]
+    assert not (tmp_path / "ckpt.train-state").exists()
