@@ -75,6 +75,7 @@ class TrainSpec:
     image_size: int | None = None  # --image-size (imagenet, folder:PATH); None: the dataset's
     init: dict | None = None  # --init: InitSource.manifest_entry() + its `model` entry
     train_scope: str = "all"  # --train: all (model + auxiliary part) or aux (model frozen)
+    workers: int = 1  # --workers: data-parallel Ray Train workers (jobs/train_parallel.py); 1: one actor
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
                  schedule: str | None = None, augment: str | None = None,
                  precision: str | None = None, val_fraction: float | None = None,
                  image_size: int | None = None, init: str | None = None,
-                 train: str | None = None, preset: str | None = None) -> TrainSpec:
+                 train: str | None = None, preset: str | None = None, workers: int = 1) -> TrainSpec:
     """Fill in the method's defaults (its config class, or its named `preset`, e.g. "seeds")
     and check every value. The config, test-time fields included, goes into the checkpoint, so
     `adapt` on it runs the preset's settings unless told otherwise.
@@ -171,7 +172,7 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
         if is_import_path(model):  # naming it on the command line trusts it for this run
             trusted = tuple(dict.fromkeys(trusted + (parse_import_path(model)[0],)))
         model_spec = resolve_model_spec(model, ds, normalize=normalize, model_kwargs=model_kwargs)
-    checks = [(epochs, "--epochs", 1), (batch_size, "--batch-size", 1), (limit, "--limit", 1)]
+    checks = [(workers, "--workers", 1), (epochs, "--epochs", 1), (batch_size, "--batch-size", 1), (limit, "--limit", 1)]
     for value, flag, low in checks:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise TTTPipeError(f"{flag} must be an integer >= {low}, got {value!r}")
@@ -191,8 +192,9 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
         raise TTTPipeError(f"--aux-weight must be a number >= 0, got {aux_weight!r}")
     if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
         raise TTTPipeError(f"--gpus must be a number >= 0, got {gpus!r}")
-    if not (math.isfinite(cpus) and cpus >= 1):
-        raise TTTPipeError(f"--cpus must be a number >= 1, got {cpus!r}")
+    low = 1 if workers == 1 else 0.1  # Ray Train workers may share a CPU (--workers N > 1)
+    if not (math.isfinite(cpus) and cpus >= low):
+        raise TTTPipeError(f"--cpus must be a number >= {low:g}, got {cpus!r}")
     if not str(out).strip():
         raise TTTPipeError("--out is empty; name the checkpoint directory, e.g. runs/ttt-ckpt")
     check_model = layer_check_model(model_spec, trusted)  # zoo: on the meta device
@@ -216,7 +218,7 @@ def resolve_spec(method: str, dataset: str | None, out: str, *, model: str | Non
                      data_dir=_local_abspath(data_dir), gpus=gpus, cpus=float(cpus),
                      model_kwargs={} if source else parse_model_kwargs(model_kwargs),
                      normalize=None if source else normalize, trusted=trusted,
-                     recipe=recipe.to_dict(), image_size=image_size, train_scope=scope,
+                     recipe=recipe.to_dict(), image_size=image_size, train_scope=scope, workers=workers,
                      init=None if source is None else {**source.manifest_entry(), "model": source.model})
 
 
@@ -265,8 +267,11 @@ class Trainer:
     ordinary exception of `setup()` rather than a dead actor.
     """
 
-    def __init__(self, spec: TrainSpec, threads: int, kill_marker: str | None = None):
+    def __init__(self, spec: TrainSpec, threads: int, kill_marker: str | None = None,
+                 parallel: dict | None = None):
         self.spec, self.threads, self.kill_marker = spec, threads, kill_marker
+        # jobs/train_parallel.py: {"rank", "world_size", "device", "wrap", "all_reduce"}
+        self.parallel = parallel or {}
 
     def setup(self) -> dict:
         from pipeline.checkpoint import dataset_entry
@@ -279,7 +284,8 @@ class Trainer:
 
         spec = self.spec
         torch.set_num_threads(self.threads)
-        self.device = actor_device()
+        par = self.parallel
+        self.device = par.get("device") or actor_device()
         split = load_split(spec.dataset, "train", data_dir=spec.data_dir, image_size=spec.image_size)
         n = len(split.labels) if spec.limit is None else min(spec.limit, len(split.labels))
         if n == 0:
@@ -312,8 +318,15 @@ class Trainer:
             self.engine.model.requires_grad_(False)
             frozen = (self.engine.model,)
         self.engine.train()
+        forward = None
+        if par.get("wrap") is not None:  # one module (model + aux part) for DDP: all its parameters
+            from pipeline.training.parallel import JointLoss
+
+            forward = par["wrap"](JointLoss(self.engine))
         self.loop = EpochLoop(self.engine, recipe, train_set, val_set, epochs=spec.epochs,
-                              batch_size=spec.batch_size, seed=spec.seed, frozen=frozen)
+                              batch_size=spec.batch_size, seed=spec.seed, frozen=frozen,
+                              rank=par.get("rank", 0), world_size=par.get("world_size", 1),
+                              forward=forward, all_reduce=par.get("all_reduce"))
         self.resumed_from = 0
         state = load_state(spec.out)
         if state is not None:
@@ -342,7 +355,7 @@ class Trainer:
                      m["epoch"], self.spec.epochs, m["loss"], m["accuracy"], m["aux_loss"],
                      f", val accuracy {m['val_accuracy']:.4f}" if "val_accuracy" in m else "",
                      m["images_per_s"] or 0.0)
-            if not report["finished"]:
+            if not report["finished"] and self.parallel.get("rank", 0) == 0:
                 save_state(self.spec.out, {**self.loop.state_dict(), "fingerprint": _fingerprint(self.spec)})
                 self._maybe_die()
         return report
@@ -382,6 +395,9 @@ class Trainer:
                          "init": None if spec.init is None else
                          {k: v for k, v in spec.init.items() if k != "model"}},
         }
+        if spec.workers > 1:  # the single-worker manifest stays as it was
+            manifest["training"].update(workers=spec.workers,
+                                        global_batch_size=spec.batch_size * spec.workers)
         written = save_checkpoint(spec.out, checkpoint_weights(spec.method, self.engine), manifest)
         remove_state(spec.out)
         return written
@@ -392,6 +408,8 @@ def _fingerprint(spec: TrainSpec) -> str:
     import json
 
     fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("gpus", "cpus", "data_dir")}
+    if fields["workers"] == 1:  # a single-worker state keeps its fingerprint from before --workers
+        del fields["workers"]
     return json.dumps(fields, sort_keys=True, default=str)
 
 
@@ -404,10 +422,16 @@ def _unwrap(exc: ray.exceptions.RayTaskError) -> BaseException:
 def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train on Ray as `spec` says; return the written checkpoint's manifest.
 
+    `spec.workers > 1` trains data-parallel through Ray Train (jobs/train_parallel.py).
+
     `on_event(kind, info)` is called with ("setup", plan info), ("progress", run report) and
     ("saved", manifest), so a CLI can draw progress without this module printing anything.
     """
     emit = on_event or (lambda kind, info: None)
+    if spec.workers > 1:
+        from jobs.train_parallel import train_parallel
+
+        return train_parallel(spec, address=address, on_event=emit)
     with connect(address) as resources:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         max_node_cpus = max((n["Resources"].get("CPU", 0.0) for n in alive), default=1.0)

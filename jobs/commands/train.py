@@ -55,7 +55,8 @@ def command(
                                                 "the head/embedder trains)."),
     image_size: int = typer.Option(None, help="Image side for folder:/imagenet data (default 224)."),
     epochs: int = typer.Option(None, help="Training epochs (default: the method's: ttt 1, it3 2)."),
-    batch_size: int = typer.Option(None, help="Training batch size (default: ttt 64, it3 256)."),
+    batch_size: int = typer.Option(None, help="Training batch size per worker (default: ttt 64, "
+                                              "it3 256); with --workers N the global batch is N times it."),
     lr: float = typer.Option(None, help="Learning rate (default: adam the method's, ttt 1e-2, it3 1e-3; sgd 0.1)."),
     optimizer: str = typer.Option(None, help="adam (the seeds' recipe, default) or sgd (momentum, weight "
                                              "decay, cosine schedule by default)."),
@@ -82,8 +83,12 @@ def command(
     seed: int = typer.Option(0, help="Seed of the initial weights and the shuffling."),
     gpus: float = typer.Option(None, help="GPUs for the trainer (default: 1 if the cluster has "
                                           "any, else CPU; 0 forces the CPU)."),
-    cpus: float = typer.Option(1.0, help="CPUs the trainer reserves when it trains on the CPU; "
-                                         "torch runs floor(cpus) threads."),
+    cpus: float = typer.Option(1.0, help="CPUs the trainer (with --workers: each worker) reserves "
+                                         "on the CPU; torch runs floor(cpus) threads (at least 1; "
+                                         "with --workers N > 1 fractions like 0.5 are allowed)."),
+    workers: int = typer.Option(1, help="Data-parallel workers (Ray Train TorchTrainer, DDP; "
+                                        "--gpus and --cpus per worker). 1 (default): one trainer "
+                                        "actor. The learning rate is not rescaled."),
     address: str = typer.Option(None, envvar="RAY_ADDRESS",
                                 help="Ray cluster: auto, host:port, ray://host:10001, or "
                                      "http://head:8265 to submit this command as a job "
@@ -102,7 +107,7 @@ def command(
                         trust_model=trust_model, optimizer=optimizer, weight_decay=weight_decay,
                         momentum=momentum, schedule=schedule, augment=augment, precision=precision,
                         val_fraction=val_fraction, image_size=image_size, init=init,
-                        train=train.value, preset=preset)
+                        train=train.value, preset=preset, workers=workers)
     if is_job_address(address):
         argv = command_argv("train", method=method, dataset=dataset, out=out, data_dir=data_dir, model=model,
                      layer=layer, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -112,7 +117,7 @@ def command(
                      schedule=schedule, augment=augment, precision=precision,
                      val_fraction=val_fraction, image_size=image_size, init=init,
                      train=None if train is Scope.all else train,  # all: the default
-                     preset=preset)
+                     preset=preset, workers=None if workers == 1 else workers)
         raise typer.Exit(code=submit_job(address, argv))
 
     manifest = train_with_progress(spec, address)

@@ -9,6 +9,12 @@ held-out rows and returns the epoch's metrics. No other device value is read on 
 shuffle/augmentation/global RNG states, the epoch and the metrics so far; `load_state_dict`
 continues from it with bit-identical results (same thread count, same device).
 
+Data parallel (jobs/train_parallel.py): `rank`/`world_size` make the loop train on
+`order[rank::world_size]` of the same seeded permutation (pipeline/training/parallel.py),
+`forward` is the call that computes `(loss, logits, aux_loss)` (a DDP-wrapped `JointLoss`), and
+`all_reduce` (sums a tensor across the ranks in place) makes the epoch's metrics global. The
+defaults (rank 0 of 1, `engine.joint_loss`, no all-reduce) are the single-worker loop.
+
 `frozen` modules (e.g. the model under `--train aux`) stay in eval mode whenever the engine
 trains: their BatchNorm running statistics are not updated and dropout is off, so a module whose
 parameters also have `requires_grad=False` leaves training bit-identical. Eval mode is also the
@@ -21,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
 from pipeline.errors import TTTPipeError
 from pipeline.training.augment import augment_batch
 from pipeline.training.data import Batches
+from pipeline.training.parallel import check_even_shards, shard_batches, shard_rows
 from pipeline.training.recipe import TrainRecipe, autocast_dtype, build_optimizer, build_scheduler
 
 __all__ = ["EpochLoop"]
@@ -39,12 +47,18 @@ class EpochLoop:
 
     def __init__(self, engine: torch.nn.Module, recipe: TrainRecipe, train: Batches,
                  val: Batches | None, *, epochs: int, batch_size: int, seed: int,
-                 frozen: tuple[torch.nn.Module, ...] = ()):
+                 frozen: tuple[torch.nn.Module, ...] = (), rank: int = 0, world_size: int = 1,
+                 forward: Callable | None = None,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None):
         self.engine, self.recipe, self.train, self.val = engine, recipe, train, val
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.forward = forward or engine.joint_loss
         self.frozen = tuple(frozen)
         self.epochs, self.batch_size = epochs, batch_size
         self.device = train.device
-        self.batches_per_epoch = math.ceil(len(train) / batch_size)
+        if world_size > 1:
+            check_even_shards(len(train), world_size, batch_size)
+        self.batches_per_epoch = shard_batches(len(train), rank, world_size, batch_size)
         # only what trains: a caller freezing a part (requires_grad False) leaves it out
         trainable = [p for p in engine.parameters() if p.requires_grad]
         if not trainable:
@@ -81,7 +95,8 @@ class EpochLoop:
             raise RuntimeError("training already finished")
         n, bs = len(self.train), self.batch_size
         if self.batch == 0:
-            self.order = torch.randperm(n, generator=self.shuffle).to(self.train.index_device)
+            order = torch.randperm(n, generator=self.shuffle)
+            self.order = shard_rows(order, self.rank, self.world_size).to(self.train.index_device)
             self._sums.zero_()
             self._epoch_started = time.perf_counter()
             self._train_mode()
@@ -90,7 +105,7 @@ class EpochLoop:
             x, y = self.train.batch(self.order, b, bs)
             x = augment_batch(x, self.recipe.augment, self.aug)
             with self._autocast():
-                loss, logits, aux_loss = self.engine.joint_loss(x, y)
+                loss, logits, aux_loss = self.forward(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -114,7 +129,9 @@ class EpochLoop:
         return report
 
     def _end_epoch(self) -> dict:
-        n = len(self.train)
+        n = len(self.train)  # all ranks' rows: the sums are all-reduced first
+        if self.all_reduce is not None:
+            self.all_reduce(self._sums)
         loss, aux, correct = (v / n for v in self._sums.tolist())  # the epoch's one read
         if not math.isfinite(loss):
             raise TTTPipeError(f"training diverged (loss is {loss}) in epoch {self.epoch + 1}; "

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from adapt_fixtures import assert_complete, read_predictions, ttt_checkpoint  # noqa: F401
 from gpu_helpers import DEVICE, needs_gpu
 from typer.testing import CliRunner
@@ -67,3 +68,19 @@ def test_gpu_train_job_writes_a_cuda_trained_checkpoint(ray_local, idx_dir, node
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["device"] == str(DEVICE)
     assert manifest["training"]["precision"] == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs (NCCL refuses two ranks on one GPU; no dry run)")
+@pytest.mark.timeout(600)
+def test_gpu_train_two_workers_writes_a_cuda_checkpoint(ray_local, idx_dir, nodes, tmp_path):
+    """`--workers 2 --gpus 1`: two Ray Train workers, one GPU each (DDP over NCCL)."""
+    nodes.add(num_cpus=2, num_gpus=2)  # one node: Ray hands the workers GPU ids 0 and 1
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(app, [
+        "train", "--method", "ttt", "--dataset", "mnist", "--data-dir", str(idx_dir / "mnist"),
+        "--out", str(out), "--limit", "64", "--batch-size", "16", "--epochs", "1", "--gpus", "1",
+        "--workers", "2", "--address", "auto"])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert training["device"] == str(DEVICE) and training["workers"] == 2
