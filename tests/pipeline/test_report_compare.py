@@ -188,7 +188,7 @@ def test_cost_table_by_hand_and_na_for_old_folders(tmp_path):
     (row,) = cost_table(series_of([read_results(str(new))])).rows
     assert (row.ms_per_sample, row.devices, row.peak_mib) == (pytest.approx(10.0), "cuda:0", 1.0)
     summary = build_report([str(new), str(old)], fmt="csv", show="cost")
-    assert summary.table_text.splitlines()[0].startswith("method,shards timed,ms / sample")
+    assert summary.table_text.splitlines()[0].startswith("method,units timed,ms / sample")
     assert "peak MiB / actor" in Path(summary.html).read_text()
 
 
