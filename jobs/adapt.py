@@ -79,7 +79,7 @@ from jobs.shard_worker import MODES, PROTOCOLS, SETTINGS_KEY, AdaptSettings
 from pipeline import storage
 from pipeline.cost import COST_FILE, read_costs
 from pipeline.checkpoint import (MANIFEST_NAME, Checkpoint, check_adaptable, checkpoint_image_shape,
-                                 load_checkpoint)
+                                 load_checkpoint, model_sha256)
 from pipeline.model_spec import trusted_modules
 from pipeline.errors import TTTPipeError
 from pipeline.methods import (FISHER_TRAIN, FisherSource, MethodChoice, check_method_engine,
@@ -435,7 +435,7 @@ def _run_config(plan: AdaptPlan) -> dict:
     return {
         "checkpoint": {"uri": plan.checkpoint.uri, "model": m.get("model"), "method": m.get("method"),
                        "dataset": m.get("dataset"), "weights_sha256": m.get("weights_sha256"),
-                       "created": m.get("created"),
+                       "model_sha256": model_sha256(plan.checkpoint), "created": m.get("created"),
                        "training": {**training, "final": metrics[-1] if metrics else None}},
         "settings": dataclasses.asdict(plan.settings),
         "method": {"name": plan.settings.method,  # the config the actors resolve and run

@@ -40,6 +40,7 @@ __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "Checkpoint",
+    "model_sha256",
     "save_checkpoint",
     "load_checkpoint",
     "SOURCE_METHOD",
@@ -272,6 +273,19 @@ def model_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     if ckpt.method == SOURCE_METHOD:
         return dict(ckpt.state_dict)
     return {k[len("model."):]: v for k, v in ckpt.state_dict.items() if k.startswith("model.")}
+
+
+def model_sha256(ckpt: Checkpoint) -> str:
+    """sha256 of the model's own weights (`model_state_dict`: no method's auxiliary head), keys
+    sorted, each as name, dtype, shape and contiguous CPU bytes. Two checkpoints with the same
+    value hold the same unadapted network: a joint checkpoint built on a source model without
+    retraining it matches that source; a jointly trained one does not."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model_state_dict(ckpt).items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _load_strict(module, state_dict, ckpt: Checkpoint, what: str) -> None:

@@ -117,8 +117,10 @@ def predictions_uri(results_uri: str, shard: str) -> str:
     return storage.join(str(results_uri), PREDICTIONS_DIR, f"{shard_name(shard)}.parquet")
 
 
-def accuracy_table(pred: pa.Table) -> pa.Table:
-    """Aggregate predictions to one row per (method, corruption, severity, step), sorted.
+def accuracy_table(pred: pa.Table, by_stream: bool = False) -> pa.Table:
+    """Aggregate predictions to one row per (method, corruption, severity, step), sorted;
+    `by_stream` (predictions with a `stream` column): STREAM_ACCURACY_SCHEMA, one row per
+    (method, stream, corruption, severity, step).
 
     `n` counts predictions, `correct` the correct ones, `accuracy = correct / n`. Unlabelled
     data (null `label`/`correct`): `correct` and `accuracy` are null (predictions only); in a
@@ -129,11 +131,26 @@ def accuracy_table(pred: pa.Table) -> pa.Table:
         raise TTTPipeError(
             f"predictions lack column(s) {', '.join(missing)}; "
             "write them with pipeline.results.PREDICTION_SCHEMA")
+    if by_stream and "stream" in pred.column_names:
+        return _accuracy_split_by_stream(pred)
     if pred.num_rows == 0:
         return ACCURACY_SCHEMA.empty_table()
     grouped = _grouped(pred)
     return _accuracy([grouped.column(k) for k in _GROUP_KEYS], grouped.column("n"),
                      grouped.column("labelled"), grouped.column("correct"))
+
+
+def _accuracy_split_by_stream(pred: pa.Table) -> pa.Table:
+    """accuracy_table per stream: each stream's rows aggregated, `stream` after `method`."""
+    streams = sorted(set(pred.column("stream").to_pylist()))
+    parts = []
+    for name in streams:
+        acc = accuracy_table(pred.filter(pc.equal(pred.column("stream"), name)))
+        parts.append(acc.add_column(1, "stream", pa.array([name] * acc.num_rows, pa.string())))
+    if not parts:
+        return STREAM_ACCURACY_SCHEMA.empty_table()
+    table = pa.concat_tables(parts).cast(STREAM_ACCURACY_SCHEMA)
+    return table.sort_by([(k, "ascending") for k in ("method", "stream", *_GROUP_KEYS[1:])])
 
 
 def _grouped(pred: pa.Table) -> pa.Table:
@@ -166,6 +183,13 @@ class Results:
     run: dict = field(default_factory=dict)
     done_shards: list[str] = field(default_factory=list)
     missing_shards: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)  # predictions files' names (shards, streams)
+
+    @property
+    def done_units(self) -> list[str]:
+        """The units of work done, one per predictions file: an iid shard or a whole stream
+        (which covers several of `done_shards`). A hand-built Results: its done shards."""
+        return self.units or self.done_shards
 
     @property
     def name(self) -> str:
@@ -215,8 +239,8 @@ def read_results(uri: str) -> Results:
     if missing:
         log.info("%s: %d of %d shards missing", uri, len(missing), len(asked))
     return Results(path=uri.rstrip("/") or uri, predictions=predictions,
-                   accuracy=accuracy_table(predictions), run=run,
-                   done_shards=done, missing_shards=missing)
+                   accuracy=accuracy_table(predictions, by_stream=True), run=run,
+                   done_shards=done, missing_shards=missing, units=[shard_name(f) for f in files])
 
 
 def _read_predictions(uri: str, results_uri: str) -> pa.Table:

@@ -83,8 +83,9 @@ def predictions(shard: str, corruption: str, severity: int, method: str, steps: 
 
 def write_results(root: Path, shard_uris: list[str], method: str = "ttt", done=None,
                   offset: int = 0, steps: int = STEPS, settings: dict | None = None,
-                  n: int = N) -> Path:
-    """A results folder; `done` (shard names) limits which shards have predictions (partial)."""
+                  n: int = N, model: str | None = "demo-model") -> Path:
+    """A results folder; `done` (shard names) limits which shards have predictions (partial);
+    `model`: its run.json checkpoint.model_sha256 (None: a run.json from before that field)."""
     (root / "predictions").mkdir(parents=True, exist_ok=True)
     tables = []
     for uri in shard_uris:
@@ -97,7 +98,8 @@ def write_results(root: Path, shard_uris: list[str], method: str = "ttt", done=N
         tables.append(t)
     if done is None:
         pq.write_table(accuracy_table(pa.concat_tables(tables)), root / "accuracy.parquet")
-    run = {"method": method, "steps": steps, "checkpoint": "/ckpt/demo", "shards": list(shard_uris),
+    checkpoint = {"uri": "/ckpt/demo"} if model is None else {"uri": "/ckpt/demo", "model_sha256": model}
+    run = {"method": method, "steps": steps, "checkpoint": checkpoint, "shards": list(shard_uris),
            "batch_size": BATCH, "seed": 0}
     if settings is not None:  # as `ttt-pipe adapt` writes it: the resolved settings
         run["settings"] = {"method": method, "steps": steps, "mode": "episodic", **settings}
@@ -127,7 +129,7 @@ def counted_predictions(shard: str, corruption: str, severity: int, method: str,
 
 
 def write_counted(root: Path, method: str, cells: dict[tuple[str, int], list[int]], n: int,
-                  mode: str = "episodic") -> Path:
+                  mode: str = "episodic", model: str = "demo-model") -> Path:
     """A results folder with known correct counts per (corruption, severity) and step; its
     shards (named, not written) are `<corruption>-s<severity>-00000`."""
     (root / "predictions").mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,7 @@ def write_counted(root: Path, method: str, cells: dict[tuple[str, int], list[int
         names.append(name)
     steps = len(next(iter(cells.values()))) - 1
     run = {"settings": {"method": method, "steps": steps, "mode": mode},
+           "checkpoint": {"uri": "/ckpt/demo", "model_sha256": model},
            "shards": [f"/nowhere/{name}.parquet" for name in names],
            "samples": {name: n for name in names}}
     (root / "run.json").write_text(json.dumps(run))

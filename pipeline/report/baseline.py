@@ -2,16 +2,26 @@
 
 The rule, in order:
 1. A `source` series (a results folder whose method is `source`: the model, unadapted)
-   whose shards are the same (`same_shards`) is the baseline of every other series.
-   A source run on other shards is never used: those series are "not compared", with a note.
-2. With no source run at all, an episodic `ttt` or `it3` run falls back to its own step 0:
-   there step 0 IS the unadapted model on the same batch (the weights are restored after every
-   batch, and step 0 predicts before the first update; tests/jobs/test_adapt_worker.py
-   `test_predict_shard_rows_batches_and_baseline` pins it). The table's caption says so.
+   whose shards are the same (`same_shards`) AND whose model is the same (`same_model`) is
+   the baseline of the other series. A source run on other shards or of another model is never
+   used (a note says why): e.g. `--method source,tent,ttt` compares tent with source, but ttt
+   adapted its own jointly trained checkpoint, whose unadapted accuracy is another model's.
+2. Otherwise an episodic `ttt` or `it3` run falls back to its own step 0: there step 0 IS the
+   unadapted model on the same batch (the weights are restored after every batch, and step 0
+   predicts before the first update; tests/jobs/test_adapt_worker.py
+   `test_predict_shard_rows_batches_and_baseline` pins it). This holds in streams too
+   (continual, correlated): episodic mode restores the weights after every batch of a stream.
+   The table's caption says so.
 3. Anything else is not compared. Step 0 is not the unadapted model for `norm` (it predicts
-   with test-batch BN statistics at step 0 already), for online runs and streams (step 0 of a
-   batch follows the updates of every earlier batch) or for CoTTA (step 0 is its EMA
+   with test-batch BN statistics at step 0 already), for online runs (step 0 of a batch follows
+   the updates of every earlier batch, of the whole stream) or for CoTTA (step 0 is its EMA
    teacher's prediction, after earlier batches' updates).
+
+"Same model" means: the same run.json `checkpoint.model_sha256` (pipeline.checkpoint
+`model_sha256`: the model's own weights, without any method's auxiliary head). A run.json from
+before that field (or hand-written) counts as the same model only when both record the same
+`checkpoint.weights_sha256` (the very same checkpoint file); else it is not compared with the
+source run (safe: a wrong baseline is worse than none).
 
 "Same shards" means: the same shard names asked for (run.json `shards`), the same sample
 count per shard (run.json `samples`, else the predictions), the same sample ids and labels in
@@ -35,7 +45,7 @@ from pipeline.report.table import Series
 from pipeline.results import Results, shard_name
 
 __all__ = ["SOURCE", "STEP0_METHODS", "Baseline", "shard_fingerprints", "same_shards",
-           "choose_baselines", "run_setting", "reported_step"]
+           "same_model", "choose_baselines", "run_setting", "reported_step"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +163,24 @@ def same_shards(a: Series, b: Series) -> str | None:
     return None
 
 
+def _checkpoint_field(s: Series, key: str) -> str | None:
+    ck = s.results.run.get("checkpoint")
+    value = ck.get(key) if isinstance(ck, dict) else None
+    return str(value) if value else None
+
+
+def same_model(a: Series, b: Series) -> str | None:
+    """None when `a` and `b` adapted the same unadapted network (module docstring); else why not."""
+    ma, mb = _checkpoint_field(a, "model_sha256"), _checkpoint_field(b, "model_sha256")
+    if ma and mb:
+        return None if ma == mb else "another model (other checkpoint.model_sha256 in run.json)"
+    wa, wb = _checkpoint_field(a, "weights_sha256"), _checkpoint_field(b, "weights_sha256")
+    if wa and wb and wa == wb:
+        return None
+    return ("the same model is not known (no checkpoint.model_sha256 in run.json, and no equal "
+            "checkpoint.weights_sha256); rerun adapt to record it")
+
+
 def _fingerprints(s: Series) -> dict[str, tuple[int, str]]:
     return s.fingerprints if isinstance(s, _Fingerprinted) else shard_fingerprints(s.results, s.method)
 
@@ -181,7 +209,7 @@ def choose_baselines(series: list[Series]) -> tuple[dict[str, Baseline], list[st
             out[s.label] = Baseline("self", "the unadapted model (the baseline)")
             continue
         if sources:
-            reasons = [(src, same_shards(s, src)) for src in sources]
+            reasons = [(src, same_shards(s, src) or same_model(s, src)) for src in sources]
             match = [src for src, why in reasons if why is None]
             if match:
                 out[s.label] = Baseline("source", f"vs {match[0].label} ({match[0].results.path})",
@@ -192,17 +220,17 @@ def choose_baselines(series: list[Series]) -> tuple[dict[str, Baseline], list[st
                 continue
             for src, why in reasons:
                 notes.append(f"{s.label} not compared with {src.label}: {why}")
-            out[s.label] = Baseline("none", "not compared: no source run on the same shards")
-            continue
         mode = str(run_setting(s.results.run, "mode", "episodic"))
-        if s.method in STEP0_METHODS and mode == "episodic" and not _has_streams(s):
-            out[s.label] = Baseline("step0", f"vs its own step 0 (no source run; episodic "
-                                              f"{s.method}: step 0 is the unadapted model)")
+        which = "no source run of the same model on the same shards" if sources else "no source run"
+        if s.method in STEP0_METHODS and mode == "episodic":
+            where = " (in streams too: weights restored after every batch)" if _has_streams(s) else ""
+            out[s.label] = Baseline("step0", f"vs its own step 0 ({which}; episodic {s.method}: "
+                                             f"step 0 is the unadapted model{where})")
             continue
         why = _WHY_NOT_STEP0.get(s.method) or (
-            "streams carry adaptation from shard to shard" if _has_streams(s) else
             f"{mode} mode: step 0 of a batch follows the updates of earlier batches"
+            + (" of its stream" if _has_streams(s) else "")
             if mode != "episodic" else f"step 0 of {s.method} is not known to be the unadapted model")
-        out[s.label] = Baseline("none", f"not compared: no source run, and {why}; add a "
-                                        "'source' run on the same shards")
+        out[s.label] = Baseline("none", f"not compared: {which}, and {why}; add a "
+                                        "'source' run of the same model on the same shards")
     return out, notes

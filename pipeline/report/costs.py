@@ -23,8 +23,8 @@ _MEMORY = {"cuda_max_allocated": "GPU torch.cuda.max_memory_allocated",
 @dataclass(frozen=True)
 class CostRow:
     label: str
-    shards: int                 # shards with a cost record
-    done: int                   # shards done
+    shards: int                 # units with a cost record (a unit: an iid shard or a stream)
+    done: int                   # units done (Results.done_units)
     ms_per_sample: float | None  # actor milliseconds in the engine per sample
     actors: int
     devices: str
@@ -35,7 +35,7 @@ class CostRow:
 
 def _row(s: Series, costs: pa.Table) -> CostRow:
     rows = [r for r in costs.to_pylist() if r["method"] == s.method]
-    done = len(s.results.done_shards)
+    done = len(s.results.done_units)
     if not rows:
         return CostRow(s.label, 0, done, None, 0, "", "", None, None)
     samples = sum(r["samples"] for r in rows)
@@ -60,7 +60,7 @@ def _row(s: Series, costs: pa.Table) -> CostRow:
 class CostTable:
     rows: list[CostRow]
 
-    HEADER = ["method", "shards timed", "ms / sample", "actors", "device",
+    HEADER = ["method", "units timed", "ms / sample", "actors", "device",
               "peak MiB / actor", "added MiB / actor", "memory measured"]
 
     def cells(self, r: CostRow, digits: int = 1) -> list[str]:
@@ -72,7 +72,8 @@ class CostTable:
                 na if r.added_mib is None else f"{r.added_mib:.{digits}f}", r.memory or na]
 
     def caption(self) -> list[str]:
-        lines = ["ms / sample: seconds each actor spent in the engine (adaptation and prediction, "
+        lines = ["units timed: units of work (an iid shard, or a whole stream) with a cost "
+                 "record / done; ms / sample: seconds each actor spent in the engine (adaptation and prediction, "
                  "every step; reading and writing excluded) over the samples; peak: the largest "
                  "of any actor; added: its peak minus its memory before the shard (GPU) or after "
                  "loading the checkpoint (CPU)"]
@@ -81,7 +82,7 @@ class CostTable:
             lines.append(f"n/a: {', '.join(old)} recorded no cost (results of an older ttt-pipe)")
         part = [r.label for r in self.rows if 0 < r.shards < r.done]
         if part:
-            lines.append(f"{', '.join(part)}: only some shards recorded their cost")
+            lines.append(f"{', '.join(part)}: only some units recorded their cost")
         return lines
 
     def to_markdown(self) -> str:
@@ -127,5 +128,5 @@ def cost_table(series: list[Series]) -> CostTable:
     for s in series:
         r = s.results
         if r.path not in costs:
-            costs[r.path] = read_costs(r.path, [predictions_uri(r.path, n) for n in r.done_shards])
+            costs[r.path] = read_costs(r.path, [predictions_uri(r.path, n) for n in r.done_units])
     return CostTable([_row(s, costs[s.results.path]) for s in series])

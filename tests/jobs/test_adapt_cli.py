@@ -44,6 +44,8 @@ def test_adapt_prints_the_accuracy_table_and_writes_results(ray_local, ttt_check
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["steps"] == 1 and run["settings"]["batch_size"] == 8
     assert run["checkpoint"]["method"]["name"] == "ttt" and len(run["shards"]) == 4
+    from pipeline.checkpoint import load_checkpoint, model_sha256  # the report's same-model key
+    assert run["checkpoint"]["model_sha256"] == model_sha256(load_checkpoint(ttt_checkpoint))
     again = _invoke("--checkpoint", ttt_checkpoint, "--shards", str(shard_dir), "--out", str(out),
                     "--steps", "1", "--lr", "0.02", "--batch-size", "8")
     assert again.exit_code == 0 and "(4 already done)" in again.output

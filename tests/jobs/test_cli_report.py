@@ -116,6 +116,6 @@ def test_compare_error_and_cost_tables(folders):
     assert float(rows[("fog", "3")]["ttt gain"]) == pytest.approx(30.0)
     result = runner.invoke(app, ["report", str(full), "-t", "cost", "-f", "markdown", "-o", str(root / "rep_cost")])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("| method | shards timed | ms / sample |") and "| n/a |" in result.stdout
+    assert result.stdout.startswith("| method | units timed | ms / sample |") and "| n/a |" in result.stdout
     result = runner.invoke(app, ["report", str(full), "-t", "streams", "-o", str(root / "rep_st")])
     assert result.exit_code == 1 and "no accuracy row has a stream" in result.stderr

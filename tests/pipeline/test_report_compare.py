@@ -120,9 +120,10 @@ def test_source_on_other_shards_is_not_compared(runs, tmp_path):
     for folder, why in ((fewer, "other shard names (only ttt has fog-s3-00000)"),
                         (smaller, "other sample counts in"), (reseeded, "differs in its metadata (seed)")):
         table = side_by_side([read_results(str(ttt)), read_results(str(folder))])
-        assert table.entries[0].baseline.kind == "none"
+        # episodic ttt falls back to its own step 0 (the unadapted model), never that source
+        assert table.entries[0].baseline.kind == "step0"
+        assert "no source run of the same model on the same shards" in table.entries[0].baseline.why
         assert any(n.startswith("ttt not compared with source") and why in n for n in table.notes), table.notes
-        assert all(g is None for r in table.rows for g in r.gains[:1])
     # the right source among several is found, whatever the order
     table = side_by_side([read_results(str(p)) for p in (fewer, ttt, source)])
     assert table.entries[1].baseline.source.results.path == str(source)
@@ -187,7 +188,7 @@ def test_cost_table_by_hand_and_na_for_old_folders(tmp_path):
     (row,) = cost_table(series_of([read_results(str(new))])).rows
     assert (row.ms_per_sample, row.devices, row.peak_mib) == (pytest.approx(10.0), "cuda:0", 1.0)
     summary = build_report([str(new), str(old)], fmt="csv", show="cost")
-    assert summary.table_text.splitlines()[0].startswith("method,shards timed,ms / sample")
+    assert summary.table_text.splitlines()[0].startswith("method,units timed,ms / sample")
     assert "peak MiB / actor" in Path(summary.html).read_text()
 
 
@@ -201,8 +202,12 @@ def test_streams(runs):
 
     both = dataclasses.replace(a, accuracy=pa.concat_tables([tagged(a, "s1"), tagged(b, "s2")]))
     alone = side_by_side([both])
-    assert alone.entries[0].baseline.kind == "none"  # streams carry state: step 0 is no baseline
-    assert "streams carry adaptation" in alone.entries[0].baseline.why
+    # episodic ttt: step 0 of every batch is the unadapted model, in a stream too
+    assert alone.entries[0].baseline.kind == "step0"
+    assert "in streams too" in alone.entries[0].baseline.why
+    online = dataclasses.replace(both, run={**both.run, "settings": {**both.run["settings"], "mode": "online"}})
+    (entry,) = side_by_side([online]).entries
+    assert entry.baseline.kind == "none" and "earlier batches of its stream" in entry.baseline.why
     table = side_by_side([both, read_results(str(source))])
     assert table.header()[:3] == ["stream", "corruption", "severity"]
     per_stream = stream_table(table)
