@@ -419,6 +419,12 @@ def _unwrap(exc: ray.exceptions.RayTaskError) -> BaseException:
     return cause if isinstance(cause, (TTTPipeError, ValueError, KeyError, FileNotFoundError)) else exc
 
 
+def alive_nodes() -> tuple[list[dict], float]:
+    """The connected cluster's alive nodes (`ray.nodes()` entries) and the most CPUs one has."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return alive, max((n["Resources"].get("CPU", 0.0) for n in alive), default=1.0)
+
+
 def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train on Ray as `spec` says; return the written checkpoint's manifest.
 
@@ -433,8 +439,7 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
 
         return train_parallel(spec, address=address, on_event=emit)
     with connect(address) as resources:
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        max_node_cpus = max((n["Resources"].get("CPU", 0.0) for n in alive), default=1.0)
+        _, max_node_cpus = alive_nodes()
         plan = plan_trainer(spec.gpus, resources["gpus"], max_node_cpus, local=address is None,
                             cpus=spec.cpus)
         if address is not None and not storage.is_uri(spec.out) and resources["nodes"] > 1:

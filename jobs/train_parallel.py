@@ -30,8 +30,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
-import ray
-
 from jobs.cluster import connect
 from pipeline import storage
 from pipeline.errors import TTTPipeError
@@ -108,22 +106,21 @@ def train_parallel(spec, address: str | None = None,
     from ray.train.torch import TorchTrainer
 
     from jobs.pool import actor_env
-    from jobs.train import KILL_ENV, plan_trainer
+    from jobs.train import KILL_ENV, alive_nodes, plan_trainer
 
     emit = on_event or (lambda kind, info: None)
     with connect(address) as resources:
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        max_node_cpus = max((n["Resources"].get("CPU", 0.0) for n in alive), default=1.0)
+        alive, max_node_cpus = alive_nodes()
         plan = plan_trainer(spec.gpus, resources["gpus"], max_node_cpus, local=address is None,
                             cpus=max(1.0, spec.cpus))
         cpus = 1.0 if plan.num_gpus > 0 else spec.cpus
-        if address is None:
+        try:
             check_fits(spec.workers, cpus, plan.num_gpus, alive)
-        else:  # a remote cluster may autoscale: warn, Ray Train waits for the resources
-            try:
-                check_fits(spec.workers, cpus, plan.num_gpus, alive)
-            except TTTPipeError as exc:
-                log.warning("%s (waiting: the autoscaler may add nodes)", exc)
+        except TTTPipeError as exc:
+            if address is None:
+                raise
+            # a remote cluster may autoscale: warn, Ray Train waits for the resources
+            log.warning("%s (waiting: the autoscaler may add nodes)", exc)
         resources_per_worker = {"CPU": cpus, **({"GPU": plan.num_gpus} if plan.num_gpus else {})}
         scratch = tempfile.mkdtemp(prefix="ttt-pipe-train-")
         trainer = TorchTrainer(
@@ -168,9 +165,9 @@ def _first_cause(exc: BaseException) -> str:
         if inner is None:
             break
         seen = inner
-    for err in getattr(exc, "worker_failures", {}).values() if hasattr(exc, "worker_failures") else ():
-        seen = err
-        break
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:  # Ray Train's per-worker errors: the first worker's
+        seen = next(iter(failures.values()))
     text = str(seen).strip().splitlines()
     last = [line for line in text if line.strip()]
     pipe = [line for line in last if "TTTPipeError" in line]

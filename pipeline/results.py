@@ -88,6 +88,7 @@ STREAM_PREDICTION_SCHEMA = pa.schema([*PREDICTION_SCHEMA, ("stream", pa.string()
                                       ("position", pa.int64())])
 
 _GROUP_KEYS = ["method", "corruption", "severity", "step"]
+_STREAM_KEYS = ["method", "stream", "corruption", "severity", "step"]
 
 ACCURACY_SCHEMA = pa.schema([
     ("method", pa.string()),
@@ -131,45 +132,36 @@ def accuracy_table(pred: pa.Table, by_stream: bool = False) -> pa.Table:
         raise TTTPipeError(
             f"predictions lack column(s) {', '.join(missing)}; "
             "write them with pipeline.results.PREDICTION_SCHEMA")
-    if by_stream and "stream" in pred.column_names:
-        return _accuracy_split_by_stream(pred)
+    keys = _STREAM_KEYS if by_stream and "stream" in pred.column_names else _GROUP_KEYS
     if pred.num_rows == 0:
-        return ACCURACY_SCHEMA.empty_table()
-    grouped = _grouped(pred)
-    return _accuracy([grouped.column(k) for k in _GROUP_KEYS], grouped.column("n"),
-                     grouped.column("labelled"), grouped.column("correct"))
+        return _accuracy_schema(keys).empty_table()
+    grouped = _grouped(pred, keys)
+    return _accuracy([grouped.column(k) for k in keys], grouped.column("n"),
+                     grouped.column("labelled"), grouped.column("correct"), keys)
 
 
-def _accuracy_split_by_stream(pred: pa.Table) -> pa.Table:
-    """accuracy_table per stream: each stream's rows aggregated, `stream` after `method`."""
-    streams = sorted(set(pred.column("stream").to_pylist()))
-    parts = []
-    for name in streams:
-        acc = accuracy_table(pred.filter(pc.equal(pred.column("stream"), name)))
-        parts.append(acc.add_column(1, "stream", pa.array([name] * acc.num_rows, pa.string())))
-    if not parts:
-        return STREAM_ACCURACY_SCHEMA.empty_table()
-    table = pa.concat_tables(parts).cast(STREAM_ACCURACY_SCHEMA)
-    return table.sort_by([(k, "ascending") for k in ("method", "stream", *_GROUP_KEYS[1:])])
+def _accuracy_schema(keys: list[str]) -> pa.Schema:
+    return STREAM_ACCURACY_SCHEMA if "stream" in keys else ACCURACY_SCHEMA
 
 
-def _grouped(pred: pa.Table) -> pa.Table:
-    """Per (method, corruption, severity, step), sorted: n, labelled (rows with a label),
-    correct (null where no row is labelled)."""
-    keys = pred.select(_GROUP_KEYS).cast(pa.schema([ACCURACY_SCHEMA.field(k) for k in _GROUP_KEYS]))
+def _grouped(pred: pa.Table, keys: list[str] = _GROUP_KEYS) -> pa.Table:
+    """Per `keys` (default (method, corruption, severity, step); `_STREAM_KEYS` adds `stream`),
+    sorted: n, labelled (rows with a label), correct (null where no row is labelled)."""
+    schema = _accuracy_schema(keys)
+    key_table = pred.select(keys).cast(pa.schema([schema.field(k) for k in keys]))
     hits = pc.cast(pred.column("correct"), pa.int64())
-    grouped = keys.append_column("hit", hits).group_by(_GROUP_KEYS).aggregate(
+    grouped = key_table.append_column("hit", hits).group_by(keys).aggregate(
         [([], "count_all"), ("hit", "count"), ("hit", "sum")])
     return pa.Table.from_arrays(
-        [*(grouped.column(k) for k in _GROUP_KEYS), grouped.column("count_all").cast(pa.int64()),
+        [*(grouped.column(k) for k in keys), grouped.column("count_all").cast(pa.int64()),
          grouped.column("hit_count").cast(pa.int64()), grouped.column("hit_sum").cast(pa.int64())],
-        names=[*_GROUP_KEYS, "n", "labelled", "correct"]).sort_by([(k, "ascending") for k in _GROUP_KEYS])
+        names=[*keys, "n", "labelled", "correct"]).sort_by([(k, "ascending") for k in keys])
 
 
-def _accuracy(key_columns, n, labelled, correct) -> pa.Table:
+def _accuracy(key_columns, n, labelled, correct, keys: list[str] = _GROUP_KEYS) -> pa.Table:
     acc = pc.divide(pc.cast(correct, pa.float64()), pc.cast(labelled, pa.float64()))
-    table = pa.Table.from_arrays([*key_columns, n, correct, acc], schema=ACCURACY_SCHEMA)
-    return table.sort_by([(k, "ascending") for k in _GROUP_KEYS])
+    table = pa.Table.from_arrays([*key_columns, n, correct, acc], schema=_accuracy_schema(keys))
+    return table.sort_by([(k, "ascending") for k in keys])
 
 
 @dataclass(frozen=True)
@@ -354,6 +346,4 @@ def _accuracy_by_stream(summaries) -> pa.Table:
         parts.append(table.add_column(1, STREAM_ACCURACY_SCHEMA.field("stream"), stream))
     if not parts:
         return STREAM_ACCURACY_SCHEMA.empty_table()
-    table = pa.concat_tables(parts)
-    keys = ["method", "stream", "corruption", "severity", "step"]
-    return table.sort_by([(k, "ascending") for k in keys])
+    return pa.concat_tables(parts).sort_by([(k, "ascending") for k in _STREAM_KEYS])

@@ -55,19 +55,24 @@ def test_gpu_adapt_job_matches_cpu(ray_local, ttt_checkpoint, shard_dir, nodes, 
     assert _argmax_agreement(read_predictions(cpu_out), read_predictions(gpu_out)) >= 0.97
 
 
+def _train_on_gpus(idx_dir, out, *extra: str) -> dict:
+    """`ttt-pipe train` (ttt, 64 mnist images, 1 GPU per trainer/worker) on the test cluster:
+    the written manifest's `training` entry."""
+    result = CliRunner().invoke(app, [
+        "train", "--method", "ttt", "--dataset", "mnist", "--data-dir", str(idx_dir / "mnist"),
+        "--out", str(out), "--limit", "64", "--batch-size", "16", "--epochs", "1", "--gpus", "1",
+        *extra, "--address", "auto"])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "manifest.json").read_text())["training"]
+
+
 @needs_gpu
 @pytest.mark.timeout(600)
 def test_gpu_train_job_writes_a_cuda_trained_checkpoint(ray_local, idx_dir, nodes, tmp_path):
     nodes.add(num_cpus=1, num_gpus=1)
-    out = tmp_path / "ckpt"
-    result = CliRunner().invoke(app, [
-        "train", "--method", "ttt", "--dataset", "mnist", "--data-dir", str(idx_dir / "mnist"),
-        "--out", str(out), "--limit", "64", "--batch-size", "16", "--epochs", "1", "--gpus", "1",
-        "--precision", "bf16", "--address", "auto"])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["device"] == str(DEVICE)
-    assert manifest["training"]["precision"] == "bf16"
+    training = _train_on_gpus(idx_dir, tmp_path / "ckpt", "--precision", "bf16")
+    assert training["device"] == str(DEVICE)
+    assert training["precision"] == "bf16"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,
@@ -76,11 +81,5 @@ def test_gpu_train_job_writes_a_cuda_trained_checkpoint(ray_local, idx_dir, node
 def test_gpu_train_two_workers_writes_a_cuda_checkpoint(ray_local, idx_dir, nodes, tmp_path):
     """`--workers 2 --gpus 1`: two Ray Train workers, one GPU each (DDP over NCCL)."""
     nodes.add(num_cpus=2, num_gpus=2)  # one node: Ray hands the workers GPU ids 0 and 1
-    out = tmp_path / "ckpt"
-    result = CliRunner().invoke(app, [
-        "train", "--method", "ttt", "--dataset", "mnist", "--data-dir", str(idx_dir / "mnist"),
-        "--out", str(out), "--limit", "64", "--batch-size", "16", "--epochs", "1", "--gpus", "1",
-        "--workers", "2", "--address", "auto"])
-    assert result.exit_code == 0, result.output
-    training = json.loads((out / "manifest.json").read_text())["training"]
+    training = _train_on_gpus(idx_dir, tmp_path / "ckpt", "--workers", "2")
     assert training["device"] == str(DEVICE) and training["workers"] == 2
