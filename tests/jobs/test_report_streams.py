@@ -58,3 +58,39 @@ def test_cost_table_counts_streams(stream_run):
     result = runner.invoke(app, ["report", str(out), "-t", "cost", "-f", "csv", "-o", str(root / "rc")])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[1].startswith("ttt,3 / 3,")
+
+
+def test_plots_and_html_of_a_real_stream_run(stream_run):
+    """The default report of a stream folder alone: console table with the per-stream section,
+    every plot a real PNG and index.html with the streams table and all figures; no gain heatmap
+    (an online stream run has no baseline of its own), and the table says why."""
+    root, out = stream_run
+    rep = root / "rep-html"
+    result = runner.invoke(app, ["report", str(out), "-o", str(rep)])
+    assert result.exit_code == 0, result.output
+    assert all(s in result.stdout for s in STREAMS) and "no source run" in result.stdout
+    pngs = ["accuracy_vs_steps.png", "batch_accuracy_boxplot.png", "samples.png"]
+    for name in pngs:
+        assert (rep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not (rep / "gain_heatmap.png").exists()
+    page = (rep / "index.html").read_text()
+    assert all(s in page for s in STREAMS)
+    assert page.count("data:image/png;base64,") == len(pngs)
+
+
+def test_stream_run_beside_its_source_run_gets_gains_and_a_heatmap(stream_run, ttt_checkpoint):  # noqa: F811
+    """With a `source` run of the same model on the same shards, the stream's rows get gains
+    (per stream too) and the report draws the gain heatmap."""
+    root, out = stream_run
+    src = root / "source"
+    run_adapt(AdaptRequest(ttt_checkpoint, str(root / "shards"), str(src), steps=1, actors=1,
+                           method="source"))
+    rep = root / "rep-gain"
+    result = runner.invoke(app, ["report", str(src), str(out), "-t", "streams", "-f", "csv", "-o", str(rep)])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in csv.DictReader(io.StringIO(result.stdout)) if r["stream"] in STREAMS]
+    assert {r["stream"] for r in rows} == set(STREAMS), result.stdout
+    gains = [v for r in rows for k, v in r.items() if "gain" in k and v not in ("", "-")]
+    assert gains, result.stdout
+    assert (rep / "gain_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (rep / "index.html").read_text().count("data:image/png;base64,") == 4
