@@ -15,8 +15,9 @@ part, seed) with a Ray-free parallel hook (pipeline/training/parallel.py):
 `--batch-size` is PER WORKER (global batch = batch size x N) and the learning rate is not
 rescaled. A killed run resumes from the last finished epoch like the single worker (every rank
 reads rank 0's state), given the same `--workers`. The GPU path (`use_gpu`, devices from
-`ray.train.torch.get_device()`) is untested (no GPU here). Progress: the per-epoch lines are
-shown when the run ends (the workers do not stream progress to the driver).
+`ray.train.torch.get_device()`) is untested (no GPU here). Progress is live: rank 0 sends its
+setup and a report every 1/20 epoch (as the single trainer's chunks) through a Ray queue that the
+driver reads while `fit()` runs in a thread.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 
 from jobs.cluster import connect
@@ -63,7 +65,7 @@ def _worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from jobs.train import Trainer
+    from jobs.train import _CHUNKS_PER_EPOCH, Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -77,8 +79,16 @@ def _worker(config: dict) -> None:
     trainer = Trainer(config["spec"], config["threads"],
                       config["kill_marker"] if rank == 0 else None, parallel=parallel)
     info = trainer.setup()
-    while not trainer.run(info["batches_per_epoch"])["finished"]:
-        pass
+    events = config["events"] if rank == 0 else None  # live progress for the driver
+    if events is not None:
+        events.put(("setup", info))
+    chunk = max(1, info["batches_per_epoch"] // _CHUNKS_PER_EPOCH)  # the same on every rank
+    while True:
+        report = trainer.run(chunk)
+        if events is not None:
+            events.put(("progress", report))
+        if report["finished"]:
+            break
     if config["record"]:  # test hook: this rank's last epoch rows and final weights
         from pipeline.checkpoint import _state_dict_bytes
 
@@ -100,10 +110,11 @@ def train_parallel(spec, address: str | None = None,
                    on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Train `spec` (spec.workers > 1) on Ray Train; return the written checkpoint's manifest.
 
-    Events as `jobs.train.train`, sent after the run: ("setup", ...), one ("progress", ...) per
-    epoch, ("saved", manifest)."""
+    Events as `jobs.train.train`, live from rank 0: ("setup", ...), ("progress", ...) every
+    1/20 epoch, then ("saved", manifest)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
 
     from jobs.pool import actor_env
     from jobs.train import KILL_ENV, alive_nodes, plan_trainer
@@ -123,36 +134,44 @@ def train_parallel(spec, address: str | None = None,
             log.warning("%s (waiting: the autoscaler may add nodes)", exc)
         resources_per_worker = {"CPU": cpus, **({"GPU": plan.num_gpus} if plan.num_gpus else {})}
         scratch = tempfile.mkdtemp(prefix="ttt-pipe-train-")
+        events = Queue(actor_options={"num_cpus": 0})  # takes no CPU from the workers
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"spec": spec, "threads": max(1, math.floor(cpus)),
                                "kill_marker": os.environ.get(KILL_ENV),
-                               "record": os.environ.get(RECORD_ENV)},
+                               "record": os.environ.get(RECORD_ENV), "events": events},
             scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=plan.num_gpus > 0,
                                          resources_per_worker=resources_per_worker),
             run_config=RunConfig(name="ttt-pipe-train", storage_path=scratch,
                                  failure_config=FailureConfig(max_failures=0),
                                  worker_runtime_env={"env_vars": actor_env()}),
         )
+        failure: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the driver's thread
+                failure.append(exc)
+
+        runner = threading.Thread(target=fit, name="ttt-pipe-train-fit", daemon=True)
+        runner.start()
         try:
-            trainer.fit()
-        except Exception as exc:  # noqa: BLE001 - Ray Train wraps the worker's error
-            raise TTTPipeError(f"data-parallel training failed: {_first_cause(exc)}") from None
+            while runner.is_alive() or not events.empty():
+                try:
+                    kind, info = events.get(timeout=0.5)
+                except Empty:
+                    continue
+                if kind == "setup":
+                    info = {**info, "workers": spec.workers, "num_cpus": cpus, "num_gpus": plan.num_gpus}
+                emit(kind, info)
+            runner.join()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            events.shutdown()
+        if failure:  # Ray Train wraps the worker's error
+            raise TTTPipeError(f"data-parallel training failed: {_first_cause(failure[0])}") from None
         manifest = _read_manifest(spec.out)
-    from pipeline.training.parallel import shard_batches
-
-    t = manifest["training"]
-    per = shard_batches(t["train_samples"], 0, spec.workers, spec.batch_size)
-    emit("setup", {"samples": t["samples"], "val_samples": t["val_samples"],
-                   "batches_per_epoch": per,
-                   "resumed_from_epoch": t["resumed_from_epoch"], "device": t["device"],
-                   "recipe": {k: t[k] for k in ("optimizer", "lr", "schedule", "augment", "precision")},
-                   "workers": spec.workers, "num_cpus": cpus, "num_gpus": plan.num_gpus})
-    for m in t["metrics"]:
-        emit("progress", {"epoch": m["epoch"], "batches_done": per, "batches_per_epoch": per,
-                          "epoch_metrics": m, "finished": m["epoch"] == t["epochs"]})
     emit("saved", manifest)
     return manifest
 

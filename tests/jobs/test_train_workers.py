@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import jobs.train
 from jobs.cli import app
 from jobs.train_parallel import RECORD_ENV, check_fits
 from pipeline.checkpoint import load_checkpoint
@@ -33,12 +34,22 @@ def two_workers(ray_local, idx_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
     record = root / "record"
     record.mkdir()
+    events = []
+    real_train = jobs.train.train
+
+    def recording_train(spec, address=None, on_event=None):
+        def on(kind, info):  # when each event arrives: was the checkpoint already written?
+            events.append((kind, info, (root / "ckpt" / "manifest.json").exists()))
+            on_event(kind, info)
+        return real_train(spec, address, on_event=on)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(RECORD_ENV, str(record))
+        mp.setattr(jobs.train, "train", recording_train)
         result = _train(idx_dir, root / "ckpt", "--workers", "2", "--cpus", "0.5")
     assert result.exit_code == 0, result.output
     ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return root / "ckpt", result, ranks
+    return root / "ckpt", result, ranks, events
 
 
 def test_shards_are_disjoint_and_cover_the_permutation():
@@ -55,7 +66,7 @@ def test_shards_are_disjoint_and_cover_the_permutation():
 
 @pytest.mark.ray
 def test_two_workers_write_an_adaptable_checkpoint(two_workers, shard_dir, tmp_path):
-    out, result, _ = two_workers
+    out, result, *_ = two_workers
     manifest = json.loads((out / "manifest.json").read_text())
     t = manifest["training"]
     assert t["workers"] == 2 and t["global_batch_size"] == 32 and t["batch_size"] == 16
@@ -72,8 +83,23 @@ def test_two_workers_write_an_adaptable_checkpoint(two_workers, shard_dir, tmp_p
 
 
 @pytest.mark.ray
+def test_progress_is_live_from_rank_0(two_workers):
+    """Setup and a report per chunk reach the driver while the workers run (before the
+    checkpoint exists), not replayed from the manifest afterwards."""
+    *_, events = two_workers
+    kinds = [k for k, _, _ in events]
+    assert kinds[0] == "setup" and kinds[-1] == "saved" and "progress" in kinds
+    setup = events[0][1]
+    assert setup["workers"] == 2 and setup["batches_per_epoch"] == 2  # 32 rows per rank, batch 16
+    progress = [info for k, info, _ in events if k == "progress"]
+    assert [p["batches_done"] for p in progress] == [1, 2]  # 1/20 epoch rounds up to one batch
+    assert progress[0]["epoch_metrics"] is None and progress[-1]["finished"]
+    assert not any(written for k, _, written in events if k != "saved")
+
+
+@pytest.mark.ray
 def test_ranks_saw_disjoint_data_covering_the_epoch_and_agree(two_workers):
-    out, _, ranks = two_workers
+    out, _, ranks, _ = two_workers
     rows = [set(r["rows"]) for r in ranks]
     assert all(len(r) == 32 for r in rows) and not rows[0] & rows[1]
     assert rows[0] | rows[1] == set(range(64))  # the single worker's epoch
