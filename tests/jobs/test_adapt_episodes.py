@@ -19,6 +19,7 @@ from jobs.cli import app
 from jobs.shard_worker import SETTINGS_KEY, AdaptSettings, ShardWorker, predict_shard
 from pipeline.checkpoint import build_engine_from_checkpoint, load_checkpoint
 from pipeline.errors import TTTPipeError
+from pipeline.methods import build_method_engine, resolve_method
 from pipeline.shards import read_shard
 
 
@@ -50,11 +51,19 @@ def _assert_same(a, b) -> None:
     np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-4, equal_nan=True)
 
 
-@pytest.mark.parametrize("protocol, copies", [("batch", 0), ("per-sample", 3)])
-def test_episodes_give_the_predictions_of_one(ttt_checkpoint, shard_dir, protocol, copies):
-    engine = build_engine_from_checkpoint(load_checkpoint(ttt_checkpoint)).eval()
+PAPER = '{"optimizer": "sgd", "rotations": "rand"}'  # the TTT paper's per-sample setting
+
+
+@pytest.mark.parametrize("protocol, copies, method_config",
+                         [("batch", 0, "{}"), ("per-sample", 3, "{}"), ("per-sample", 3, PAPER)])
+def test_episodes_give_the_predictions_of_one(ttt_checkpoint, shard_dir, protocol, copies, method_config):
+    ckpt = load_checkpoint(ttt_checkpoint)
+    config = resolve_method(ckpt, None, method_config).config
+    engine = build_method_engine(ckpt, "ttt", config).eval()
+    if method_config == PAPER:
+        assert (engine.config.optimizer, engine.config.rotations) == ("sgd", "rand")
     shard = read_shard(sorted(str(p) for p in Path(shard_dir).glob("*.parquet"))[-1])
-    one = _settings(ttt_checkpoint, protocol=protocol, copies=copies)
+    one = _settings(ttt_checkpoint, protocol=protocol, copies=copies, method_config=method_config)
     reference = _columns(predict_shard(engine, shard, one))
     assert reference["batch"].max() == (len(shard) - 1) // BATCH     # the usual boundaries
     for g in (2, 3):                       # 16 samples in batches of 6, 6, 4: a ragged last
