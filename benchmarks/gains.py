@@ -256,9 +256,9 @@ def report(args) -> None:
     clean, y, ids, std = image_set("test", args.count, args.data_dir)
     names = args.corruptions.split(",") if args.corruptions else list_corruptions()
     todo = cells(names, REPORT_SEVERITIES)
-    engines_ = {s: trained_engine(method, s, args.cache, args.data_dir, config)
-                for s in REPORT_TRAIN_SEEDS}
-    runs = {f"{s}/{c}": {} for s in REPORT_TRAIN_SEEDS for c in REPORT_CORRUPTION_SEEDS}
+    seeds = report_train_seeds(args.train_seeds)
+    engines_ = {s: trained_engine(method, s, args.cache, args.data_dir, config) for s in seeds}
+    runs = {f"{s}/{c}": {} for s in seeds for c in REPORT_CORRUPTION_SEEDS}
     t0 = time.perf_counter()
     for cseed in REPORT_CORRUPTION_SEEDS:
         for name, severity in todo:
@@ -270,13 +270,42 @@ def report(args) -> None:
             print(f"corruption seed {cseed} {name}/{severity} done ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
     record = {"method": method, "config": config.to_dict(), "count": len(y),
-              "train_seeds": REPORT_TRAIN_SEEDS, "corruption_seeds": REPORT_CORRUPTION_SEEDS,
+              "train_seeds": seeds, "corruption_seeds": REPORT_CORRUPTION_SEEDS,
               "runs": runs, "seconds": time.perf_counter() - t0}
     out = Path(args.out) / f"gains-report-{method}-{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
     print(f"wrote {out}")
     summarize(record)
+
+
+def report_train_seeds(text: str) -> tuple[int, ...]:
+    """--train-seeds: the reporting training seeds this process runs (a subset, so that one
+    report can be split over processes and joined by `summarize --tag a,b`)."""
+    seeds = tuple(int(v) for v in text.split(",") if v.strip())
+    if not seeds or not set(seeds) <= set(REPORT_TRAIN_SEEDS) or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--train-seeds {text!r}: give distinct seeds out of "
+                         f"{','.join(map(str, REPORT_TRAIN_SEEDS))}")
+    return seeds
+
+
+def joined_record(out: str, method: str, tags: str) -> dict:
+    """The report records of `tags` (comma list) as one: the same config and image count, their
+    runs together (each (training seed, corruption seed) run once)."""
+    records = [json.loads((Path(out) / f"gains-report-{method}-{t}.json").read_text())
+               for t in tags.split(",")]
+    first = records[0]
+    runs: dict = {}
+    for r in records:
+        if (r["config"], r["count"]) != (first["config"], first["count"]):
+            raise SystemExit(f"--tag {tags}: the records differ in config or image count; "
+                             "join only parts of one report")
+        if set(runs) & set(r["runs"]):
+            raise SystemExit(f"--tag {tags}: a (training seed, corruption seed) run is in two records")
+        runs.update(r["runs"])
+    seeds = sorted({int(k.split("/")[0]) for k in runs})
+    return {**first, "runs": dict(sorted(runs.items())), "train_seeds": seeds,
+            "seconds": sum(r["seconds"] for r in records)}
 
 
 def summarize(record: dict) -> None:
@@ -361,7 +390,11 @@ def main(argv=None) -> None:
                     help="report: the settings `validate` chose (gains-choice-METHOD.json in --out)")
     ap.add_argument("--preset", default="", help="report: start from a named preset (e.g. seeds)")
     ap.add_argument("--corruptions", default="", help="report: a subset (default: the suite)")
-    ap.add_argument("--tag", default="defaults", help="report: name of the output file")
+    ap.add_argument("--tag", default="defaults", help="report: name of the output file; summarize: "
+                    "one, or a comma list of a report's parts (--train-seeds) to join")
+    ap.add_argument("--train-seeds", default=",".join(map(str, REPORT_TRAIN_SEEDS)),
+                    help="report: the reporting training seeds to run (split one report over "
+                    "processes: e.g. 21 and 22,23 with their own --tag)")
     ap.add_argument("--out", default=os.path.expanduser("~/.cache/ttt-pipe/bench"),
                     help="where the JSON records go")
     ap.add_argument("--data-dir", default=None)
@@ -381,8 +414,7 @@ def main(argv=None) -> None:
     elif args.what == "report":
         report(args)
     elif args.what == "summarize":
-        summarize(json.loads((Path(args.out) / f"gains-report-{args.method}-{args.tag}.json")
-                             .read_text()))
+        summarize(joined_record(args.out, args.method, args.tag))
     else:
         it3_loss(args)
 
