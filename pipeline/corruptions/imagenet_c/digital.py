@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.corruptions.imagenet_c.core import size_scale
-from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter
+from pipeline.corruptions.imagenet_c.filters import gaussian_filter, sample_at
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
@@ -100,17 +100,23 @@ def elastic_warp(x: torch.Tensor, matrices: np.ndarray, dx: torch.Tensor, dy: to
     float images at full precision: matches to 1e-5), then map_coordinates(order=1,
     mode='reflect') at (row + dy, col + dx)."""
     n, _, h, w = x.shape
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32),
-                                torch.arange(w, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
     inv = []
     for m in matrices:  # dst(x, y) = src(M^-1 (x, y))
         full = np.vstack([m, [0.0, 0.0, 1.0]])
         inv.append(np.linalg.inv(full)[:2])
     inv = torch.from_numpy(np.stack(inv).astype(np.float32))  # (N, 2, 3)
-    sx = inv[:, 0, 0, None, None] * cols + inv[:, 0, 1, None, None] * rows + inv[:, 0, 2, None, None]
-    sy = inv[:, 1, 0, None, None] * cols + inv[:, 1, 1, None, None] * rows + inv[:, 1, 2, None, None]
-    warped = bilinear(x, sy, sx, "reflect101")
-    return bilinear(warped, rows[None] + dy, cols[None] + dx, "reflect")
+    # source (col, row) = inv @ (col, row, 1), built in the grid itself: the products are
+    # (N, W) and (N, H) vectors, broadcast once in the sum
+    grid = torch.empty((n, h, w, 2), dtype=torch.float32)
+    for axis in (0, 1):
+        g = grid[..., axis]
+        torch.add((inv[:, axis, 0, None] * cols)[:, None, :], (inv[:, axis, 1, None] * rows)[:, :, None], out=g)
+        g.add_(inv[:, axis, 2, None, None])
+    warped = sample_at(x, grid, "reflect101")
+    torch.add(dx, cols, out=grid[..., 0])
+    torch.add(dy, rows[:, None], out=grid[..., 1])
+    return sample_at(warped, grid, "reflect")
 
 
 _S224, _S32 = 244, 32  # make_imagenet_c.py writes 244 where it means 224 ("nothing is incorrect")

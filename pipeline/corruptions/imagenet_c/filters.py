@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["torch_generators", "per_sample", "border_index", "pad", "gaussian_kernel1d",
-           "filter_matrix", "separable_filter", "gaussian_filter", "bilinear", "filter2d"]
+           "filter_matrix", "separable_filter", "gaussian_filter", "bilinear", "sample_at",
+           "filter2d"]
 
 
 def torch_generators(rngs: Sequence[np.random.Generator]) -> list[torch.Generator]:
@@ -177,17 +178,27 @@ def bilinear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str)
     """Sample x (N, C, H, W) at float coordinates rows, cols (N, H', W') by bilinear
     interpolation (scipy map_coordinates order=1) on the image extended by `mode`
     ("reflect": symmetric, scipy's reflect; "reflect101": mirror, OpenCV's REFLECT_101).
+    See `sample_at`, which takes the coordinates already in one (N, H', W', 2) tensor."""
+    grid = torch.empty((*rows.shape, 2), dtype=x.dtype)
+    grid[..., 0], grid[..., 1] = cols, rows
+    return sample_at(x, grid, mode)
+
+
+def sample_at(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """`bilinear` with the pixel coordinates (col, row) in `grid` (N, H', W', 2), which is
+    overwritten (normalised in place for grid_sample).
 
     grid_sample's reflection padding folds the coordinate back into the image first; for a
     piecewise-linear extension that is the same value. align_corners picks the mirror line:
     False reflects about -0.5 and n - 0.5 (symmetric), True about 0 and n - 1 (mirror)."""
     h, w = x.shape[-2:]
-    corners = mode == "reflect101"
     if mode not in ("reflect", "reflect101"):
         raise ValueError(f"unknown border mode {mode!r}")
-    if corners:
-        gx, gy = cols * (2.0 / max(w - 1, 1)) - 1, rows * (2.0 / max(h - 1, 1)) - 1
-    else:
-        gx, gy = (2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1
-    grid = torch.stack([gx, gy], -1).to(x.dtype)  # (N, H', W', 2) as (x, y)
+    corners = mode == "reflect101"
+    for axis, n in ((0, w), (1, h)):
+        g = grid[..., axis]
+        if corners:  # col * (2 / (w - 1)) - 1
+            g.mul_(2.0 / max(n - 1, 1)).sub_(1)
+        else:  # (2 col + 1) / w - 1
+            g.mul_(2).add_(1).div_(n).sub_(1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=corners)
