@@ -120,12 +120,14 @@ def _motion_blur(layer: torch.Tensor, radius: int, sigma: float, angles: np.ndar
     pad = int(max(np.abs(dy).max(), np.abs(dx).max(), 0))
     padded = np.pad(layer.cpu().numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="edge")
     out = np.zeros((n, out_h, out_w))
-    for s in range(n):
+    term = np.empty((out_h, out_w))
+    for s in range(n):  # in place, one sample at a time (cache-resident), same arithmetic
         for i in range(weights.shape[1]):
             if weights[s, i] == 0.0:
                 continue  # past the reference's break
             top, left = pad - dy[s, i], pad - dx[s, i]
-            out[s] = out[s] + weights[s, i] * padded[s, top:top + out_h, left:left + out_w]
+            np.multiply(padded[s, top:top + out_h, left:left + out_w], weights[s, i], out=term)
+            np.add(out[s], term, out=out[s])
     return torch.from_numpy(out).to(layer.device)
 
 
