@@ -151,13 +151,15 @@ def uint8_native(fn):
     return fn
 
 
-def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
-    """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread.
+def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread;
+    `size` (H, W) is that of fn's images when it is not the input's.
 
-    Above 64x64 planes go in and out through Pillow's merge/split (faster than numpy's
-    (3, H, W) <-> (H, W, 3) transposes of uint8); small images are transposed."""
+    Above 64x64 planes go in through Pillow's merge and out as one band's bytes at a time
+    (faster than numpy's (3, H, W) <-> (H, W, 3) transposes of uint8, and than split);
+    small images are transposed."""
     chw = x.numpy()
-    out = np.empty_like(chw)
+    out = np.empty(chw.shape[:2] + tuple(size or chw.shape[2:]), dtype=np.uint8)
 
     small = chw.shape[2] * chw.shape[3] <= 64 * 64  # Pillow objects cost more than transposes
 
@@ -167,8 +169,9 @@ def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
             out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB")).transpose(2, 0, 1)
             return
         im = fn(Image.merge("RGB", [Image.fromarray(plane) for plane in chw[i]]))
-        for c, plane in enumerate((im if im.mode == "RGB" else im.convert("RGB")).split()):
-            out[i, c] = np.asarray(plane)
+        im = im if im.mode == "RGB" else im.convert("RGB")
+        for c, band in enumerate("RGB"):  # Pillow packs one band straight to bytes
+            out[i, c] = np.frombuffer(im.tobytes("raw", band), dtype=np.uint8).reshape(out.shape[2:])
 
     workers = max(1, min(torch.get_num_threads(), len(chw)))
     if workers == 1:
@@ -187,19 +190,31 @@ def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
 def pixelate(x, rngs, *, c):
     h, w = x.shape[-2:]
     small = (max(1, int(w * c)), max(1, int(h * c)))
-    up = Image.NEAREST if _box_is_nearest(small[0], w) and _box_is_nearest(small[1], h) else Image.BOX
-    return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), up))
+    rows, cols = _box_up_source(small[1], h), _box_up_source(small[0], w)
+    if rows is None or cols is None:  # not a pixel copy (never seen): Pillow's BOX both ways
+        return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.BOX))
+    down = _pil_map(x, lambda im: im.resize(small, Image.BOX), size=(small[1], small[0]))
+    # the BOX upscale as one batched gather per axis (numpy's take: faster than torch's here)
+    return torch.from_numpy(np.take(np.take(down.numpy(), cols, axis=3), rows, axis=2))
+
+
+_PROBE_STEP = 1024  # ramp spacing: any blend of two neighbours falls between multiples
 
 
 @lru_cache(maxsize=256)
-def _box_is_nearest(n_in: int, n_out: int) -> bool:
-    """Whether Pillow's BOX upscale n_in -> n_out copies one source pixel per output pixel, the
-    one NEAREST picks (true at 224x224 for all five severities, not at every size). Probed on
-    a 32-bit ramp, whose values are all distinct, so any blend of two pixels shows."""
-    ramp = Image.fromarray(np.arange(n_in, dtype=np.int32)[None, :])
-    box = np.asarray(ramp.resize((n_out, 1), Image.BOX))
-    nearest = np.asarray(ramp.resize((n_out, 1), Image.NEAREST))
-    return bool(np.array_equal(box, nearest))
+def _box_up_source(n_in: int, n_out: int) -> np.ndarray | None:
+    """The source pixel of each output pixel of Pillow's BOX upscale n_in -> n_out along one
+    axis, or None if some output pixel blends two sources.
+
+    Upscaling, Pillow's box window is one input pixel wide, so each output pixel copies one
+    source pixel (weights 1 and 0; its two passes are then an exact 2-D gather). Probed on a
+    32-bit ramp of multiples of _PROBE_STEP, so a copy shows its index and a blend a value
+    between multiples."""
+    ramp = Image.fromarray((np.arange(n_in, dtype=np.int32) * _PROBE_STEP)[None, :])
+    up = np.asarray(ramp.resize((n_out, 1), Image.BOX))[0].astype(np.int64)
+    if np.any(up % _PROBE_STEP):
+        return None
+    return up // _PROBE_STEP
 
 
 @register("jpeg_compression", "Pillow JPEG encode at quality q, decode",
