@@ -101,8 +101,8 @@ def corrupt(images: np.ndarray, name: str, severity: int, sample_ids, seed: int)
     for start in range(0, len(x), _CHUNK):
         part = slice(start, start + _CHUNK)
         rngs = sample_rngs(seed, name, severity, ids[part]) if entry.random else []
-        if getattr(entry.fn, "uint8_native", False):  # uint8 tensors in and out (Pillow's)
-            out[part] = entry.fn(torch.from_numpy(x[part]), rngs, **params).numpy()
+        if getattr(entry.fn, "uint8_native", False):  # uint8 in, written into `out` (Pillow's)
+            entry.fn(torch.from_numpy(x[part]), rngs, out=out[part], **params)
             continue
         batch = torch.from_numpy(x[part]).to(torch.float32).div_(255.0)  # (n, 3, H, W)
         quantise(entry.fn(batch, rngs, **params), out[part])

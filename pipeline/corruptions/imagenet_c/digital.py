@@ -146,20 +146,23 @@ def elastic_transform(x, rngs, *, alpha, sigma, affine):
 
 def uint8_native(fn):
     """Mark `fn` as taking and returning uint8 (N, 3, H, W) tensors: `corrupt` then skips the
-    float round trip (the reference's Pillow corruptions are uint8 to uint8 too)."""
+    float round trip (the reference's Pillow corruptions are uint8 to uint8 too) and passes
+    `out=`, a uint8 array of the batch's shape for fn to write its result into."""
     fn.uint8_native = True
     return fn
 
 
-def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None) -> torch.Tensor:
+def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None,
+             out: np.ndarray | None = None) -> torch.Tensor:
     """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread;
-    `size` (H, W) is that of fn's images when it is not the input's.
+    `size` (H, W) is that of fn's images when it is not the input's; into `out` if given.
 
     Above 64x64 planes go in through Pillow's merge and out as one band's bytes at a time
     (faster than numpy's (3, H, W) <-> (H, W, 3) transposes of uint8, and than split);
     small images are transposed."""
     chw = x.numpy()
-    out = np.empty(chw.shape[:2] + tuple(size or chw.shape[2:]), dtype=np.uint8)
+    if out is None:
+        out = np.empty(chw.shape[:2] + tuple(size or chw.shape[2:]), dtype=np.uint8)
 
     small = chw.shape[2] * chw.shape[3] <= 64 * 64  # Pillow objects cost more than transposes
 
@@ -187,15 +190,18 @@ def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None) -> torch.
           cifar=tuple({"c": c} for c in (0.95, 0.9, 0.85, 0.75, 0.65)),
           imagenet=tuple({"c": c} for c in (0.6, 0.5, 0.4, 0.3, 0.25)), random=False)
 @uint8_native
-def pixelate(x, rngs, *, c):
+def pixelate(x, rngs, *, c, out=None):
     h, w = x.shape[-2:]
     small = (max(1, int(w * c)), max(1, int(h * c)))
     rows, cols = _box_up_source(small[1], h), _box_up_source(small[0], w)
     if rows is None or cols is None:  # not a pixel copy (never seen): Pillow's BOX both ways
-        return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.BOX))
+        return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.BOX), out=out)
     down = _pil_map(x, lambda im: im.resize(small, Image.BOX), size=(small[1], small[0]))
     # the BOX upscale as one batched gather per axis (numpy's take: faster than torch's here)
-    return torch.from_numpy(np.take(np.take(down.numpy(), cols, axis=3), rows, axis=2))
+    if out is None:
+        out = np.empty(x.shape, dtype=np.uint8)
+    np.take(np.take(down.numpy(), cols, axis=3), rows, axis=2, out=out)
+    return torch.from_numpy(out)
 
 
 _PROBE_STEP = 1024  # ramp spacing: any blend of two neighbours falls between multiples
@@ -221,10 +227,10 @@ def _box_up_source(n_in: int, n_out: int) -> np.ndarray | None:
           cifar=tuple({"quality": q} for q in (80, 65, 58, 50, 40)),
           imagenet=tuple({"quality": q} for q in (25, 18, 15, 10, 7)), random=False)
 @uint8_native
-def jpeg_compression(x, rngs, *, quality):
+def jpeg_compression(x, rngs, *, quality, out=None):
     def one(im):
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=int(quality))
         return Image.open(buf)
 
-    return _pil_map(x, one)
+    return _pil_map(x, one, out=out)
