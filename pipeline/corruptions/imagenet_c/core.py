@@ -33,6 +33,9 @@ CIFAR_MAX_SIDE = 64  # min(H, W) <= 64 -> the cifar table
 _REFERENCE_SIDE = {"cifar": 32, "imagenet": 224}
 _CHUNK = 64  # images per vectorised step: bounds memory, never changes results
 _CACHE_VALUES = 3 * 224 * 224  # values per step of the final rounding (fits in cache)
+# values per step of a `per_pixel` corruption: its temporaries are reused from step to step
+# instead of fresh full-batch allocations (page faults); never changes results
+_PER_PIXEL_VALUES = 4 * 3 * 224 * 224
 
 
 def table_for(height: int, width: int) -> str:
@@ -98,8 +101,11 @@ def corrupt(images: np.ndarray, name: str, severity: int, sample_ids, seed: int)
     height, width = x.shape[2:]
     params = getattr(entry, table_for(height, width))[severity - 1]
     out = np.empty(x.shape, dtype=np.uint8)
-    for start in range(0, len(x), _CHUNK):
-        part = slice(start, start + _CHUNK)
+    chunk = _CHUNK
+    if getattr(entry.fn, "per_pixel", False):  # cheap per-pixel work: small, cache-sized steps
+        chunk = int(min(_CHUNK, max(1, _PER_PIXEL_VALUES // max(x[0].size, 1))))
+    for start in range(0, len(x), chunk):
+        part = slice(start, start + chunk)
         rngs = sample_rngs(seed, name, severity, ids[part]) if entry.random else []
         if getattr(entry.fn, "uint8_native", False):  # uint8 in, written into `out` (Pillow's)
             entry.fn(torch.from_numpy(x[part]), rngs, out=out[part], **params)

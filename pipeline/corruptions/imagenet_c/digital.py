@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.corruptions.imagenet_c.core import size_scale
 from pipeline.corruptions.imagenet_c.filters import gaussian_filter, sample_at
-from pipeline.corruptions.imagenet_c.registry import register
+from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
            "jpeg_compression", "uint8_native", "rgb_to_hsv", "hsv_to_rgb", "affine_matrix", "elastic_warp"]
@@ -50,6 +50,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 @register("brightness", "HSV value + c (clipped to [0, 1])",
           cifar=tuple({"c": c} for c in (0.05, 0.1, 0.15, 0.2, 0.3)),
           imagenet=tuple({"c": c} for c in (0.1, 0.2, 0.3, 0.4, 0.5)), random=False)
+@per_pixel
 def brightness(x, rngs, *, c):
     # At fixed hue and saturation every RGB channel is linear in V, so the HSV round trip is
     # a per-pixel scale by V'/V (black pixels, hue 0 and saturation 0, become grey V').
@@ -62,6 +63,7 @@ def brightness(x, rngs, *, c):
           cifar=tuple({"a": a, "b": b} for a, b in ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))),
           imagenet=tuple({"a": a, "b": b} for a, b in ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2))),
           random=False)
+@per_pixel
 def saturate(x, rngs, *, a, b):
     # At fixed hue and value a channel is V (1 - w S) with w in [0, 1] set by the hue, so with
     # S = delta / V the HSV round trip is ch' = V - (V - ch) * S' V / delta. Grey pixels
@@ -79,6 +81,7 @@ def saturate(x, rngs, *, a, b):
 @register("contrast", "(x - channel mean) * c + channel mean, per image",
           cifar=tuple({"c": c} for c in (0.75, 0.5, 0.4, 0.3, 0.15)),
           imagenet=tuple({"c": c} for c in (0.4, 0.3, 0.2, 0.1, 0.05)), random=False)
+@per_pixel
 def contrast(x, rngs, *, c):
     means = x.to(torch.float64).mean((2, 3), keepdim=True).to(x.dtype)
     return (x - means) * c + means

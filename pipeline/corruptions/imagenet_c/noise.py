@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 from pipeline.corruptions.imagenet_c.filters import torch_generators
-from pipeline.corruptions.imagenet_c.registry import register
+from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 
 __all__ = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "poisson_table", "poisson_counts"]
 
@@ -38,6 +38,7 @@ def _rand(x: torch.Tensor, rngs, dtype=np.float32) -> np.ndarray:
 @register("gaussian_noise", "x + N(0, c²) per pixel and channel",
           cifar=tuple({"c": c} for c in (0.04, 0.06, 0.08, 0.09, 0.10)),
           imagenet=tuple({"c": c} for c in (0.08, 0.12, 0.18, 0.26, 0.38)))
+@per_pixel
 def gaussian_noise(x, rngs, *, c):
     return _randn(x, rngs).mul_(c).add_(x)
 
@@ -102,6 +103,7 @@ def shot_noise(x, rngs, *, c):
 @register("impulse_noise", "salt & pepper: a fraction c of values set to 0 or 1 (half each)",
           cifar=tuple({"c": c} for c in (0.01, 0.02, 0.03, 0.05, 0.07)),
           imagenet=tuple({"c": c} for c in (0.03, 0.06, 0.09, 0.17, 0.27)))
+@per_pixel
 def impulse_noise(x, rngs, *, c):
     u = torch.from_numpy(_rand(x, rngs))  # one uniform decides both: u < c/2 pepper, c/2 <= u < c salt
     y = torch.where(u < c, (u >= c / 2).to(x.dtype), x)
@@ -111,5 +113,6 @@ def impulse_noise(x, rngs, *, c):
 @register("speckle_noise", "x + x * N(0, c²) per pixel and channel",
           cifar=tuple({"c": c} for c in (0.06, 0.1, 0.12, 0.16, 0.2)),
           imagenet=tuple({"c": c} for c in (0.15, 0.2, 0.35, 0.45, 0.6)))
+@per_pixel
 def speckle_noise(x, rngs, *, c):
     return _randn(x, rngs).mul_(c).add_(1.0).mul_(x)

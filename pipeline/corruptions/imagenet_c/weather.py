@@ -26,7 +26,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from pipeline.corruptions.imagenet_c.registry import register
+from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 from pipeline.errors import TTTPipeError
 
 __all__ = ["snow", "frost", "fog", "spatter", "plasma_fractal", "canny", "FROST_FILES"]
@@ -232,6 +232,7 @@ FROST_IMAGENET = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))
                        side=32),
           imagenet=_table(FROST_IMAGENET, ("image", "frost"), photos=6, zoom=1.1, mode="bicubic",
                           side=224))
+@per_pixel
 def frost(x: torch.Tensor, rngs, *, image, frost, photos, zoom, mode, side):
     n, _, h, w = x.shape
     crops = []
@@ -242,8 +243,11 @@ def frost(x: torch.Tensor, rngs, *, image, frost, photos, zoom, mode, side):
         crops.append(_frost_scaled(index, fh, fw, mode)[:, top:top + h, left:left + w])
     if n == 0:
         return x.clone()
-    layer = torch.stack(crops).to(x.device)  # (N, 3, H, W) in 0..255
-    return image * x + (frost / 255) * layer
+    out = torch.empty_like(x)
+    for k, crop in enumerate(crops):  # image * x + frost / 255 * crop (crop in 0..255)
+        torch.mul(x[k], image, out=out[k])
+        out[k].add_(crop.to(x.device) * (frost / 255))
+    return out
 
 
 # ------------------------------------------------------------------------------------ fog
