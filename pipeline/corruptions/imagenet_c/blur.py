@@ -174,18 +174,19 @@ def motion_blur_at(x: torch.Tensor, angles, radius: int, sigma: float) -> torch.
     taps = np.arange(2 * radius + 1)
     weights = np.exp(-taps ** 2 / (2 * sigma ** 2)) / (np.sqrt(2 * np.pi) * sigma)
     weights = weights / weights.sum()
-    # replicate-pad once; a shift by (dy, dx) is then a window of the padded image
+    # replicate-pad each sample once (one at a time: the padded copy stays in cache); a
+    # shift by (dy, dx) is then a window of the padded image
     r = 2 * radius + 1
-    xp = x.index_select(-2, border_index(height, r, r, "nearest"))
-    xp = xp.index_select(-1, border_index(width, r, r, "nearest"))
+    rows, cols = border_index(height, r, r, "nearest"), border_index(width, r, r, "nearest")
     out = torch.zeros_like(x)
     for k, angle in enumerate(angles):
+        xp = x[k].index_select(-2, rows).index_select(-1, cols)
         dy, dx = motion_offsets(radius, angle)
         for i in range(len(taps)):
             if abs(dy[i]) >= height or abs(dx[i]) >= width:  # the reference stops here
                 break
             top, left = r - dy[i], r - dx[i]
-            out[k].add_(xp[k, :, top:top + height, left:left + width], alpha=float(weights[i]))
+            out[k].add_(xp[:, top:top + height, left:left + width], alpha=float(weights[i]))
     return out
 
 

@@ -109,7 +109,13 @@ def separable_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str)
         return out.reshape(x.shape)
     mh = filter_matrix(x.shape[-2], kh, mode).to(x.dtype)
     mw = filter_matrix(x.shape[-1], kw, mode).to(x.dtype)
-    return mh @ x @ mw.T
+    if x.dim() < 3 or x[0].numel() > _CACHE_PLANES:
+        return mh @ x @ mw.T
+    out = torch.empty(x.shape, dtype=x.dtype)  # a few images at a time: buffers reused
+    step = max(1, _CACHE_PLANES // x[0].numel())
+    for start in range(0, len(x), step):
+        torch.matmul(mh @ x[start:start + step], mw.T, out=out[start:start + step])
+    return out
 
 
 _CACHE_PLANES = 3 * 224 * 224  # values per slice-filter step: one 224x224 RGB image
@@ -164,20 +170,25 @@ def _kernel_spectrum(kernel: tuple[tuple[float, ...], ...], size: tuple[int, int
 
 
 def filter2d(x: torch.Tensor, kernel: np.ndarray, mode: str = "reflect101") -> torch.Tensor:
-    """cv2.filter2D (correlation, centred anchor, BORDER_REFLECT_101 by default) via the FFT."""
+    """cv2.filter2D (correlation, centred anchor, BORDER_REFLECT_101 by default) via the FFT,
+    about one 224x224 RGB image's planes at a time (the transforms' buffers are reused)."""
     kh, kw = kernel.shape
     rh, rw = kh // 2, kw // 2
     shape = x.shape
-    y = pad(x.reshape(-1, *shape[-2:]), (rh, rh), (rw, rw), mode)  # (B, H + 2rh, W + 2rw)
-    size = (_fast_size(y.shape[-2]), _fast_size(y.shape[-1]))  # zero padding past the border
+    planes = x.reshape(-1, *shape[-2:])
+    size = (_fast_size(shape[-2] + 2 * rh), _fast_size(shape[-1] + 2 * rw))  # zero padding past the border
     spec = _kernel_spectrum(tuple(map(tuple, np.asarray(kernel, dtype=np.float64))), size)
-    prod = (torch.fft.rfft2(y.to(torch.float32), s=size) * spec).numpy()
-    # the inverse as two 1-D passes with scipy's pocketfft: 2x faster than torch.fft.irfft2
-    # on CPU (same float32 transform; results agree to ~1e-7)
-    out = scipy.fft.irfft(scipy.fft.ifft(prod, axis=-2, overwrite_x=True), n=size[1], axis=-1,
-                          overwrite_x=True)
-    out = torch.from_numpy(out[:, rh:rh + shape[-2], rw:rw + shape[-1]])
-    return out.to(x.dtype).reshape(shape)
+    out = torch.empty(planes.shape, dtype=x.dtype)
+    step = max(1, _CACHE_PLANES // max(shape[-2] * shape[-1], 1))
+    for start in range(0, len(planes), step):
+        y = pad(planes[start:start + step], (rh, rh), (rw, rw), mode)  # (b, H + 2rh, W + 2rw)
+        prod = (torch.fft.rfft2(y.to(torch.float32), s=size) * spec).numpy()
+        # the inverse as two 1-D passes with scipy's pocketfft: 2x faster than
+        # torch.fft.irfft2 on CPU (same float32 transform; results agree to ~1e-7)
+        y = scipy.fft.irfft(scipy.fft.ifft(prod, axis=-2, overwrite_x=True), n=size[1], axis=-1,
+                            overwrite_x=True)
+        out[start:start + step] = torch.from_numpy(y[:, rh:rh + shape[-2], rw:rw + shape[-1]])
+    return out.reshape(shape)
 
 
 def bilinear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str) -> torch.Tensor:
