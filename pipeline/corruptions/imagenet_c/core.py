@@ -60,7 +60,8 @@ def quantise(y: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         return (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
     dest = torch.from_numpy(out)
-    step = max(1, _CACHE_VALUES // max(y[0].numel(), 1)) if len(y) else 1
+    small = y.shape[-2] * y.shape[-1] <= CIFAR_MAX_SIDE ** 2  # one step: overhead beats cache
+    step = len(y) if small or not len(y) else max(1, _CACHE_VALUES // max(y[0].numel(), 1))
     for i in range(0, len(y), step):
         dest[i:i + step].copy_((y[i:i + step] * 255.0).add_(1e-3).clamp_(0.0, 255.0))  # truncates
     return out

@@ -100,7 +100,7 @@ def separable_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str)
     if max(len(kh), len(kw)) <= _SLICE_TAPS:
         h, w = x.shape[-2:]
         planes = x.reshape(-1, h, w)
-        step = max(1, _CACHE_PLANES // max(h * w, 1))
+        step = _planes_per_step(h, w)
         if step >= len(planes):
             return _slice_filter(planes, kh, kw, mode).reshape(x.shape)
         out = torch.empty(planes.shape, dtype=x.dtype)
@@ -109,16 +109,27 @@ def separable_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str)
         return out.reshape(x.shape)
     mh = filter_matrix(x.shape[-2], kh, mode).to(x.dtype)
     mw = filter_matrix(x.shape[-1], kw, mode).to(x.dtype)
-    if x.dim() < 3 or x[0].numel() > _CACHE_PLANES:
+    step = 0  # leading-axis items per step (0: all at once)
+    if x.dim() >= 3:
+        planes_per_item = max(1, x[0].numel() // (x.shape[-2] * x.shape[-1]))
+        step = _planes_per_step(*x.shape[-2:]) // planes_per_item
+    if step == 0 or step >= len(x):
         return mh @ x @ mw.T
     out = torch.empty(x.shape, dtype=x.dtype)  # a few images at a time: buffers reused
-    step = max(1, _CACHE_PLANES // x[0].numel())
     for start in range(0, len(x), step):
         torch.matmul(mh @ x[start:start + step], mw.T, out=out[start:start + step])
     return out
 
 
-_CACHE_PLANES = 3 * 224 * 224  # values per slice-filter step: one 224x224 RGB image
+_CACHE_PLANES = 3 * 224 * 224  # values per filter step: one 224x224 RGB image
+
+
+def _planes_per_step(height: int, width: int) -> int:
+    """Planes per cache-sized step; small planes (<= 64x64) go in one step (per-step
+    overhead would cost more than the cache saves)."""
+    if height * width <= 64 * 64:
+        return 1 << 62
+    return max(1, _CACHE_PLANES // (height * width))
 
 
 def _slice_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str) -> torch.Tensor:
@@ -179,7 +190,7 @@ def filter2d(x: torch.Tensor, kernel: np.ndarray, mode: str = "reflect101") -> t
     size = (_fast_size(shape[-2] + 2 * rh), _fast_size(shape[-1] + 2 * rw))  # zero padding past the border
     spec = _kernel_spectrum(tuple(map(tuple, np.asarray(kernel, dtype=np.float64))), size)
     out = torch.empty(planes.shape, dtype=x.dtype)
-    step = max(1, _CACHE_PLANES // max(shape[-2] * shape[-1], 1))
+    step = _planes_per_step(*shape[-2:])
     for start in range(0, len(planes), step):
         y = pad(planes[start:start + step], (rh, rh), (rw, rw), mode)  # (b, H + 2rh, W + 2rw)
         prod = (torch.fft.rfft2(y.to(torch.float32), s=size) * spec).numpy()
