@@ -59,9 +59,11 @@ def quantise(y: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     # clamp(y * 255 + 1e-3, 0, 255) then truncation = floor(clip(y, 0, 1) * 255 + 1e-3)
     if out is None:
         return (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
+    if y.shape[-2] * y.shape[-1] <= CIFAR_MAX_SIDE ** 2:  # small: one step beats cache steps
+        out[...] = (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
+        return out
     dest = torch.from_numpy(out)
-    small = y.shape[-2] * y.shape[-1] <= CIFAR_MAX_SIDE ** 2  # one step: overhead beats cache
-    step = len(y) if small or not len(y) else max(1, _CACHE_VALUES // max(y[0].numel(), 1))
+    step = max(1, _CACHE_VALUES // max(y[0].numel(), 1))
     for i in range(0, len(y), step):
         dest[i:i + step].copy_((y[i:i + step] * 255.0).add_(1e-3).clamp_(0.0, 255.0))  # truncates
     return out

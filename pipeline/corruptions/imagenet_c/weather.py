@@ -243,6 +243,8 @@ def frost(x: torch.Tensor, rngs, *, image, frost, photos, zoom, mode, side):
         crops.append(_frost_scaled(index, fh, fw, mode)[:, top:top + h, left:left + w])
     if n == 0:
         return x.clone()
+    if h * w <= 64 * 64:  # small images: one batched blend (per-image calls cost more)
+        return image * x + (frost / 255) * torch.stack(crops).to(x.device)
     out = torch.empty_like(x)
     for k, crop in enumerate(crops):  # image * x + frost / 255 * crop (crop in 0..255)
         torch.mul(x[k], image, out=out[k])
