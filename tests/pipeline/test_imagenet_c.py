@@ -98,7 +98,7 @@ def test_motion_blur_statistics():
 
 def test_glass_shuffle_is_the_sequential_copy():
     rng = np.random.default_rng(0)
-    for h, w, d, its in [(12, 10, 1, 2), (16, 16, 2, 3), (21, 17, 3, 1)]:
+    for h, w, d, its in [(12, 10, 1, 2), (16, 16, 2, 3), (21, 17, 3, 1), (18, 23, 4, 2), (9, 7, 3, 2)]:
         off = rng.integers(-d, d, size=(2, its, h - 2 * d, w - 2 * d, 2), dtype=np.int8)
         perm = blur.shuffle_permutation(h, w, d, off).numpy()
         for n in range(2):

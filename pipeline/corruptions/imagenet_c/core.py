@@ -32,6 +32,10 @@ ALL: tuple[str, ...] = COMMON + VALIDATION
 CIFAR_MAX_SIDE = 64  # min(H, W) <= 64 -> the cifar table
 _REFERENCE_SIDE = {"cifar": 32, "imagenet": 224}
 _CHUNK = 64  # images per vectorised step: bounds memory, never changes results
+_CACHE_VALUES = 3 * 224 * 224  # values per step of the final rounding (fits in cache)
+# values per step of a `per_pixel` corruption: its temporaries are reused from step to step
+# instead of fresh full-batch allocations (page faults); never changes results
+_PER_PIXEL_VALUES = 4 * 3 * 224 * 224
 
 
 def table_for(height: int, width: int) -> str:
@@ -44,14 +48,25 @@ def size_scale(height: int, width: int) -> float:
     return min(height, width) / _REFERENCE_SIDE[table_for(height, width)]
 
 
-def quantise(y: torch.Tensor) -> np.ndarray:
+def quantise(y: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     """Float pixel units -> uint8 as the reference's `np.uint8(clip(y, 0, 1) * 255)` (truncation).
 
     The 1e-3 guards values that are exact integers in the reference (uint8 round trips such as
-    jpeg, pixelate) against float32 rounding just below the integer.
+    jpeg, pixelate) against float32 rounding just below the integer. Written into `out` (a
+    uint8 array shaped like `y`) when given, about one 224x224 image at a time (the
+    temporaries stay in cache; the values are the same).
     """
     # clamp(y * 255 + 1e-3, 0, 255) then truncation = floor(clip(y, 0, 1) * 255 + 1e-3)
-    return (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
+    if out is None:
+        return (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
+    if y.shape[-2] * y.shape[-1] <= CIFAR_MAX_SIDE ** 2:  # small: one step beats cache steps
+        out[...] = (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
+        return out
+    dest = torch.from_numpy(out)
+    step = max(1, _CACHE_VALUES // max(y[0].numel(), 1))
+    for i in range(0, len(y), step):
+        dest[i:i + step].copy_((y[i:i + step] * 255.0).add_(1e-3).clamp_(0.0, 255.0))  # truncates
+    return out
 
 
 def _check(images, sample_ids, seed) -> tuple[np.ndarray, np.ndarray]:
@@ -89,12 +104,15 @@ def corrupt(images: np.ndarray, name: str, severity: int, sample_ids, seed: int)
     height, width = x.shape[2:]
     params = getattr(entry, table_for(height, width))[severity - 1]
     out = np.empty(x.shape, dtype=np.uint8)
-    for start in range(0, len(x), _CHUNK):
-        part = slice(start, start + _CHUNK)
+    chunk = _CHUNK
+    if getattr(entry.fn, "per_pixel", False):  # cheap per-pixel work: small, cache-sized steps
+        chunk = int(min(_CHUNK, max(1, _PER_PIXEL_VALUES // max(x[0].size, 1))))
+    for start in range(0, len(x), chunk):
+        part = slice(start, start + chunk)
         rngs = sample_rngs(seed, name, severity, ids[part]) if entry.random else []
-        if getattr(entry.fn, "uint8_native", False):  # uint8 tensors in and out (Pillow's)
-            out[part] = entry.fn(torch.from_numpy(x[part]), rngs, **params).numpy()
+        if getattr(entry.fn, "uint8_native", False):  # uint8 in, written into `out` (Pillow's)
+            entry.fn(torch.from_numpy(x[part]), rngs, out=out[part], **params)
             continue
         batch = torch.from_numpy(x[part]).to(torch.float32).div_(255.0)  # (n, 3, H, W)
-        out[part] = quantise(entry.fn(batch, rngs, **params))
+        quantise(entry.fn(batch, rngs, **params), out[part])
     return out

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from pipeline.corruptions.imagenet_c.core import size_scale
-from pipeline.corruptions.imagenet_c.filters import bilinear, gaussian_filter
-from pipeline.corruptions.imagenet_c.registry import register
+from pipeline.corruptions.imagenet_c.filters import gaussian_filter, sample_at
+from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
            "jpeg_compression", "uint8_native", "rgb_to_hsv", "hsv_to_rgb", "affine_matrix", "elastic_warp"]
@@ -50,6 +50,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 @register("brightness", "HSV value + c (clipped to [0, 1])",
           cifar=tuple({"c": c} for c in (0.05, 0.1, 0.15, 0.2, 0.3)),
           imagenet=tuple({"c": c} for c in (0.1, 0.2, 0.3, 0.4, 0.5)), random=False)
+@per_pixel
 def brightness(x, rngs, *, c):
     # At fixed hue and saturation every RGB channel is linear in V, so the HSV round trip is
     # a per-pixel scale by V'/V (black pixels, hue 0 and saturation 0, become grey V').
@@ -62,6 +63,7 @@ def brightness(x, rngs, *, c):
           cifar=tuple({"a": a, "b": b} for a, b in ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))),
           imagenet=tuple({"a": a, "b": b} for a, b in ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2))),
           random=False)
+@per_pixel
 def saturate(x, rngs, *, a, b):
     # At fixed hue and value a channel is V (1 - w S) with w in [0, 1] set by the hue, so with
     # S = delta / V the HSV round trip is ch' = V - (V - ch) * S' V / delta. Grey pixels
@@ -79,6 +81,7 @@ def saturate(x, rngs, *, a, b):
 @register("contrast", "(x - channel mean) * c + channel mean, per image",
           cifar=tuple({"c": c} for c in (0.75, 0.5, 0.4, 0.3, 0.15)),
           imagenet=tuple({"c": c} for c in (0.4, 0.3, 0.2, 0.1, 0.05)), random=False)
+@per_pixel
 def contrast(x, rngs, *, c):
     means = x.to(torch.float64).mean((2, 3), keepdim=True).to(x.dtype)
     return (x - means) * c + means
@@ -100,17 +103,23 @@ def elastic_warp(x: torch.Tensor, matrices: np.ndarray, dx: torch.Tensor, dy: to
     float images at full precision: matches to 1e-5), then map_coordinates(order=1,
     mode='reflect') at (row + dy, col + dx)."""
     n, _, h, w = x.shape
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32),
-                                torch.arange(w, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
     inv = []
     for m in matrices:  # dst(x, y) = src(M^-1 (x, y))
         full = np.vstack([m, [0.0, 0.0, 1.0]])
         inv.append(np.linalg.inv(full)[:2])
     inv = torch.from_numpy(np.stack(inv).astype(np.float32))  # (N, 2, 3)
-    sx = inv[:, 0, 0, None, None] * cols + inv[:, 0, 1, None, None] * rows + inv[:, 0, 2, None, None]
-    sy = inv[:, 1, 0, None, None] * cols + inv[:, 1, 1, None, None] * rows + inv[:, 1, 2, None, None]
-    warped = bilinear(x, sy, sx, "reflect101")
-    return bilinear(warped, rows[None] + dy, cols[None] + dx, "reflect")
+    # source (col, row) = inv @ (col, row, 1), built in the grid itself: the products are
+    # (N, W) and (N, H) vectors, broadcast once in the sum
+    grid = torch.empty((n, h, w, 2), dtype=torch.float32)
+    for axis in (0, 1):
+        g = grid[..., axis]
+        torch.add((inv[:, axis, 0, None] * cols)[:, None, :], (inv[:, axis, 1, None] * rows)[:, :, None], out=g)
+        g.add_(inv[:, axis, 2, None, None])
+    warped = sample_at(x, grid, "reflect101")
+    torch.add(dx, cols, out=grid[..., 0])
+    torch.add(dy, rows[:, None], out=grid[..., 1])
+    return sample_at(warped, grid, "reflect")
 
 
 _S224, _S32 = 244, 32  # make_imagenet_c.py writes 244 where it means 224 ("nothing is incorrect")
@@ -140,18 +149,23 @@ def elastic_transform(x, rngs, *, alpha, sigma, affine):
 
 def uint8_native(fn):
     """Mark `fn` as taking and returning uint8 (N, 3, H, W) tensors: `corrupt` then skips the
-    float round trip (the reference's Pillow corruptions are uint8 to uint8 too)."""
+    float round trip (the reference's Pillow corruptions are uint8 to uint8 too) and passes
+    `out=`, a uint8 array of the batch's shape for fn to write its result into."""
     fn.uint8_native = True
     return fn
 
 
-def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
-    """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread.
+def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None,
+             out: np.ndarray | None = None) -> torch.Tensor:
+    """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread;
+    `size` (H, W) is that of fn's images when it is not the input's; into `out` if given.
 
-    Above 64x64 planes go in and out through Pillow's merge/split (faster than numpy's
-    (3, H, W) <-> (H, W, 3) transposes of uint8); small images are transposed."""
+    Above 64x64 planes go in through Pillow's merge and out as one band's bytes at a time
+    (faster than numpy's (3, H, W) <-> (H, W, 3) transposes of uint8, and than split);
+    small images are transposed."""
     chw = x.numpy()
-    out = np.empty_like(chw)
+    if out is None:
+        out = np.empty(chw.shape[:2] + tuple(size or chw.shape[2:]), dtype=np.uint8)
 
     small = chw.shape[2] * chw.shape[3] <= 64 * 64  # Pillow objects cost more than transposes
 
@@ -161,8 +175,9 @@ def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
             out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB")).transpose(2, 0, 1)
             return
         im = fn(Image.merge("RGB", [Image.fromarray(plane) for plane in chw[i]]))
-        for c, plane in enumerate((im if im.mode == "RGB" else im.convert("RGB")).split()):
-            out[i, c] = np.asarray(plane)
+        im = im if im.mode == "RGB" else im.convert("RGB")
+        for c, band in enumerate("RGB"):  # Pillow packs one band straight to bytes
+            out[i, c] = np.frombuffer(im.tobytes("raw", band), dtype=np.uint8).reshape(out.shape[2:])
 
     workers = max(1, min(torch.get_num_threads(), len(chw)))
     if workers == 1:
@@ -178,32 +193,47 @@ def _pil_map(x: torch.Tensor, fn) -> torch.Tensor:
           cifar=tuple({"c": c} for c in (0.95, 0.9, 0.85, 0.75, 0.65)),
           imagenet=tuple({"c": c} for c in (0.6, 0.5, 0.4, 0.3, 0.25)), random=False)
 @uint8_native
-def pixelate(x, rngs, *, c):
+def pixelate(x, rngs, *, c, out=None):
     h, w = x.shape[-2:]
     small = (max(1, int(w * c)), max(1, int(h * c)))
-    up = Image.NEAREST if _box_is_nearest(small[0], w) and _box_is_nearest(small[1], h) else Image.BOX
-    return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), up))
+    rows, cols = _box_up_source(small[1], h), _box_up_source(small[0], w)
+    if rows is None or cols is None:  # not a pixel copy (never seen): Pillow's BOX both ways
+        return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.BOX), out=out)
+    down = _pil_map(x, lambda im: im.resize(small, Image.BOX), size=(small[1], small[0]))
+    # the BOX upscale as one batched gather per axis (numpy's take: faster than torch's here)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.uint8)
+    np.take(np.take(down.numpy(), cols, axis=3), rows, axis=2, out=out)
+    return torch.from_numpy(out)
+
+
+_PROBE_STEP = 1024  # ramp spacing: any blend of two neighbours falls between multiples
 
 
 @lru_cache(maxsize=256)
-def _box_is_nearest(n_in: int, n_out: int) -> bool:
-    """Whether Pillow's BOX upscale n_in -> n_out copies one source pixel per output pixel, the
-    one NEAREST picks (true at 224x224 for all five severities, not at every size). Probed on
-    a 32-bit ramp, whose values are all distinct, so any blend of two pixels shows."""
-    ramp = Image.fromarray(np.arange(n_in, dtype=np.int32)[None, :])
-    box = np.asarray(ramp.resize((n_out, 1), Image.BOX))
-    nearest = np.asarray(ramp.resize((n_out, 1), Image.NEAREST))
-    return bool(np.array_equal(box, nearest))
+def _box_up_source(n_in: int, n_out: int) -> np.ndarray | None:
+    """The source pixel of each output pixel of Pillow's BOX upscale n_in -> n_out along one
+    axis, or None if some output pixel blends two sources.
+
+    Upscaling, Pillow's box window is one input pixel wide, so each output pixel copies one
+    source pixel (weights 1 and 0; its two passes are then an exact 2-D gather). Probed on a
+    32-bit ramp of multiples of _PROBE_STEP, so a copy shows its index and a blend a value
+    between multiples."""
+    ramp = Image.fromarray((np.arange(n_in, dtype=np.int32) * _PROBE_STEP)[None, :])
+    up = np.asarray(ramp.resize((n_out, 1), Image.BOX))[0].astype(np.int64)
+    if np.any(up % _PROBE_STEP):
+        return None
+    return up // _PROBE_STEP
 
 
 @register("jpeg_compression", "Pillow JPEG encode at quality q, decode",
           cifar=tuple({"quality": q} for q in (80, 65, 58, 50, 40)),
           imagenet=tuple({"quality": q} for q in (25, 18, 15, 10, 7)), random=False)
 @uint8_native
-def jpeg_compression(x, rngs, *, quality):
+def jpeg_compression(x, rngs, *, quality, out=None):
     def one(im):
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=int(quality))
         return Image.open(buf)
 
-    return _pil_map(x, one)
+    return _pil_map(x, one, out=out)

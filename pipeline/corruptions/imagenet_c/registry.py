@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["RGBCorruption", "RGB_CORRUPTIONS", "register"]
+__all__ = ["RGBCorruption", "RGB_CORRUPTIONS", "register", "per_pixel"]
 
 Params = tuple[dict, dict, dict, dict, dict]
 
@@ -47,3 +47,11 @@ def register(name: str, summary: str, *, cifar: Params, imagenet: Params, random
         return fn
 
     return deco
+
+
+def per_pixel(fn: Callable) -> Callable:
+    """Mark `fn` as cheap work per pixel (or per image): `corrupt` then feeds it a few images
+    at a time, so its temporaries are reused from step to step rather than allocated for the
+    whole batch. Results never depend on the batch, so they are the same."""
+    fn.per_pixel = True
+    return fn

@@ -26,7 +26,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from pipeline.corruptions.imagenet_c.registry import register
+from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 from pipeline.errors import TTTPipeError
 
 __all__ = ["snow", "frost", "fog", "spatter", "plasma_fractal", "canny", "FROST_FILES"]
@@ -120,12 +120,14 @@ def _motion_blur(layer: torch.Tensor, radius: int, sigma: float, angles: np.ndar
     pad = int(max(np.abs(dy).max(), np.abs(dx).max(), 0))
     padded = np.pad(layer.cpu().numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="edge")
     out = np.zeros((n, out_h, out_w))
-    for s in range(n):
+    term = np.empty((out_h, out_w))
+    for s in range(n):  # in place, one sample at a time (cache-resident), same arithmetic
         for i in range(weights.shape[1]):
             if weights[s, i] == 0.0:
                 continue  # past the reference's break
             top, left = pad - dy[s, i], pad - dx[s, i]
-            out[s] = out[s] + weights[s, i] * padded[s, top:top + out_h, left:left + out_w]
+            np.multiply(padded[s, top:top + out_h, left:left + out_w], weights[s, i], out=term)
+            np.add(out[s], term, out=out[s])
     return torch.from_numpy(out).to(layer.device)
 
 
@@ -230,6 +232,7 @@ FROST_IMAGENET = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))
                        side=32),
           imagenet=_table(FROST_IMAGENET, ("image", "frost"), photos=6, zoom=1.1, mode="bicubic",
                           side=224))
+@per_pixel
 def frost(x: torch.Tensor, rngs, *, image, frost, photos, zoom, mode, side):
     n, _, h, w = x.shape
     crops = []
@@ -240,8 +243,13 @@ def frost(x: torch.Tensor, rngs, *, image, frost, photos, zoom, mode, side):
         crops.append(_frost_scaled(index, fh, fw, mode)[:, top:top + h, left:left + w])
     if n == 0:
         return x.clone()
-    layer = torch.stack(crops).to(x.device)  # (N, 3, H, W) in 0..255
-    return image * x + (frost / 255) * layer
+    if h * w <= 64 * 64:  # small images: one batched blend (per-image calls cost more)
+        return image * x + (frost / 255) * torch.stack(crops).to(x.device)
+    out = torch.empty_like(x)
+    for k, crop in enumerate(crops):  # image * x + frost / 255 * crop (crop in 0..255)
+        torch.mul(x[k], image, out=out[k])
+        out[k].add_(crop.to(x.device) * (frost / 255))
+    return out
 
 
 # ------------------------------------------------------------------------------------ fog
