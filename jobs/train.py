@@ -40,7 +40,7 @@ from jobs.pool import actor_env
 from pipeline import storage
 from pipeline.errors import TTTPipeError
 
-__all__ = ["DEFAULT_MODELS", "KILL_ENV", "TrainSpec", "TrainPlan", "Trainer", "resolve_spec", "plan_trainer", "train"]
+__all__ = ["DEFAULT_MODELS", "KILL_ENV", "TrainSpec", "TrainPlan", "Trainer", "resolve_spec", "plan_trainer", "progress_chunk", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS = {"ttt": "seed_cnn", "it3": "seed_rescnn", "source": "seed_cnn_bn"}
 KILL_ENV = "TTT_PIPE_TRAIN_TEST_KILL_ONCE"
 _CHUNKS_PER_EPOCH = 20  # progress updates per epoch (one actor call each)
+
+
+def progress_chunk(batches_per_epoch: int) -> int:
+    """Batches per progress report: 1/_CHUNKS_PER_EPOCH of an epoch, at least one."""
+    return max(1, batches_per_epoch // _CHUNKS_PER_EPOCH)
 
 
 @dataclass(frozen=True)
@@ -455,7 +460,7 @@ def train(spec: TrainSpec, address: str | None = None, on_event: Callable[[str, 
         try:
             info = ray.get(actor.setup.remote())
             emit("setup", {**info, **dataclasses.asdict(plan)})
-            chunk = max(1, info["batches_per_epoch"] // _CHUNKS_PER_EPOCH)
+            chunk = progress_chunk(info["batches_per_epoch"])
             while True:
                 report = ray.get(actor.run.remote(chunk))
                 emit("progress", report)

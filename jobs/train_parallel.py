@@ -65,7 +65,7 @@ def _worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from jobs.train import _CHUNKS_PER_EPOCH, Trainer
+    from jobs.train import Trainer, progress_chunk
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -82,7 +82,7 @@ def _worker(config: dict) -> None:
     events = config["events"] if rank == 0 else None  # live progress for the driver
     if events is not None:
         events.put(("setup", info))
-    chunk = max(1, info["batches_per_epoch"] // _CHUNKS_PER_EPOCH)  # the same on every rank
+    chunk = progress_chunk(info["batches_per_epoch"])  # the same on every rank
     while True:
         report = trainer.run(chunk)
         if events is not None:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from jobs.adapt import AdaptRequest, prepare_adapt
 from jobs.cli import app
 from jobs.shard_worker import SETTINGS_KEY, AdaptSettings, ShardWorker, predict_shard
-from pipeline.checkpoint import build_engine_from_checkpoint, load_checkpoint
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import TTTPipeError
 from pipeline.methods import build_method_engine, resolve_method
 from pipeline.shards import read_shard

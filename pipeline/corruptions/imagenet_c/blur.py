@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.corruptions.imagenet_c.core import size_scale
 from pipeline.corruptions.imagenet_c.filters import (border_index, filter2d, gaussian_filter,
-                                                     separable_filter)
+                                                     is_small, separable_filter)
 from pipeline.corruptions.imagenet_c.registry import register
 
 __all__ = ["gaussian_blur", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "disk",
@@ -211,7 +211,7 @@ def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
           random=False)
 def zoom_blur(x, rngs, *, stop, step):
     factors = np.arange(1, stop, step)
-    if x.shape[-2] * x.shape[-1] <= 64 * 64:  # small images: NHWC batches resize fastest
+    if is_small(*x.shape[-2:]):  # small images: NHWC batches resize fastest
         planes = x.contiguous(memory_format=torch.channels_last)
         out = torch.zeros_like(planes)
         for z in factors:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.corruptions.core import SEVERITIES, check_ids_and_seed, sample_rngs
+from pipeline.corruptions.imagenet_c.filters import CACHE_VALUES, is_small
 from pipeline.corruptions.imagenet_c.registry import RGB_CORRUPTIONS
 from pipeline.errors import TTTPipeError
 
@@ -32,10 +33,9 @@ ALL: tuple[str, ...] = COMMON + VALIDATION
 CIFAR_MAX_SIDE = 64  # min(H, W) <= 64 -> the cifar table
 _REFERENCE_SIDE = {"cifar": 32, "imagenet": 224}
 _CHUNK = 64  # images per vectorised step: bounds memory, never changes results
-_CACHE_VALUES = 3 * 224 * 224  # values per step of the final rounding (fits in cache)
 # values per step of a `per_pixel` corruption: its temporaries are reused from step to step
 # instead of fresh full-batch allocations (page faults); never changes results
-_PER_PIXEL_VALUES = 4 * 3 * 224 * 224
+_PER_PIXEL_VALUES = 4 * CACHE_VALUES
 
 
 def table_for(height: int, width: int) -> str:
@@ -59,11 +59,11 @@ def quantise(y: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     # clamp(y * 255 + 1e-3, 0, 255) then truncation = floor(clip(y, 0, 1) * 255 + 1e-3)
     if out is None:
         return (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
-    if y.shape[-2] * y.shape[-1] <= CIFAR_MAX_SIDE ** 2:  # small: one step beats cache steps
+    if is_small(*y.shape[-2:]):  # small: one step beats cache steps
         out[...] = (y * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8).numpy()
         return out
     dest = torch.from_numpy(out)
-    step = max(1, _CACHE_VALUES // max(y[0].numel(), 1))
+    step = max(1, CACHE_VALUES // max(y[0].numel(), 1))
     for i in range(0, len(y), step):
         dest[i:i + step].copy_((y[i:i + step] * 255.0).add_(1e-3).clamp_(0.0, 255.0))  # truncates
     return out

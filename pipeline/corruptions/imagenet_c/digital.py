@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.corruptions.imagenet_c.core import size_scale
-from pipeline.corruptions.imagenet_c.filters import gaussian_filter, sample_at
+from pipeline.corruptions.imagenet_c.filters import gaussian_filter, is_small, sample_at
 from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 
 __all__ = ["brightness", "contrast", "saturate", "elastic_transform", "pixelate",
@@ -167,7 +167,7 @@ def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None,
     if out is None:
         out = np.empty(chw.shape[:2] + tuple(size or chw.shape[2:]), dtype=np.uint8)
 
-    small = chw.shape[2] * chw.shape[3] <= 64 * 64  # Pillow objects cost more than transposes
+    small = is_small(*chw.shape[2:])  # Pillow objects cost more than transposes
 
     def one(i):
         if small:

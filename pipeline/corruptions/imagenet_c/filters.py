@@ -121,15 +121,22 @@ def separable_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str)
     return out
 
 
-_CACHE_PLANES = 3 * 224 * 224  # values per filter step: one 224x224 RGB image
+CACHE_VALUES = 3 * 224 * 224  # values per cache-sized step: one 224x224 RGB image
+SMALL_PIXELS = 64 * 64  # images of at most H*W pixels go in one batched step (per-step overhead
+# would cost more than the cache saves)
+
+
+def is_small(height: int, width: int) -> bool:
+    """Whether (H, W) images are small enough for one batched step (see SMALL_PIXELS)."""
+    return height * width <= SMALL_PIXELS
 
 
 def _planes_per_step(height: int, width: int) -> int:
     """Planes per cache-sized step; small planes (<= 64x64) go in one step (per-step
     overhead would cost more than the cache saves)."""
-    if height * width <= 64 * 64:
+    if is_small(height, width):
         return 1 << 62
-    return max(1, _CACHE_PLANES // (height * width))
+    return max(1, CACHE_VALUES // (height * width))
 
 
 def _slice_filter(x: torch.Tensor, kh: np.ndarray, kw: np.ndarray, mode: str) -> torch.Tensor:

@@ -26,6 +26,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+from pipeline.corruptions.imagenet_c.filters import is_small
 from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 from pipeline.errors import TTTPipeError
 
@@ -243,7 +244,7 @@ def frost(x: torch.Tensor, rngs, *, image, frost, photos, zoom, mode, side):
         crops.append(_frost_scaled(index, fh, fw, mode)[:, top:top + h, left:left + w])
     if n == 0:
         return x.clone()
-    if h * w <= 64 * 64:  # small images: one batched blend (per-image calls cost more)
+    if is_small(h, w):  # small images: one batched blend (per-image calls cost more)
         return image * x + (frost / 255) * torch.stack(crops).to(x.device)
     out = torch.empty_like(x)
     for k, crop in enumerate(crops):  # image * x + frost / 255 * crop (crop in 0..255)
