@@ -307,3 +307,24 @@ def test_pixelate_is_pillow_box_box(h, w):
         im = Image.fromarray(x[0].transpose(1, 2, 0).copy())
         want = np.asarray(im.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX))
         assert np.array_equal(imagenet_c.corrupt(x, "pixelate", s, [0], 0)[0], want.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (97, 131), (224, 224)])
+def test_jpeg_is_pillows_round_trip(h, w, monkeypatch):
+    """Pillow encodes; simplejpeg's decode of those bytes must give Pillow's own pixels."""
+    import io
+
+    from PIL import Image
+    assert digital.simplejpeg is not None  # a dependency: the fast decode is what runs
+    x = _images(3, h, w)
+    table = imagenet_c.RGB_CORRUPTIONS["jpeg_compression"]
+    fast = [imagenet_c.corrupt(x, "jpeg_compression", s, [0, 1, 2], 0) for s in range(1, 6)]
+    monkeypatch.setattr(digital, "simplejpeg", None)
+    for s in range(1, 6):
+        q = getattr(table, imagenet_c.table_for(h, w))[s - 1]["quality"]
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(x[i].transpose(1, 2, 0).copy()).save(buf, "JPEG", quality=q)
+            want = np.asarray(Image.open(buf).convert("RGB")).transpose(2, 0, 1)
+            assert np.array_equal(fast[s - 1][i], want), (s, i)
+        assert np.array_equal(imagenet_c.corrupt(x, "jpeg_compression", s, [0, 1, 2], 0), fast[s - 1])

@@ -13,6 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:  # libjpeg-turbo's decoder without Pillow's image objects: the same pixels, ~2x faster
+    import simplejpeg
+except ImportError:  # pragma: no cover - a dependency; Pillow decodes instead
+    simplejpeg = None
+
 from pipeline.corruptions.imagenet_c.core import size_scale
 from pipeline.corruptions.imagenet_c.filters import gaussian_filter, is_small, sample_at
 from pipeline.corruptions.imagenet_c.registry import per_pixel, register
@@ -157,8 +162,9 @@ def uint8_native(fn):
 
 def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None,
              out: np.ndarray | None = None) -> torch.Tensor:
-    """Apply `fn(PIL RGB image) -> PIL image` to every uint8 image, one thread per torch thread;
-    `size` (H, W) is that of fn's images when it is not the input's; into `out` if given.
+    """Apply `fn(PIL RGB image) -> PIL image` (or an (H, W, 3) uint8 array) to every uint8
+    image, one thread per torch thread; `size` (H, W) is that of fn's images when it is not the
+    input's; into `out` if given.
 
     Above 64x64 planes go in through Pillow's merge and out as one band's bytes at a time
     (faster than numpy's (3, H, W) <-> (H, W, 3) transposes of uint8, and than split);
@@ -172,9 +178,14 @@ def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None,
     def one(i):
         if small:
             im = fn(Image.fromarray(np.ascontiguousarray(chw[i].transpose(1, 2, 0))))
+        else:
+            im = fn(Image.merge("RGB", [Image.fromarray(plane) for plane in chw[i]]))
+        if isinstance(im, np.ndarray):
+            out[i] = im.transpose(2, 0, 1)
+            return
+        if small:
             out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB")).transpose(2, 0, 1)
             return
-        im = fn(Image.merge("RGB", [Image.fromarray(plane) for plane in chw[i]]))
         im = im if im.mode == "RGB" else im.convert("RGB")
         for c, band in enumerate("RGB"):  # Pillow packs one band straight to bytes
             out[i, c] = np.frombuffer(im.tobytes("raw", band), dtype=np.uint8).reshape(out.shape[2:])
@@ -234,6 +245,8 @@ def jpeg_compression(x, rngs, *, quality, out=None):
     def one(im):
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=int(quality))
+        if simplejpeg is not None:  # Pillow's bytes, decoded to Pillow's pixels (tested)
+            return simplejpeg.decode_jpeg(buf.getbuffer(), colorspace="RGB")
         return Image.open(buf)
 
     return _pil_map(x, one, out=out)
