@@ -298,7 +298,8 @@ def test_docs_show_the_constant_tables():
 
 @pytest.mark.parametrize("h, w", [(40, 56), (100, 90), (224, 224)])
 def test_pixelate_is_pillow_box_box(h, w):
-    """make_*_c.py's BOX down, BOX up (NEAREST is used only where it gives the same pixels)."""
+    """make_*_c.py's BOX down, BOX up. 224x224 takes the NEAREST upscale, 100x90 s3 the gather
+    (BOX copies pixels NEAREST does not pick), so both shortcuts are checked."""
     from PIL import Image
     x = _images(1, h, w)
     table = imagenet_c.RGB_CORRUPTIONS["pixelate"]
@@ -307,6 +308,19 @@ def test_pixelate_is_pillow_box_box(h, w):
         im = Image.fromarray(x[0].transpose(1, 2, 0).copy())
         want = np.asarray(im.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX))
         assert np.array_equal(imagenet_c.corrupt(x, "pixelate", s, [0], 0)[0], want.transpose(2, 0, 1))
+
+
+def test_pixelate_shortcuts_are_the_ones_tested():
+    from PIL import Image
+
+    from pipeline.corruptions.imagenet_c.digital import _up_source
+
+    def same(n_in, n_out):
+        return _up_source(n_in, n_out, Image.BOX) == _up_source(n_in, n_out, Image.NEAREST)
+    assert same(int(224 * 0.6), 224) and same(int(224 * 0.25), 224)
+    for n_in, n_out in ((40, 100), (36, 90)):  # 100x90 at s3 (c=0.4): a copy, not NEAREST's
+        assert _up_source(n_in, n_out, Image.BOX) is not None and not same(n_in, n_out)
+    assert _up_source(2, 5, Image.BOX) == (0, 0, 1, 1, 1)  # output centres 0.2 .. 1.8 of 2
 
 
 @pytest.mark.parametrize("h, w", [(32, 32), (97, 131), (224, 224)])

@@ -206,9 +206,13 @@ def _pil_map(x: torch.Tensor, fn, size: tuple[int, int] | None = None,
 def pixelate(x, rngs, *, c, out=None):
     h, w = x.shape[-2:]
     small = (max(1, int(w * c)), max(1, int(h * c)))
-    rows, cols = _box_up_source(small[1], h), _box_up_source(small[0], w)
+    rows, cols = _up_source(small[1], h, Image.BOX), _up_source(small[0], w, Image.BOX)
     if rows is None or cols is None:  # not a pixel copy (never seen): Pillow's BOX both ways
         return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.BOX), out=out)
+    if rows == _up_source(small[1], h, Image.NEAREST) and cols == _up_source(small[0], w, Image.NEAREST):
+        # BOX copies the pixels NEAREST picks (224x224, 32x32, 4 in 5 sizes): NEAREST is ~10x
+        # faster than BOX's upscale and than the gather below
+        return _pil_map(x, lambda im: im.resize(small, Image.BOX).resize((w, h), Image.NEAREST), out=out)
     down = _pil_map(x, lambda im: im.resize(small, Image.BOX), size=(small[1], small[0]))
     # the BOX upscale as one batched gather per axis (numpy's take: faster than torch's here)
     if out is None:
@@ -220,20 +224,21 @@ def pixelate(x, rngs, *, c, out=None):
 _PROBE_STEP = 1024  # ramp spacing: any blend of two neighbours falls between multiples
 
 
-@lru_cache(maxsize=256)
-def _box_up_source(n_in: int, n_out: int) -> np.ndarray | None:
-    """The source pixel of each output pixel of Pillow's BOX upscale n_in -> n_out along one
-    axis, or None if some output pixel blends two sources.
+@lru_cache(maxsize=512)
+def _up_source(n_in: int, n_out: int, resample: int) -> tuple[int, ...] | None:
+    """The source pixel of each output pixel of Pillow's upscale n_in -> n_out along one axis
+    with `resample`, or None if some output pixel blends two sources.
 
     Upscaling, Pillow's box window is one input pixel wide, so each output pixel copies one
-    source pixel (weights 1 and 0; its two passes are then an exact 2-D gather). Probed on a
-    32-bit ramp of multiples of _PROBE_STEP, so a copy shows its index and a blend a value
-    between multiples."""
+    source pixel (weights 1 and 0; its two passes are then an exact 2-D gather), as NEAREST's
+    do; both are separable, so two that pick the same sources on each axis give the same
+    image. Probed on a 32-bit ramp of multiples of _PROBE_STEP, so a copy shows its index and
+    a blend a value between multiples."""
     ramp = Image.fromarray((np.arange(n_in, dtype=np.int32) * _PROBE_STEP)[None, :])
-    up = np.asarray(ramp.resize((n_out, 1), Image.BOX))[0].astype(np.int64)
+    up = np.asarray(ramp.resize((n_out, 1), resample))[0].astype(np.int64)
     if np.any(up % _PROBE_STEP):
         return None
-    return up // _PROBE_STEP
+    return tuple((up // _PROBE_STEP).tolist())  # a tuple: compared, cached, a take index
 
 
 @register("jpeg_compression", "Pillow JPEG encode at quality q, decode",
