@@ -167,6 +167,23 @@ def test_canny_and_distance_transform_equal_opencv():
         assert np.array_equal(eq, np.stack([cv2.equalizeHist(im) for im in u8]))
 
 
+@pytest.mark.parametrize("shape", [(4, 32, 32), (2, 224, 224), (3, 97, 131)])
+def test_water_shading_is_the_same_with_and_without_cv2(shape, monkeypatch):
+    """cv2, where installed, runs spatter's deterministic water steps; the numpy steps that
+    run without it give the same mask, so shards do not depend on what is installed."""
+    rs = np.random.RandomState(sum(shape))
+    for sigma in (0.7, 2.0, 4.0):
+        liquid = scipy.ndimage.gaussian_filter(rs.normal(0.65, 0.3, shape), (0, sigma, sigma), mode="nearest")
+        liquid[liquid < 0.68] = 0
+        assert np.array_equal(weather._water(liquid, use_cv2=False), weather._water(liquid, use_cv2=True))
+    entry = RGB_CORRUPTIONS["spatter"]
+    x = _to_x(_images(2, *shape[1:], seed=5))
+    table = "imagenet" if shape[1] > 64 else "cifar"
+    with_cv2 = entry.fn(x, sample_rngs(3, "spatter", 1, [0, 1]), **getattr(entry, table)[0])
+    monkeypatch.setattr(weather, "cv2", None)
+    assert torch.equal(with_cv2, entry.fn(x, sample_rngs(3, "spatter", 1, [0, 1]), **getattr(entry, table)[0]))
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("table,shape", [("cifar", (32, 32)), ("imagenet", (224, 224)),
                                          ("cifar", (64, 48)), ("imagenet", (80, 100))])

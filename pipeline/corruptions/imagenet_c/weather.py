@@ -5,7 +5,10 @@ Algorithms and constants are Hendrycks' `make_cifar_c.py` (table `cifar`, 32x32)
 runs them: snow's ImageMagick motion blur is its numpy `_motion_blur`, frost crops one of the
 frost photos `imagecorruptions` ships (copied into frost/, NOTICE.txt there), fog adds a diamond-square plasma
 fractal, spatter's OpenCV steps (Canny, chamfer distance transform, histogram equalisation,
-box filters) are re-expressed here in numpy/scipy with OpenCV's arithmetic (no cv2 at run time).
+box filters) are re-expressed here in numpy/scipy with OpenCV's arithmetic, so cv2 is not
+needed. Where cv2 is installed (any of the opencv-python wheels; the `fast` extra) those
+deterministic per-image steps run in it instead: the same pixels (tested), 4x faster, since the
+distance transform's two raster scans are a Python loop over rows in numpy.
 
 Every function takes `x` (N, 3, H, W) float32 in [0, 1] and one numpy Generator per sample,
 draws each sample's randomness from its own generator in the reference's order, and does the
@@ -27,6 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.corruptions.imagenet_c.filters import is_small
+
+try:  # optional: spatter's water shading in OpenCV (the same pixels as the numpy steps, faster)
+    import cv2
+except ImportError:
+    cv2 = None
 from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 from pipeline.errors import TTTPipeError
 
@@ -420,14 +428,23 @@ def _equalize(img: np.ndarray) -> np.ndarray:
     return np.take_along_axis(lut, flat, axis=1).reshape(img.shape)
 
 
-def _water(liquid: np.ndarray) -> np.ndarray:
+def _water(liquid: np.ndarray, use_cv2: bool | None = None) -> np.ndarray:
     """The reference's water mask (N, H, W) float32 before its max-normalisation: the liquid
     layer's uint8 image times a shading from the distance to its Canny edges (distance
-    truncated at 20, blurred, equalised, embossed with [[-2,-1,0],[-1,1,1],[0,1,2]], blurred)."""
+    truncated at 20, blurred, equalised, embossed with [[-2,-1,0],[-1,1,1],[0,1,2]], blurred).
+    In cv2 where it is installed (`use_cv2=None`), else in numpy; both give the same values."""
     # the reference's own cast: truncation, and a level above 1 (rare at these constants)
     # wraps around on x86 as numpy's float -> uint8 cast does there
     with np.errstate(invalid="ignore"):
         lu8 = (liquid * 255).astype(np.uint8)
+    if use_cv2 is None:
+        use_cv2 = cv2 is not None
+    shade = np.stack([_shade_cv2(im) for im in lu8]) if use_cv2 else _shade(lu8)
+    return lu8.astype(np.float32) * shade  # (N, H, W)
+
+
+def _shade(lu8: np.ndarray) -> np.ndarray:
+    """_water's shading of (N, H, W) uint8 liquid layers in numpy: float32 levels 0..255."""
     dist = _distance_truncated(canny(lu8, 50, 150), 20)
     dist = np.floor((_box3(dist.astype(np.float64)) * (1.0 / 9.0)).astype(np.float32))  # cv2.blur, to uint8
     dist = _equalize(dist)
@@ -440,8 +457,18 @@ def _water(liquid: np.ndarray) -> np.ndarray:
     # cv2.filter2D with _EMBOSS (a correlation), saturated to uint8
     emb = 2 * (at(2, 2) - at(0, 0)) + (at(1, 2) + at(2, 1)) - (at(0, 1) + at(1, 0)) + at(1, 1)
     np.clip(emb, 0, 255, out=emb)
-    shade = np.rint(_box3(emb) / np.float32(9))  # cv2.blur on uint8 rounds (never a tie)
-    return lu8.astype(np.float32) * shade.astype(np.float32)  # (N, H, W)
+    return np.rint(_box3(emb) / np.float32(9)).astype(np.float32)  # cv2.blur on uint8 rounds (never a tie)
+
+
+_EMBOSS = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float32)
+
+
+def _shade_cv2(lu8: np.ndarray) -> np.ndarray:
+    """_shade of one (H, W) uint8 layer, the reference's own OpenCV calls."""
+    dist = cv2.distanceTransform(255 - cv2.Canny(lu8, 50, 150), cv2.DIST_L2, 5)
+    dist = cv2.blur(np.minimum(dist, np.float32(20)), (3, 3)).astype(np.uint8)
+    dist = cv2.filter2D(cv2.equalizeHist(dist), cv2.CV_8U, _EMBOSS)
+    return cv2.blur(dist, (3, 3)).astype(np.float32)
 
 
 SPATTER_CIFAR = ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0),
@@ -472,5 +499,8 @@ def spatter(x: torch.Tensor, rngs, *, loc, scale, sigma, threshold, amount, mud,
         return torch.addcmul(x, m, color)
     m = _gaussian_nearest((liquid > threshold).astype(np.float32), _pixels(amount, h, w, side))
     m = torch.from_numpy(np.where(m < 0.8, np.float32(0), m)).to(x.device).unsqueeze(1)
-    color = torch.tensor(_MUD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return x * (1 - m) + color * m
+    color = torch.tensor(_MUD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    out = torch.empty_like(x)
+    for i in range(n):  # x * (1 - m) + color * m an image at a time: temporaries stay in cache
+        torch.add(x[i] * (1 - m[i]), color * m[i], out=out[i])
+    return out
