@@ -184,6 +184,22 @@ def test_water_shading_is_the_same_with_and_without_cv2(shape, monkeypatch):
     assert torch.equal(with_cv2, entry.fn(x, sample_rngs(3, "spatter", 1, [0, 1]), **getattr(entry, table)[0]))
 
 
+def test_cv2_is_used_only_where_it_agrees_with_numpy(monkeypatch):
+    """The probe: this cv2 agrees; a cv2 whose Canny differed would be left unused."""
+    weather._cv2_agrees.cache_clear()
+    try:
+        assert weather._cv2_agrees()
+        weather._cv2_agrees.cache_clear()
+        monkeypatch.setattr(weather, "_shade_cv2", lambda im: weather._shade(im[None])[0] + 1)
+        assert not weather._cv2_agrees()
+        liquid = np.zeros((1, 24, 24))
+        liquid[0, 8:16, 8:16] = 0.9
+        assert np.array_equal(weather._water(liquid), weather._water(liquid, use_cv2=False))
+    finally:
+        monkeypatch.undo()
+        weather._cv2_agrees.cache_clear()
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("table,shape", [("cifar", (32, 32)), ("imagenet", (224, 224)),
                                          ("cifar", (64, 48)), ("imagenet", (80, 100))])
