@@ -18,8 +18,11 @@ The protocol, fixed before any number was looked at:
   admissible when no validation cell loses more than 1 point and clean loses at most 0.5; the
   default is the admissible setting of highest mean gain (ties: fewer steps, then the earlier
   grid row, then no gate); if none is admissible, the one whose worst cell is highest.
-  The joint-training choices (layer, aux weight, recipe) are not in the grid: each would need
-  a retrained model per point, beyond this machine's budget; they stay as they are.
+  The joint-training choices (layer, aux weight, recipe) are not in that grid: each needs a
+  retrained model. `--train-set KEY=VALUE` (repeatable; a field the training reads, e.g.
+  layer=fc1, aux_weight=1) trains and caches its own models and runs `validate` / `report` on
+  them, its records named with the setting (`gains-validate-ttt-layer=fc1.json`), so training-side
+  points are compared under the same rule.
 - **Reporting** (`report`): training seeds 21, 22, 23 x corruption seeds 101, 102 (none of them
   used above), test images 0..count-1 of the TEST split, clean and every reporting corruption
   (`list_corruptions()`, the suite without its validation corruptions) at severities 1..5.
@@ -84,18 +87,43 @@ def _validation_names() -> list[str]:
     return list_validation_corruptions()
 
 
-def model_path(cache: str, method: str, seed: int) -> Path:
-    return Path(cache) / f"{method}-fashion-mnist-train{N_TRAIN // 1000}k-seed{seed}.pt"
+TRAIN_FIELDS = ("layer", "aux_weight", "train_epochs", "train_batch_size", "train_lr")
+
+
+def train_setting(method: str, items: list[str]) -> dict:
+    """--train-set KEY=VALUE items as {field: value}, sorted; only fields joint training reads."""
+    from _common import _value
+    fields = set(engines.get_engine(method).config_cls.__dataclass_fields__) & set(TRAIN_FIELDS)
+    setting = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"--train-set {item!r}: give KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        setting[key] = _value(value)
+    return dict(sorted(setting.items()))
+
+
+def setting_suffix(train: dict | None) -> str:
+    """'' for the config's own training, else '-layer=fc1-aux_weight=1' (file names)."""
+    return "".join(f"-{k}={v:g}" if isinstance(v, float) else f"-{k}={v}"
+                   for k, v in (train or {}).items())
+
+
+def model_path(cache: str, method: str, seed: int, train: dict | None = None) -> Path:
+    return Path(cache) / (f"{method}-fashion-mnist-train{N_TRAIN // 1000}k-seed{seed}"
+                          f"{setting_suffix(train)}.pt")
 
 
 def trained_engine(method: str, seed: int, cache: str, data_dir: str | None,
-                   config: engines.EngineConfig | None = None) -> engines.Engine:
-    """The method's seed network trained on train images 0..N_TRAIN-1 (cached by seed);
-    `config` sets the test-time fields (training always uses the config class's defaults)."""
+                   config: engines.EngineConfig | None = None,
+                   setting: dict | None = None) -> engines.Engine:
+    """The method's seed network trained on train images 0..N_TRAIN-1 (cached by seed and
+    training setting); training uses the config class's defaults with `setting` applied, and
+    `config` (with `setting` applied too) sets the test-time fields."""
     tr = load_split("fashion-mnist", "train", data_dir=data_dir)
-    base = engines.get_engine(method).config_cls()
+    base = engines.get_engine(method).config_cls().replace(**(setting or {}))
     engine = build_engine(method, tr.spec, seed, base)
-    path = model_path(cache, method, seed)
+    path = model_path(cache, method, seed, setting)
     if path.exists():
         engine.load_state_dict(torch.load(path, weights_only=True))
     else:
@@ -107,7 +135,7 @@ def trained_engine(method: str, seed: int, cache: str, data_dir: str | None,
         print(f"trained {path.name} in {time.perf_counter() - t0:.0f}s", flush=True)
     if config is not None:
         state = engine.state_dict()
-        engine = build_engine(method, tr.spec, seed, config)
+        engine = build_engine(method, tr.spec, seed, config.replace(**(setting or {})))
         engine.load_state_dict(state)
     return engine.eval()
 
@@ -162,13 +190,14 @@ def grid_points(method: str) -> list[dict]:
 
 def validate(args) -> None:
     method = args.method
-    base = engines.get_engine(method).config_cls()
+    train = train_setting(method, args.train_set)
+    base = engines.get_engine(method).config_cls().replace(**train)
     clean, y, ids, std = image_set("train", args.count, args.data_dir)
     todo = cells(_validation_names(), VALIDATION_SEVERITIES)
     points = grid_points(method)
     engines_ = [trained_engine(method, CHOOSE_TRAIN_SEED, args.cache, args.data_dir,
-                               base.replace(**p, gate="none")) for p in points]
-    record = {"method": method, "count": len(y), "train_seed": CHOOSE_TRAIN_SEED,
+                               base.replace(**p, gate="none"), train) for p in points]
+    record = {"method": method, "train": train, "count": len(y), "train_seed": CHOOSE_TRAIN_SEED,
               "corruption_seed": CHOOSE_CORRUPTION_SEED, "points": points, "cells": {}}
     t0 = time.perf_counter()
     for name, severity in todo:
@@ -180,11 +209,11 @@ def validate(args) -> None:
             record["cells"][key].append({k: v.tolist() for k, v in h.items()})
         acc0 = 100 * record["cells"][key][0]["none"][0] / len(y)
         print(f"{key:18s} unadapted {acc0:5.1f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
-    out = Path(args.out) / f"gains-validate-{method}.json"
+    out = Path(args.out) / f"gains-validate-{method}{setting_suffix(train)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
     print(f"wrote {out}")
-    choice_path(args.out, method).write_text(json.dumps(choose(record)))
+    choice_path(args.out, method, train).write_text(json.dumps(choose(record)))
 
 
 def candidates(record: dict) -> list[dict]:
@@ -239,8 +268,8 @@ def choose(record: dict) -> dict:
     return choice
 
 
-def choice_path(out: str, method: str) -> Path:
-    return Path(out) / f"gains-choice-{method}.json"
+def choice_path(out: str, method: str, train: dict | None = None) -> Path:
+    return Path(out) / f"gains-choice-{method}{setting_suffix(train)}.json"
 
 
 # -- reporting (test split, reporting corruptions, reporting seeds) ---------------------------
@@ -248,16 +277,17 @@ def report(args) -> None:
     from _common import apply_sets
     method = args.method
     cls = engines.get_engine(method).config_cls
+    train = train_setting(method, args.train_set)
     config = cls.preset(args.preset) if args.preset else cls()
     if args.from_choice:
-        config = config.replace(**json.loads(choice_path(args.out, method).read_text()))
-    config = apply_sets(config, args.set)
+        config = config.replace(**json.loads(choice_path(args.out, method, train).read_text()))
+    config = apply_sets(config, args.set).replace(**train)
     steps = config.steps
     clean, y, ids, std = image_set("test", args.count, args.data_dir)
     names = args.corruptions.split(",") if args.corruptions else list_corruptions()
     todo = cells(names, REPORT_SEVERITIES)
     seeds = report_train_seeds(args.train_seeds)
-    engines_ = {s: trained_engine(method, s, args.cache, args.data_dir, config) for s in seeds}
+    engines_ = {s: trained_engine(method, s, args.cache, args.data_dir, config, train) for s in seeds}
     runs = {f"{s}/{c}": {} for s in seeds for c in REPORT_CORRUPTION_SEEDS}
     t0 = time.perf_counter()
     for cseed in REPORT_CORRUPTION_SEEDS:
@@ -389,6 +419,9 @@ def main(argv=None) -> None:
     ap.add_argument("--from-choice", action="store_true",
                     help="report: the settings `validate` chose (gains-choice-METHOD.json in --out)")
     ap.add_argument("--preset", default="", help="report: start from a named preset (e.g. seeds)")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="validate/choose/report: a joint-training field (layer, aux_weight, "
+                    "train_*) for models trained and cached under that setting")
     ap.add_argument("--corruptions", default="", help="report: a subset (default: the suite)")
     ap.add_argument("--tag", default="defaults", help="report: name of the output file; summarize: "
                     "one, or a comma list of a report's parts (--train-seeds) to join")
@@ -409,8 +442,10 @@ def main(argv=None) -> None:
     elif args.what == "validate":
         validate(args)
     elif args.what == "choose":
-        record = json.loads((Path(args.out) / f"gains-validate-{args.method}.json").read_text())
-        choice_path(args.out, args.method).write_text(json.dumps(choose(record)))
+        train = train_setting(args.method, args.train_set)
+        suffix = setting_suffix(train)
+        record = json.loads((Path(args.out) / f"gains-validate-{args.method}{suffix}.json").read_text())
+        choice_path(args.out, args.method, train).write_text(json.dumps(choose(record)))
     elif args.what == "report":
         report(args)
     elif args.what == "summarize":
