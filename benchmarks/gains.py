@@ -191,7 +191,7 @@ def grid_points(method: str) -> list[dict]:
 def validate(args) -> None:
     method = args.method
     train = train_setting(method, args.train_set)
-    base = engines.get_engine(method).config_cls().replace(**train)
+    base = engines.get_engine(method).config_cls()  # trained_engine applies `train`
     clean, y, ids, std = image_set("train", args.count, args.data_dir)
     todo = cells(_validation_names(), VALIDATION_SEVERITIES)
     points = grid_points(method)
@@ -209,7 +209,7 @@ def validate(args) -> None:
             record["cells"][key].append({k: v.tolist() for k, v in h.items()})
         acc0 = 100 * record["cells"][key][0]["none"][0] / len(y)
         print(f"{key:18s} unadapted {acc0:5.1f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
-    out = Path(args.out) / f"gains-validate-{method}{setting_suffix(train)}.json"
+    out = validate_path(args.out, method, train)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
     print(f"wrote {out}")
@@ -266,6 +266,10 @@ def choose(record: dict) -> dict:
     choice = {k: best[k] for k in ("optimizer", "lr", "adapt_params", "gate", "steps")}
     print(f"\nchoice: {json.dumps(choice)}")
     return choice
+
+
+def validate_path(out: str, method: str, train: dict | None = None) -> Path:
+    return Path(out) / f"gains-validate-{method}{setting_suffix(train)}.json"
 
 
 def choice_path(out: str, method: str, train: dict | None = None) -> Path:
@@ -443,8 +447,7 @@ def main(argv=None) -> None:
         validate(args)
     elif args.what == "choose":
         train = train_setting(args.method, args.train_set)
-        suffix = setting_suffix(train)
-        record = json.loads((Path(args.out) / f"gains-validate-{args.method}{suffix}.json").read_text())
+        record = json.loads(validate_path(args.out, args.method, train).read_text())
         choice_path(args.out, args.method, train).write_text(json.dumps(choose(record)))
     elif args.what == "report":
         report(args)

@@ -30,7 +30,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from pipeline.corruptions.imagenet_c.filters import is_small
+from pipeline.corruptions.imagenet_c.filters import CACHE_VALUES, is_small
 from pipeline.corruptions.imagenet_c.registry import per_pixel, register
 from pipeline.errors import TTTPipeError
 
@@ -441,10 +441,12 @@ def _water(liquid: np.ndarray, use_cv2: bool | None = None) -> np.ndarray:
         lu8 = (liquid * 255).astype(np.uint8)
     if use_cv2 is None:
         use_cv2 = cv2 is not None and _cv2_agrees()
-    if not use_cv2:
-        return lu8.astype(np.float32) * _shade(lu8)  # (N, H, W)
-    cv2.setNumThreads(torch.get_num_threads())  # the caller's thread budget, as torch's
-    return lu8.astype(np.float32) * np.stack([_shade_cv2(im) for im in lu8])
+    if use_cv2:
+        cv2.setNumThreads(torch.get_num_threads())  # the caller's thread budget, as torch's
+        shade = np.stack([_shade_cv2(im) for im in lu8])
+    else:
+        shade = _shade(lu8)
+    return lu8.astype(np.float32) * shade  # (N, H, W)
 
 
 @lru_cache(maxsize=1)
@@ -519,10 +521,12 @@ def spatter(x: torch.Tensor, rngs, *, loc, scale, sigma, threshold, amount, mud,
         return torch.addcmul(x, m, color)
     m = _gaussian_nearest((liquid > threshold).astype(np.float32), _pixels(amount, h, w, side))
     m = torch.from_numpy(np.where(m < 0.8, np.float32(0), m)).to(x.device).unsqueeze(1)
-    color = torch.tensor(_MUD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    color = torch.tensor(_MUD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     if x.device.type != "cpu":  # one launch per op on an accelerator
         return x * (1 - m) + color * m
     out = torch.empty_like(x)
-    for i in range(n):  # x * (1 - m) + color * m an image at a time: temporaries stay in cache
-        torch.add(x[i] * (1 - m[i]), color * m[i], out=out[i])
+    step = max(1, CACHE_VALUES // x[0].numel())  # cache-sized steps: the temporaries stay in cache
+    for i in range(0, n, step):
+        part = slice(i, i + step)
+        torch.add(x[part] * (1 - m[part]), color * m[part], out=out[part])
     return out
