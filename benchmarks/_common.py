@@ -64,20 +64,38 @@ def build_engine(method: str, spec: DatasetSpec, seed: int,
     return cls(model, torch.zeros(1, 1, 28, 28), config.replace(seed=seed))
 
 
-def train(engine: engines.Engine, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Joint training with the config's recipe (Adam, unshuffled batches as in the seeds)."""
+def train(engine: engines.Engine, x: torch.Tensor, y: torch.Tensor, augment: str = "none",
+          schedule: str = "none") -> dict:
+    """Joint training with the config's recipe (Adam, unshuffled batches as in the seeds).
+
+    `augment` (pipeline.training.augment: "cifar" = random crop with 4 px zero padding + flip)
+    and `schedule` ("cosine": per batch from train_lr to 0) are the product trainer's recipe
+    options; "none" for both is the seeds' recipe, bit for bit. Augmentation draws come from a
+    generator seeded with the config's seed.
+    """
+    from pipeline.training.augment import augment_batch
+
+    if schedule not in ("none", "cosine"):
+        raise ValueError(f"schedule {schedule!r}: none or cosine")
     cfg = engine.config
     opt = torch.optim.Adam(engine.parameters(), lr=cfg.train_lr)
+    total = cfg.train_epochs * -(-len(x) // cfg.train_batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total)) \
+        if schedule == "cosine" else None
+    gen = torch.Generator().manual_seed(cfg.seed) if augment != "none" else None
     engine.train()
     t0, aux_sum, batches = time.perf_counter(), 0.0, 0
     for _ in range(cfg.train_epochs):
         correct = 0
         for i in range(0, len(x), cfg.train_batch_size):
             xb, yb = x[i:i + cfg.train_batch_size], y[i:i + cfg.train_batch_size]
+            xb = augment_batch(xb, augment, gen)
             opt.zero_grad(set_to_none=True)
             loss, logits, aux = engine.joint_loss(xb, yb)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             correct += int((logits.argmax(1) == yb).sum())
             aux_sum, batches = aux_sum + float(aux.detach()), batches + 1
     engine.eval()

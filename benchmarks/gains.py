@@ -20,7 +20,8 @@ The protocol, fixed before any number was looked at:
   grid row, then no gate); if none is admissible, the one whose worst cell is highest.
   The joint-training choices (layer, aux weight, recipe) are not in that grid: each needs a
   retrained model. `--train-set KEY=VALUE` (repeatable; a field the training reads, e.g.
-  layer=fc1, aux_weight=1) trains and caches its own models and runs `validate` / `report` on
+  layer=fc1, aux_weight=1, train_epochs=3; or the recipe's augment=cifar, schedule=cosine)
+  trains and caches its own models and runs `validate` / `report` on
   them, its records named with the setting (`gains-validate-ttt-layer=fc1.json`), so training-side
   points are compared under the same rule.
 - **Reporting** (`report`): training seeds 21, 22, 23 x corruption seeds 101, 102 (none of them
@@ -88,19 +89,35 @@ def _validation_names() -> list[str]:
 
 
 TRAIN_FIELDS = ("layer", "aux_weight", "train_epochs", "train_batch_size", "train_lr")
+# the training recipe beyond the config (benchmarks/_common.train); "none" is the seeds' recipe
+RECIPE_FIELDS = {"augment": ("none", "cifar"), "schedule": ("none", "cosine")}
 
 
 def train_setting(method: str, items: list[str]) -> dict:
-    """--train-set KEY=VALUE items as {field: value}, sorted; only fields joint training reads."""
+    """--train-set KEY=VALUE items as {field: value}, sorted; only fields joint training reads
+    (config fields in TRAIN_FIELDS, recipe fields in RECIPE_FIELDS)."""
     from _common import _value
     fields = set(engines.get_engine(method).config_cls.__dataclass_fields__) & set(TRAIN_FIELDS)
+    fields |= set(RECIPE_FIELDS)
     setting = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in fields or not value:
             raise SystemExit(f"--train-set {item!r}: give KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
-        setting[key] = _value(value)
+        if key in RECIPE_FIELDS and value not in RECIPE_FIELDS[key]:
+            raise SystemExit(f"--train-set {item!r}: {key} is one of {', '.join(RECIPE_FIELDS[key])}")
+        setting[key] = _value(value) if key not in RECIPE_FIELDS else value
     return dict(sorted(setting.items()))
+
+
+def config_part(setting: dict | None) -> dict:
+    """The config fields of a training setting (what `config.replace` takes)."""
+    return {k: v for k, v in (setting or {}).items() if k not in RECIPE_FIELDS}
+
+
+def recipe_part(setting: dict | None) -> dict:
+    """The recipe fields of a training setting (what benchmarks/_common.train takes)."""
+    return {k: v for k, v in (setting or {}).items() if k in RECIPE_FIELDS}
 
 
 def setting_suffix(train: dict | None) -> str:
@@ -121,7 +138,7 @@ def trained_engine(method: str, seed: int, cache: str, data_dir: str | None,
     training setting); training uses the config class's defaults with `setting` applied, and
     `config` (with `setting` applied too) sets the test-time fields."""
     tr = load_split("fashion-mnist", "train", data_dir=data_dir)
-    base = engines.get_engine(method).config_cls().replace(**(setting or {}))
+    base = engines.get_engine(method).config_cls().replace(**config_part(setting))
     engine = build_engine(method, tr.spec, seed, base)
     path = model_path(cache, method, seed, setting)
     if path.exists():
@@ -129,13 +146,13 @@ def trained_engine(method: str, seed: int, cache: str, data_dir: str | None,
     else:
         t0 = time.perf_counter()
         train(engine, torch.from_numpy(to_float(tr.images[:N_TRAIN])),
-              torch.from_numpy(tr.labels[:N_TRAIN]))
+              torch.from_numpy(tr.labels[:N_TRAIN]), **recipe_part(setting))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(engine.state_dict(), path)
         print(f"trained {path.name} in {time.perf_counter() - t0:.0f}s", flush=True)
     if config is not None:
         state = engine.state_dict()
-        engine = build_engine(method, tr.spec, seed, config.replace(**(setting or {})))
+        engine = build_engine(method, tr.spec, seed, config.replace(**config_part(setting)))
         engine.load_state_dict(state)
     return engine.eval()
 
@@ -285,7 +302,7 @@ def report(args) -> None:
     config = cls.preset(args.preset) if args.preset else cls()
     if args.from_choice:
         config = config.replace(**json.loads(choice_path(args.out, method, train).read_text()))
-    config = apply_sets(config, args.set).replace(**train)
+    config = apply_sets(config, args.set).replace(**config_part(train))
     steps = config.steps
     clean, y, ids, std = image_set("test", args.count, args.data_dir)
     names = args.corruptions.split(",") if args.corruptions else list_corruptions()
@@ -425,7 +442,8 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="", help="report: start from a named preset (e.g. seeds)")
     ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                     help="validate/choose/report: a joint-training field (layer, aux_weight, "
-                    "train_*) for models trained and cached under that setting")
+                    "train_*) or recipe field (augment=none|cifar, schedule=none|cosine) for "
+                    "models trained and cached under that setting")
     ap.add_argument("--corruptions", default="", help="report: a subset (default: the suite)")
     ap.add_argument("--tag", default="defaults", help="report: name of the output file; summarize: "
                     "one, or a comma list of a report's parts (--train-seeds) to join")
