@@ -74,14 +74,14 @@ def train(engine: engines.Engine, x: torch.Tensor, y: torch.Tensor, augment: str
     generator seeded with the config's seed.
     """
     from pipeline.training.augment import augment_batch
+    from pipeline.training.recipe import SCHEDULES, TrainRecipe, build_scheduler
 
-    if schedule not in ("none", "cosine"):
-        raise ValueError(f"schedule {schedule!r}: none or cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     cfg = engine.config
     opt = torch.optim.Adam(engine.parameters(), lr=cfg.train_lr)
-    total = cfg.train_epochs * -(-len(x) // cfg.train_batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total)) \
-        if schedule == "cosine" else None
+    sched = build_scheduler(opt, TrainRecipe(schedule=schedule),
+                            cfg.train_epochs * -(-len(x) // cfg.train_batch_size))
     gen = torch.Generator().manual_seed(cfg.seed) if augment != "none" else None
     engine.train()
     t0, aux_sum, batches = time.perf_counter(), 0.0, 0

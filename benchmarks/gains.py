@@ -57,6 +57,7 @@ import engines  # noqa: E402
 from pipeline.corruptions import corrupt, list_corruptions  # noqa: E402
 from pipeline.datasets import load_split, to_float  # noqa: E402
 from _common import build_engine, train  # noqa: E402
+from pipeline.training.recipe import SCHEDULES  # noqa: E402
 
 N_TRAIN = 50_000                       # train images 0..N_TRAIN-1 train; the rest validate
 CHOOSE_TRAIN_SEED, CHOOSE_CORRUPTION_SEED = 20, 100
@@ -90,7 +91,7 @@ def _validation_names() -> list[str]:
 
 TRAIN_FIELDS = ("layer", "aux_weight", "train_epochs", "train_batch_size", "train_lr")
 # the training recipe beyond the config (benchmarks/_common.train); "none" is the seeds' recipe
-RECIPE_FIELDS = {"augment": ("none", "cifar"), "schedule": ("none", "cosine")}
+RECIPE_FIELDS = {"augment": ("none", "cifar"), "schedule": SCHEDULES}
 
 
 def train_setting(method: str, items: list[str]) -> dict:
